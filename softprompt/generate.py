@@ -1,0 +1,175 @@
+"""Generation over a batch of prompts, each row with its own KV prefix (or none).
+
+The loop is ours rather than `model.generate`, so that it sees exactly one thing, a KV prefix per
+row, whatever method made it: prefill once over `[prefix | prompt]`, then one token per step
+with the cache. Greedy by default, so the same input gives the same output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .prefix import prefixed_forward
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 means greedy (argmax)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1: no nucleus cut
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def pick_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,)."""
+    if params.greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def eos_ids(tokenizer, model=None) -> set[int]:
+    ids = set()
+    for source in (getattr(tokenizer, "eos_token_id", None),
+                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prefixes: Sequence[torch.Tensor | None],
+    params: SamplingParams = SamplingParams(),
+    eos_token_ids: set[int] = frozenset(),
+    stop_check=None,
+) -> list[list[int]]:
+    """Token ids generated for each row of a left-padded batch.
+
+    prefixes: one `(L, 2, H, P_i, D)` per row, or a single one shared by all rows, or [None].
+    stop_check(row, ids) -> int | None: called after each token; returns how many ids to keep
+    when the row should stop (stop strings), or None to go on.
+    """
+    B = input_ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    if params.max_new_tokens == 0:
+        return out
+    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    res = prefixed_forward(model, input_ids, attention_mask, prefixes, use_cache=True, logits_to_keep=1)
+    cache, mask = res.past_key_values, res.attention_mask  # mask (B, Pmax + T)
+    pos = res.position_ids[:, -1:]  # (B, 1), last real position of each row
+    logits = res.logits[:, -1]
+    done = torch.zeros(B, dtype=torch.bool)
+    for step in range(params.max_new_tokens):
+        nxt = pick_next(logits, params, gen)  # (B,)
+        for i in range(B):
+            if done[i]:
+                continue
+            tok = int(nxt[i])
+            out[i].append(tok)
+            if not params.ignore_eos and tok in eos_token_ids:
+                done[i] = True
+            elif stop_check is not None and (keep := stop_check(i, out[i])) is not None:
+                del out[i][keep:]
+                done[i] = True
+        if bool(done.all()) or step == params.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        pos = pos + 1
+        res = model(input_ids=nxt.view(B, 1), attention_mask=mask, position_ids=pos, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache, logits = res.past_key_values, res.logits[:, -1]
+    return out
+
+
+class StopStrings:
+    """Ends a row when its decoded text contains a stop string; the stop string is not returned."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.cut: dict[int, str] = {}
+
+    def __call__(self, row: int, ids: list[int]) -> int | None:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hits = [text.index(s) for s in self.stop if s in text]
+        if not hits:
+            return None
+        self.cut[row] = text[: min(hits)]
+        return len(ids)
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    prefix: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    params: SamplingParams | None = None,
+    **options,
+) -> list[str]:
+    """Continuations of `prompts` (text, used as given) under one prefix, or one per prompt.
+
+    `prefix` is a KV prefix `(L, 2, H, P, D)` (see `PromptMethod.to_kv_prefix`), a list with one
+    per prompt, or None for the bare model. `options` are `SamplingParams` fields.
+    """
+    params = params or SamplingParams(**options)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if prefix is None or isinstance(prefix, torch.Tensor):
+        prefixes = [prefix]
+    else:
+        prefixes = list(prefix)
+        if len(prefixes) != len(prompts):
+            raise ValueError(f"{len(prefixes)} prefixes for {len(prompts)} prompts")
+    dev = next(model.parameters()).device
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    stops = StopStrings(tokenizer, params.stop) if params.stop else None
+    ids = generate_ids(model, enc["input_ids"].to(dev), enc["attention_mask"].to(dev), prefixes, params,
+                       eos_ids(tokenizer, model), stops)
+    texts = []
+    for i, row in enumerate(ids):
+        if stops is not None and i in stops.cut:
+            texts.append(stops.cut[i])
+        else:
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts

@@ -1,0 +1,107 @@
+"""The small protocol every prompt method implements, so shared code never asks which it holds.
+
+Training side: `forward(model, input_ids, attention_mask)` runs the frozen model with the method's
+trainable tensors entering where the method puts them (input embeddings or per-layer K/V).
+Serving side: `to_kv_prefix(model)` gives the `(L, 2, H_kv, P, D)` KV prefix that replaces the
+method at inference. Storage: `export_tensors()` / `from_export()` (what the artifact holds; any
+training-only reparameterization is gone) and `config_dict()`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..models import Geometry
+from ..prefix import positions_after_prefix
+
+
+class PromptMethod(nn.Module, ABC):
+    method: ClassVar[str]
+
+    def __init__(self, geometry: Geometry, num_virtual_tokens: int):
+        super().__init__()
+        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
+        self.geometry = geometry
+        self.num_virtual_tokens = num_virtual_tokens
+
+    # --- training side -----------------------------------------------------------------------
+    @abstractmethod
+    def forward(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        """Frozen model over a left-padded batch (B, T) with this prompt; logits are (B, T, V)."""
+
+    # --- serving side ------------------------------------------------------------------------
+    @abstractmethod
+    def to_kv_prefix(self, model) -> torch.Tensor:
+        """The KV prefix `(L, 2, H_kv, P, D)` that stands for this prompt at inference."""
+
+    # --- storage -----------------------------------------------------------------------------
+    @abstractmethod
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors an artifact stores (contiguous, detached, on CPU)."""
+
+    @abstractmethod
+    def config_dict(self) -> dict:
+        """JSON-able options that, with the exported tensors, rebuild this prompt."""
+
+    @classmethod
+    @abstractmethod
+    def expected_shapes(cls, geometry: Geometry, num_virtual_tokens: int) -> dict[str, tuple[int, ...]]:
+        """Shapes `export_tensors()` has for a model of this geometry."""
+
+    @classmethod
+    @abstractmethod
+    def from_export(cls, geometry: Geometry, config: dict, tensors: dict[str, torch.Tensor]) -> "PromptMethod":
+        """Rebuild (for inference or further training) from an artifact's tensors."""
+
+    # --- sizes -------------------------------------------------------------------------------
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def artifact_bytes(self) -> int:
+        """Bytes of tensor data in the exported artifact (the card and header add ~1 KB)."""
+        return sum(t.numel() * t.element_size() for t in self.export_tensors().values())
+
+    def sizes(self, model) -> dict:
+        base = sum(p.numel() for p in model.parameters())
+        trainable = self.num_trainable_parameters()
+        return {
+            "method": self.method,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "trainable_parameters": trainable,
+            "total_parameters": base + trainable,
+            "artifact_bytes": self.artifact_bytes(),
+        }
+
+
+def soft_prompt_forward(model, soft_prompt: torch.Tensor, input_ids, attention_mask, **kwargs):
+    """Run the model with `soft_prompt` (P, d) placed before every row's text.
+
+    Layout per row: [P virtual | pad | T_i tokens], positions 0..P-1 then P, P+1, ... counted
+    over real tokens only, so left padding never shifts a row. Logits are returned for the real
+    slots only: (B, T, V), aligned with `input_ids`.
+    """
+    B, T = input_ids.shape
+    P = soft_prompt.shape[0]
+    emb = model.get_input_embeddings()(input_ids)  # (B, T, d)
+    prompt = soft_prompt.to(emb.dtype).unsqueeze(0).expand(B, P, -1)  # (B, P, d)
+    inputs_embeds = torch.cat([prompt, emb], dim=1)  # (B, P+T, d)
+    ones = torch.ones(B, P, dtype=torch.long, device=input_ids.device)
+    mask = torch.cat([ones, attention_mask.long()], dim=1)  # (B, P+T)
+    pos_prompt = torch.arange(P, device=input_ids.device).expand(B, P)
+    pos_text = positions_after_prefix(attention_mask, torch.full((B,), P, device=input_ids.device))
+    position_ids = torch.cat([pos_prompt, pos_text], dim=1)  # (B, P+T)
+    kwargs.setdefault("use_cache", False)
+    keep = kwargs.pop("logits_to_keep", 0)
+    out = model(
+        inputs_embeds=inputs_embeds,
+        attention_mask=mask,
+        position_ids=position_ids,
+        logits_to_keep=keep if keep else T,
+        **kwargs,
+    )
+    return out

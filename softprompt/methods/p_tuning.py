@@ -1,0 +1,108 @@
+"""P-tuning (Liu et al. 2021, "GPT Understands, Too", arXiv 2103.10385): virtual-token embeddings
+produced by a prompt encoder, placed before the text.
+
+  h = Embedding(P, d)                       trainable inputs of the encoder
+  mlp:  e = Linear(d,k) ReLU Linear(k,k) ReLU Linear(k,d) (h)
+  lstm: e = [Linear(2k,2k) ReLU Linear(2k,d)] (BiLSTM_2layers(h))
+The encoder couples the virtual tokens during training; at export only `e` (P, d) is kept, so a
+P-tuning artifact is served exactly like a prompt-tuning one (compiled to a KV prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..models import Geometry, geometry
+from ..prefix import compile_embeddings
+from .base import PromptMethod, soft_prompt_forward
+
+ENCODERS = ("mlp", "lstm")
+
+
+@dataclass(frozen=True)
+class PTuningConfig:
+    num_virtual_tokens: int = 20
+    encoder: str = "mlp"
+    encoder_hidden_size: int | None = None  # default: the model's hidden size
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"P-tuning encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
+            raise ValueError("encoder_hidden_size must be positive")
+
+
+class PTuning(PromptMethod):
+    method = "p_tuning"
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        num_virtual_tokens: int,
+        encoder: str | None = "mlp",
+        encoder_hidden_size: int | None = None,
+        prompt_embeddings: torch.Tensor | None = None,
+        config: dict | None = None,
+    ):
+        """`encoder=None` with `prompt_embeddings`: a loaded artifact, the encoder's output only."""
+        super().__init__(geometry, num_virtual_tokens)
+        d, P = geometry.hidden_size, num_virtual_tokens
+        k = encoder_hidden_size or d
+        self.encoder = encoder
+        self._config = dict(config or {})
+        if encoder is None:
+            if prompt_embeddings is None:
+                raise ValueError("a P-tuning prompt without an encoder needs prompt_embeddings")
+            self.prompt_embeddings = nn.Parameter(prompt_embeddings.detach().clone().float())  # (P, d)
+            return
+        self.embedding = nn.Embedding(P, d)
+        if encoder == "lstm":
+            self.lstm_head = nn.LSTM(d, k, num_layers=2, bidirectional=True, batch_first=True)
+            self.mlp_head = nn.Sequential(nn.Linear(2 * k, 2 * k), nn.ReLU(), nn.Linear(2 * k, d))
+        elif encoder == "mlp":
+            self.mlp_head = nn.Sequential(nn.Linear(d, k), nn.ReLU(), nn.Linear(k, k), nn.ReLU(), nn.Linear(k, d))
+        else:
+            raise ValueError(f"P-tuning encoder must be one of {ENCODERS}, got {encoder!r}")
+
+    @classmethod
+    def create(cls, model, tokenizer=None, config: PTuningConfig | None = None, **options) -> "PTuning":
+        cfg = config or PTuningConfig(**options)
+        torch.manual_seed(cfg.seed)  # layer inits draw from the global generator
+        config = {k: v for k, v in asdict(cfg).items() if v is not None}
+        return cls(geometry(model), cfg.num_virtual_tokens, cfg.encoder, cfg.encoder_hidden_size, None, config)
+
+    def virtual_embeddings(self) -> torch.Tensor:
+        """The encoder's output (P, d)."""
+        if self.encoder is None:
+            return self.prompt_embeddings
+        h = self.embedding.weight.unsqueeze(0)  # (1, P, d)
+        if self.encoder == "lstm":
+            h = self.lstm_head(h)[0]  # (1, P, 2k)
+        return self.mlp_head(h)[0]  # (P, d)
+
+    def forward(self, model, input_ids, attention_mask, **kwargs):
+        return soft_prompt_forward(model, self.virtual_embeddings(), input_ids, attention_mask, **kwargs)
+
+    def to_kv_prefix(self, model) -> torch.Tensor:
+        with torch.no_grad():
+            return compile_embeddings(model, self.virtual_embeddings())
+
+    def export_tensors(self):
+        with torch.no_grad():
+            return {"prompt_embeddings": self.virtual_embeddings().float().cpu().contiguous()}
+
+    def config_dict(self):
+        return dict(self._config, num_virtual_tokens=self.num_virtual_tokens)
+
+    @classmethod
+    def expected_shapes(cls, geometry, num_virtual_tokens):
+        return {"prompt_embeddings": (num_virtual_tokens, geometry.hidden_size)}
+
+    @classmethod
+    def from_export(cls, geometry, config, tensors):
+        emb = tensors["prompt_embeddings"]
+        return cls(geometry, int(emb.shape[0]), None, None, emb, config)

@@ -1,0 +1,137 @@
+"""Prefix tuning (Li & Liang 2021, arXiv 2101.00190): learned keys and values at every layer.
+
+The prefix is `(L, 2, H_kv, P, D)`: grouped-query models get `num_key_value_heads` heads.
+
+Two parameterizations, the same thing at inference:
+  direct        the prefix tensor itself is the parameter;
+  reparam MLP   prefix = base + MLP(E), E = Embedding(P, kv_dim), MLP = Linear(kv_dim, k) -> Tanh
+                -> Linear(k, L*2*kv_dim), k = projection_dim (512 as in Li & Liang). Li & Liang
+                found direct optimization unstable; the MLP is training-only and export writes the
+                final K/V, so an artifact never carries it.
+
+Initializations:
+  random  direct: N(0, 1) entries (PEFT's default); MLP: PyTorch's default layer init.
+  text    the frozen model's own K/V over a string (Li & Liang's "activations of real words"):
+          the compile step of prompt tuning run on real token embeddings. With the MLP, the text
+          K/V is the fixed `base` and the last Linear starts at zero, so training starts exactly
+          at the text prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..models import Geometry, geometry
+from ..prefix import compile_embeddings, prefixed_forward
+from .base import PromptMethod
+from .prompt_tuning import repeat_to
+
+INITS = ("random", "text")
+
+
+@dataclass(frozen=True)
+class PrefixTuningConfig:
+    num_virtual_tokens: int = 20
+    projection_dim: int = 512  # 0: direct optimization of the prefix
+    init: str = "random"
+    init_text: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"prefix tuning init must be one of {INITS}, got {self.init!r}")
+        if self.init == "text" and not self.init_text:
+            raise ValueError("init='text' needs init_text (a non-empty string)")
+        if self.projection_dim < 0:
+            raise ValueError(f"projection_dim must be >= 0 (0 = no MLP), got {self.projection_dim}")
+
+
+class PrefixTuning(PromptMethod):
+    method = "prefix_tuning"
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        num_virtual_tokens: int,
+        projection_dim: int = 0,
+        prefix: torch.Tensor | None = None,
+        config: dict | None = None,
+    ):
+        super().__init__(geometry, num_virtual_tokens)
+        shape = geometry.prefix_shape(num_virtual_tokens)  # (L, 2, H, P, D)
+        if prefix is not None and tuple(prefix.shape) != shape:
+            raise ValueError(f"prefix has shape {tuple(prefix.shape)}, this model needs {shape}")
+        init = torch.zeros(shape) if prefix is None else prefix.detach().clone().float()
+        self.projection_dim = projection_dim
+        self._config = dict(config or {})
+        if projection_dim:
+            g = geometry
+            self.embedding = nn.Embedding(num_virtual_tokens, g.kv_dim)
+            self.transform = nn.Sequential(
+                nn.Linear(g.kv_dim, projection_dim),
+                nn.Tanh(),
+                nn.Linear(projection_dim, g.num_layers * 2 * g.kv_dim),
+            )
+            self.register_buffer("base", init)  # (L, 2, H, P, D), fixed
+        else:
+            self.prefix = nn.Parameter(init)  # (L, 2, H, P, D)
+
+    @classmethod
+    @torch.no_grad()
+    def create(cls, model, tokenizer=None, config: PrefixTuningConfig | None = None, **options) -> "PrefixTuning":
+        cfg = config or PrefixTuningConfig(**options)
+        geo, P = geometry(model), cfg.num_virtual_tokens
+        torch.manual_seed(cfg.seed)  # the MLP's default init draws from the global generator
+        g = torch.Generator().manual_seed(cfg.seed)
+        if cfg.init == "text":
+            if tokenizer is None:
+                raise ValueError("init='text' needs the tokenizer")
+            ids = repeat_to(tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"], P)
+            table = model.get_input_embeddings().weight
+            prefix = compile_embeddings(model, table[torch.tensor(ids, device=table.device)]).cpu()
+        elif cfg.projection_dim:
+            prefix = None
+        else:
+            prefix = torch.randn(geo.prefix_shape(P), generator=g)
+        config = {k: v for k, v in asdict(cfg).items() if v is not None}
+        module = cls(geo, P, cfg.projection_dim, prefix, config)
+        if cfg.projection_dim and cfg.init == "text":
+            nn.init.zeros_(module.transform[2].weight)
+            nn.init.zeros_(module.transform[2].bias)
+        return module
+
+    def kv(self) -> torch.Tensor:
+        """The prefix `(L, 2, H, P, D)` (through the MLP when there is one; differentiable)."""
+        if not self.projection_dim:
+            return self.prefix
+        g, P = self.geometry, self.num_virtual_tokens
+        out = self.transform(self.embedding.weight)  # (P, L*2*H*D)
+        out = out.view(P, g.num_layers, 2, g.num_key_value_heads, g.head_dim).permute(1, 2, 3, 0, 4)
+        return self.base + out  # (L, 2, H, P, D)
+
+    def forward(self, model, input_ids, attention_mask, **kwargs):
+        kwargs.setdefault("use_cache", False)
+        return prefixed_forward(model, input_ids, attention_mask, [self.kv()], **kwargs)
+
+    def to_kv_prefix(self, model) -> torch.Tensor:
+        p = next(model.parameters())
+        return self.kv().detach().to(device=p.device, dtype=p.dtype)
+
+    def export_tensors(self):
+        return {"prefix": self.kv().detach().float().cpu().contiguous()}
+
+    def config_dict(self):
+        # An exported prefix has no MLP any more: it reloads as a direct prefix.
+        return dict(self._config, num_virtual_tokens=self.num_virtual_tokens)
+
+    @classmethod
+    def expected_shapes(cls, geometry, num_virtual_tokens):
+        return {"prefix": geometry.prefix_shape(num_virtual_tokens)}
+
+    @classmethod
+    def from_export(cls, geometry, config, tensors):
+        prefix = tensors["prefix"]
+        return cls(geometry, int(prefix.shape[3]), 0, prefix, dict(config, projection_dim=0))

@@ -1,0 +1,102 @@
+"""Prompt tuning (Lester et al. 2021, arXiv 2104.08691): P learned input embeddings before the text.
+
+Trainable: `prompt_embeddings` (P, d). At inference the soft prompt compiles to a KV prefix (one
+pass of the frozen model), so serving pays nothing per request for it.
+
+Initializations (Lester et al. find sampled vocabulary or label words beat random):
+  random  N(0, s^2) with s the std of the embedding matrix (the scale real tokens have)
+  vocab   P rows sampled from the embedding matrix (seeded)
+  text    the embeddings of a string, repeated or cut to P tokens
+  tokens  the embeddings of explicit token ids, repeated or cut to P
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..models import Geometry, geometry
+from ..prefix import compile_embeddings
+from .base import PromptMethod, soft_prompt_forward
+
+INITS = ("random", "vocab", "text", "tokens")
+
+
+@dataclass(frozen=True)
+class PromptTuningConfig:
+    num_virtual_tokens: int = 20
+    init: str = "vocab"
+    init_text: str | None = None
+    init_tokens: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"prompt tuning init must be one of {INITS}, got {self.init!r}")
+        if self.init == "text" and not self.init_text:
+            raise ValueError("init='text' needs init_text (a non-empty string)")
+        if self.init == "tokens" and not self.init_tokens:
+            raise ValueError("init='tokens' needs init_tokens (a non-empty list of token ids)")
+
+
+def repeat_to(ids: list[int], n: int) -> list[int]:
+    """Repeat or cut a token list to exactly n ids."""
+    if not ids:
+        raise ValueError("cannot initialize from an empty token list")
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+class PromptTuning(PromptMethod):
+    method = "prompt_tuning"
+
+    def __init__(self, geometry: Geometry, prompt_embeddings: torch.Tensor, config: dict | None = None):
+        super().__init__(geometry, int(prompt_embeddings.shape[0]))
+        self.prompt_embeddings = nn.Parameter(prompt_embeddings.detach().clone().float())  # (P, d)
+        self._config = dict(config or {})
+
+    @classmethod
+    @torch.no_grad()
+    def create(cls, model, tokenizer=None, config: PromptTuningConfig | None = None, **options) -> "PromptTuning":
+        cfg = config or PromptTuningConfig(**options)
+        P = cfg.num_virtual_tokens
+        table = model.get_input_embeddings().weight  # (V, d)
+        g = torch.Generator().manual_seed(cfg.seed)
+        if cfg.init == "random":
+            init = torch.randn(P, table.shape[1], generator=g) * table.float().std()
+        elif cfg.init == "vocab":
+            rows = torch.randint(0, table.shape[0], (P,), generator=g)
+            init = table[rows.to(table.device)].float().cpu()
+        else:
+            if cfg.init == "text":
+                if tokenizer is None:
+                    raise ValueError("init='text' needs the tokenizer")
+                ids = tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = list(cfg.init_tokens)
+                bad = [i for i in ids if not 0 <= i < table.shape[0]]
+                if bad:
+                    raise ValueError(f"token ids {bad} are outside the vocabulary (size {table.shape[0]})")
+            init = table[torch.tensor(repeat_to(ids, P), device=table.device)].float().cpu()
+        return cls(geometry(model), init, {k: v for k, v in asdict(cfg).items() if v is not None})
+
+    def forward(self, model, input_ids, attention_mask, **kwargs):
+        return soft_prompt_forward(model, self.prompt_embeddings, input_ids, attention_mask, **kwargs)
+
+    def to_kv_prefix(self, model) -> torch.Tensor:
+        return compile_embeddings(model, self.prompt_embeddings.detach())
+
+    def export_tensors(self):
+        return {"prompt_embeddings": self.prompt_embeddings.detach().float().cpu().contiguous()}
+
+    def config_dict(self):
+        return dict(self._config, num_virtual_tokens=self.num_virtual_tokens)
+
+    @classmethod
+    def expected_shapes(cls, geometry, num_virtual_tokens):
+        return {"prompt_embeddings": (num_virtual_tokens, geometry.hidden_size)}
+
+    @classmethod
+    def from_export(cls, geometry, config, tensors):
+        return cls(geometry, tensors["prompt_embeddings"], config)
