@@ -1,0 +1,255 @@
+"""Artifacts: a task's prompt on disk, as safetensors plus a JSON card. Nothing is ever unpickled.
+
+Two forms, the same content:
+  DIR/                      a directory holding `adapter.safetensors` and `card.json`
+  FILE.safetensors          one file; the card is the JSON string `softprompt_card` in the
+                            safetensors metadata
+
+The card records what the tensors are (method, shapes, dtype, num_virtual_tokens, config), what
+they are for (the base model's name, geometry and fingerprint), and how to trust them
+(`tensor_sha256`: sha256 of the safetensors data section, i.e. of the tensor bytes, which is the
+same in both forms). Writes are atomic: everything is written under a temporary name, flushed,
+and renamed into place, so a crash never leaves something that loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import __version__
+from .methods import METHODS, PromptMethod
+from .models import fingerprint, geometry
+
+FORMAT = "softprompt-artifact"
+FORMAT_VERSION = 1
+TENSOR_FILE = "adapter.safetensors"
+CARD_FILE = "card.json"
+META_KEY = "softprompt_card"
+
+
+class ArtifactError(ValueError):
+    """An artifact cannot be written or used; the message says what is wrong and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+def _data_section(blob: bytes) -> bytes:
+    """The tensor bytes of a serialized safetensors blob (after the 8-byte length and JSON header)."""
+    if len(blob) < 8:
+        raise ArtifactError("tensor file is truncated (shorter than a safetensors header)")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if 8 + n > len(blob):
+        raise ArtifactError("tensor file is truncated (header runs past the end of the file)")
+    return blob[8 + n:]
+
+
+def model_fingerprint(model) -> str:
+    """Fingerprint of a frozen base model, computed once per model object."""
+    fp = getattr(model, "_softprompt_fingerprint", None)
+    if fp is None:
+        fp = fingerprint(model)
+        model._softprompt_fingerprint = fp
+    return fp
+
+
+def make_card(prompt: PromptMethod, model, tensors: dict[str, torch.Tensor], *, metrics=None, dataset=None,
+              base_name: str | None = None, extra: dict | None = None) -> dict:
+    card = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": prompt.method,
+        "num_virtual_tokens": prompt.num_virtual_tokens,
+        "config": prompt.config_dict(),
+        "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                    for k, t in tensors.items()},
+        "dtype": "float32",
+        "base_model": {
+            "name": base_name or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", ""),
+            "fingerprint": model_fingerprint(model),
+            "geometry": geometry(model).to_dict(),
+        },
+        "library_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "metrics": dict(metrics or {}),
+        "dataset": dataset,
+    }
+    card.update(extra or {})
+    return card
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_artifact_dir(path: Path) -> bool:
+    return path.is_dir() and (not any(path.iterdir()) or (path / CARD_FILE).exists())
+
+
+def save_artifact(prompt: PromptMethod, path: str | os.PathLike, model, *, metrics=None, dataset=None,
+                  base_name: str | None = None) -> Path:
+    """Write `prompt` for `model` to `path` (a directory, or a single `*.safetensors` file).
+
+    Returns the path. An existing artifact at `path` is replaced atomically; any other existing
+    file or non-empty directory is refused rather than overwritten.
+    """
+    path = Path(path)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in prompt.export_tensors().items()}
+    data = _data_section(st_save(tensors))
+    card = make_card(prompt, model, tensors, metrics=metrics, dataset=dataset, base_name=base_name)
+    card["tensor_sha256"] = hashlib.sha256(data).hexdigest()
+    card["bytes"] = len(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        if path.is_dir():
+            raise ArtifactError(f"{path} is a directory; give a new file name or a directory path without .safetensors")
+        blob = st_save(tensors, metadata={META_KEY: json.dumps(card)})
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            _fsync_write(Path(tmp), blob)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+    if path.exists() and not _is_artifact_dir(path):
+        raise ArtifactError(f"{path} exists and is not a softprompt artifact; refusing to overwrite it. "
+                            "Choose a new path or remove it first.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        _fsync_write(tmp / TENSOR_FILE, st_save(tensors))
+        _fsync_write(tmp / CARD_FILE, json.dumps(card, indent=2).encode())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "a")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+def _read(path: Path) -> tuple[dict, bytes]:
+    """(card, safetensors blob) from either form, with no check beyond parsing."""
+    if not path.exists():
+        raise ArtifactError(f"no artifact at {path}: the path does not exist")
+    if path.is_dir():
+        card_path, tensor_path = path / CARD_FILE, path / TENSOR_FILE
+        if not card_path.is_file():
+            raise ArtifactError(f"{path} has no {CARD_FILE}: it is not a softprompt artifact "
+                                "(a PEFT adapter directory holds adapter_config.json instead)")
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{card_path} is not valid JSON ({e}); the artifact is damaged: re-export it") from e
+        if not tensor_path.is_file():
+            raise ArtifactError(f"{path} has a card but no {TENSOR_FILE}; the artifact is incomplete: re-export it")
+        return card, tensor_path.read_bytes()
+    blob = path.read_bytes()
+    try:
+        (n,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(blob[8:8 + n].decode("utf-8"))
+        card = json.loads(header["__metadata__"][META_KEY])
+    except Exception as e:
+        raise ArtifactError(f"{path} is not a softprompt artifact file (no readable card in its safetensors "
+                            f"header: {type(e).__name__}); it may be truncated or another kind of file") from e
+    return card, blob
+
+
+def read_card(path: str | os.PathLike) -> dict:
+    """The card of an artifact, checked for format and version (tensors not loaded)."""
+    card, _ = _read(Path(path))
+    _check_card(card, Path(path))
+    return card
+
+
+def _check_card(card: dict, path: Path) -> None:
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: the card's format is {card.get('format') if isinstance(card, dict) else card!r}, "
+                            f"not {FORMAT!r}; this is not a softprompt artifact")
+    version = card.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise ArtifactError(f"{path}: unknown artifact format version {version!r}; the card is damaged: re-export it")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{path}: artifact format version {version} was written by a newer softprompt "
+                            f"({card.get('library_version')}); this is {__version__}, which reads up to version "
+                            f"{FORMAT_VERSION}: upgrade softprompt")
+    if card.get("method") not in METHODS:
+        raise ArtifactError(f"{path}: unknown method {card.get('method')!r}; this softprompt knows "
+                            f"{', '.join(sorted(METHODS))}: upgrade softprompt or check the card")
+
+
+def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = False) -> PromptMethod:
+    """Load an artifact (ours, either form, or a PEFT adapter directory) for `model`.
+
+    Refuses, with a message saying what to do: a missing or damaged card, an unknown method or
+    format version, a truncated or altered tensor file (checksum), shapes that do not fit the
+    model, and a different base model (fingerprint) unless `allow_other_base`.
+    The returned module carries the card as `.card`.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / CARD_FILE).exists() and (path / "adapter_config.json").exists():
+        from .peft_io import import_peft
+
+        return import_peft(path, model)
+    card, blob = _read(path)
+    _check_card(card, path)
+    try:
+        data = _data_section(blob)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}; restore it or re-export it") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card.get("tensor_sha256"):
+        raise ArtifactError(f"{path}: the tensor file is truncated or altered (sha256 {digest[:12]}... does not "
+                            f"match the card's {str(card.get('tensor_sha256'))[:12]}...); restore it or re-export it")
+    try:
+        tensors = st_load(blob)
+    except Exception as e:
+        raise ArtifactError(f"{path}: the tensor file does not parse ({e}); restore it or re-export it") from e
+    base = card.get("base_model") or {}
+    fp = model_fingerprint(model)
+    if base.get("fingerprint") and base["fingerprint"] != fp and not allow_other_base:
+        raise ArtifactError(
+            f"{path} was made for base model {base.get('name')!r} (fingerprint {base['fingerprint']}), "
+            f"but the loaded model {getattr(model, 'name_or_path', '')!r} has fingerprint {fp}. Load it with the "
+            "base model it was trained on (--base PATH), or pass allow_other_base=True if you know the weights fit")
+    cls = METHODS[card["method"]]
+    geo = geometry(model)
+    want = {k: tuple(v) for k, v in cls.expected_shapes(geo, int(card["num_virtual_tokens"])).items()}
+    have = {k: tuple(t.shape) for k, t in tensors.items()}
+    if want != have:
+        raise ArtifactError(
+            f"{path}: tensor shapes {have} do not fit this model, which needs {want} "
+            f"({geo.num_layers} layers, {geo.num_key_value_heads} KV heads of dim {geo.head_dim}, hidden "
+            f"{geo.hidden_size}); it was made for {base.get('name')!r} {base.get('geometry')}: load it on that model")
+    prompt = cls.from_export(geo, card.get("config") or {}, tensors)
+    prompt.card = card
+    return prompt
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """A short summary of an artifact's card for listings."""
+    card = read_card(path)
+    return {k: card.get(k) for k in ("method", "num_virtual_tokens", "bytes", "created", "metrics", "dataset")} | {
+        "base_model": (card.get("base_model") or {}).get("name")}
