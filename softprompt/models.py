@@ -88,25 +88,17 @@ def geometry(model_or_config) -> Geometry:
 
 @torch.no_grad()
 def fingerprint(model: nn.Module) -> str:
-    """A cheap identity of the weights: per tensor, its name, shape and two float64 moments.
+    """The identity of the weights: sha256 over every tensor's name, shape, dtype and raw bytes.
 
-    One pass over the weights (~0.2 s for 135M parameters), no copy of the model. Any edit of a
-    weight changes its sum or its sum of squares except by a vanishingly unlikely coincidence.
-    Moments are rounded to 9 significant digits so that summation order (threads) cannot flip it.
+    Exact (any changed bit changes it), independent of threads, and cheap: hashing runs at
+    ~2 GB/s, ~0.3 s for the 135M-parameter default model, with no copy of the weights.
     """
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        if not torch.is_floating_point(t):
-            continue
-        s = torch.sum(t, dtype=torch.float64).item()
-        q = torch.sum(t.to(torch.float64) ** 2).item() if t.numel() < 2**22 else _chunked_sq(t)
-        h.update(f"{name}|{tuple(t.shape)}|{s:.9e}|{q:.9e};".encode())
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
+        h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
     return "sha256:" + h.hexdigest()[:32]
-
-
-def _chunked_sq(t: torch.Tensor) -> float:
-    flat = t.reshape(-1)
-    return sum(torch.sum(c.to(torch.float64) ** 2).item() for c in flat.split(2**22))
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -197,6 +189,9 @@ def load_base(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.
         if not source.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or str(path).startswith((".", "/"))):
             raise BaseModelError(f"base model directory {path} does not exist")
         name = str(path)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a cached load takes ~1 s: no bar needed
     try:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

