@@ -195,7 +195,7 @@ def load_base(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.
     try:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise BaseModelError(f"cannot load a causal LM from {source}: {e}") from e
     tok.padding_side = "left"
     if tok.pad_token is None:

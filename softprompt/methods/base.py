@@ -19,13 +19,18 @@ from ..models import Geometry
 from ..prefix import positions_after_prefix
 
 
+def check_num_virtual_tokens(n) -> None:
+    """Validated once, at the config boundary, before any tensor is sized by it."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+
+
 class PromptMethod(nn.Module, ABC):
     method: ClassVar[str]
 
     def __init__(self, geometry: Geometry, num_virtual_tokens: int):
         super().__init__()
-        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
+        check_num_virtual_tokens(num_virtual_tokens)
         self.geometry = geometry
         self.num_virtual_tokens = num_virtual_tokens
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..models import Geometry, geometry
 from ..prefix import compile_embeddings
-from .base import PromptMethod, soft_prompt_forward
+from .base import PromptMethod, check_num_virtual_tokens, soft_prompt_forward
 
 ENCODERS = ("mlp", "lstm")
 
@@ -30,6 +30,7 @@ class PTuningConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_num_virtual_tokens(self.num_virtual_tokens)
         if self.encoder not in ENCODERS:
             raise ValueError(f"P-tuning encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
@@ -71,9 +72,10 @@ class PTuning(PromptMethod):
     @classmethod
     def create(cls, model, tokenizer=None, config: PTuningConfig | None = None, **options) -> "PTuning":
         cfg = config or PTuningConfig(**options)
-        torch.manual_seed(cfg.seed)  # layer inits draw from the global generator
         config = {k: v for k, v in asdict(cfg).items() if v is not None}
-        return cls(geometry(model), cfg.num_virtual_tokens, cfg.encoder, cfg.encoder_hidden_size, None, config)
+        with torch.random.fork_rng(devices=[]):  # layer inits draw from the global generator
+            torch.manual_seed(cfg.seed)
+            return cls(geometry(model), cfg.num_virtual_tokens, cfg.encoder, cfg.encoder_hidden_size, None, config)
 
     def virtual_embeddings(self) -> torch.Tensor:
         """The encoder's output (P, d)."""
@@ -105,4 +107,7 @@ class PTuning(PromptMethod):
     @classmethod
     def from_export(cls, geometry, config, tensors):
         emb = tensors["prompt_embeddings"]
-        return cls(geometry, int(emb.shape[0]), None, None, emb, config)
+        # the encoder is gone after export; remember which one trained it
+        trained_with = config.get("trained_with_encoder", config.get("encoder"))
+        config = {k: v for k, v in config.items() if k not in ("encoder", "encoder_hidden_size")}
+        return cls(geometry, int(emb.shape[0]), None, None, emb, dict(config, trained_with_encoder=trained_with))

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..models import Geometry, geometry
 from ..prefix import compile_embeddings, prefixed_forward
-from .base import PromptMethod
+from .base import PromptMethod, check_num_virtual_tokens
 from .prompt_tuning import repeat_to
 
 INITS = ("random", "text")
@@ -41,6 +41,7 @@ class PrefixTuningConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_num_virtual_tokens(self.num_virtual_tokens)
         if self.init not in INITS:
             raise ValueError(f"prefix tuning init must be one of {INITS}, got {self.init!r}")
         if self.init == "text" and not self.init_text:
@@ -84,7 +85,6 @@ class PrefixTuning(PromptMethod):
     def create(cls, model, tokenizer=None, config: PrefixTuningConfig | None = None, **options) -> "PrefixTuning":
         cfg = config or PrefixTuningConfig(**options)
         geo, P = geometry(model), cfg.num_virtual_tokens
-        torch.manual_seed(cfg.seed)  # the MLP's default init draws from the global generator
         g = torch.Generator().manual_seed(cfg.seed)
         if cfg.init == "text":
             if tokenizer is None:
@@ -97,7 +97,9 @@ class PrefixTuning(PromptMethod):
         else:
             prefix = torch.randn(geo.prefix_shape(P), generator=g)
         config = {k: v for k, v in asdict(cfg).items() if v is not None}
-        module = cls(geo, P, cfg.projection_dim, prefix, config)
+        with torch.random.fork_rng(devices=[]):  # the MLP's default init draws from the global generator
+            torch.manual_seed(cfg.seed)
+            module = cls(geo, P, cfg.projection_dim, prefix, config)
         if cfg.projection_dim and cfg.init == "text":
             nn.init.zeros_(module.transform[2].weight)
             nn.init.zeros_(module.transform[2].bias)

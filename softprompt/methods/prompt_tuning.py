@@ -19,7 +19,7 @@ from torch import nn
 
 from ..models import Geometry, geometry
 from ..prefix import compile_embeddings
-from .base import PromptMethod, soft_prompt_forward
+from .base import PromptMethod, check_num_virtual_tokens, soft_prompt_forward
 
 INITS = ("random", "vocab", "text", "tokens")
 
@@ -33,6 +33,7 @@ class PromptTuningConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_num_virtual_tokens(self.num_virtual_tokens)
         if self.init not in INITS:
             raise ValueError(f"prompt tuning init must be one of {INITS}, got {self.init!r}")
         if self.init == "text" and not self.init_text:

@@ -1,0 +1,158 @@
+"""Requests, their results, and the handle a caller holds while a request runs.
+
+A handle streams events as the engine makes tokens, from a thread (`for ev in handle`) or from
+asyncio (`async for ev in handle.astream()`), and can be cancelled, which frees its row at the next
+step. When the engine has no background thread, waiting on a handle drives the engine itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import SamplingParams
+
+
+@dataclass
+class Request:
+    """One generation request: a task (artifact name; None = the bare base model) and a prompt."""
+
+    prompt: str | None = None
+    task: str | None = None
+    prompt_ids: list[int] | None = None  # instead of `prompt`, already tokenized
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] | list[str] = ()
+    ignore_eos: bool = False
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+    def sampling(self) -> SamplingParams:
+        from .tasks import RequestError
+
+        if (self.prompt is None) == (self.prompt_ids is None):
+            raise RequestError("a request needs exactly one of prompt or prompt_ids")
+        try:
+            return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                                  top_p=self.top_p, seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos)
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+
+
+@dataclass
+class Completion:
+    request_id: str
+    task: str | None
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos or stop string), "length", "cancelled", "error"
+    prompt_tokens: int
+    error: str | None = None
+    error_code: str | None = None
+    logits: torch.Tensor | None = None  # (new tokens, V), only when the engine keeps logits
+
+    @classmethod
+    def failed(cls, req: Request, exc: Exception) -> "Completion":
+        return cls(request_id=req.request_id, task=req.task, text="", token_ids=[], finish_reason="error",
+                   prompt_tokens=0, error=str(exc), error_code=getattr(exc, "code", "error"))
+
+
+@dataclass(frozen=True)
+class Event:
+    token_id: int
+    text: str  # the new text this token completes (may be empty)
+
+
+class Handle:
+    def __init__(self, request: Request, engine):
+        self.request, self._engine = request, engine
+        self._events: list[Event] = []
+        self._result: Completion | None = None
+        self._cond = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    # engine side
+    def _push(self, token_id: int, text: str) -> None:
+        with self._cond:
+            self._events.append(Event(token_id, text))
+            self._notify()
+
+    def _finish(self, completion: Completion) -> None:
+        with self._cond:
+            if self._result is None:
+                self._result = completion
+            self._notify()
+
+    def _notify(self):
+        self._cond.notify_all()
+        for loop, ev in self._async_waiters:
+            loop.call_soon_threadsafe(ev.set)
+
+    # caller side
+    def cancel(self) -> None:
+        """Stop this request; its row is freed at the next engine step."""
+        self.cancelled = True
+        self._engine._wake.set()
+
+    def _wait(self, n_seen: int, timeout: float | None) -> None:
+        if not self._engine.running:  # no background loop: drive the engine from here
+            self._engine.step()
+            return
+        with self._cond:
+            if len(self._events) <= n_seen and self._result is None:
+                self._cond.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> Completion:
+        while self._result is None:
+            self._wait(len(self._events), timeout)
+        return self._result
+
+    def __iter__(self):
+        i = 0
+        while True:
+            if i < len(self._events):
+                yield self._events[i]
+                i += 1
+            elif self._result is not None:
+                return
+            else:
+                self._wait(i, 1.0)
+
+    async def astream(self):
+        """Async iterator over events; needs the engine running in the background (`engine.start()`)."""
+        loop = asyncio.get_running_loop()
+        ev = asyncio.Event()
+        with self._cond:
+            self._async_waiters.append((loop, ev))
+        try:
+            i = 0
+            while True:
+                if i < len(self._events):
+                    yield self._events[i]
+                    i += 1
+                    continue
+                if self._result is not None:
+                    return
+                ev.clear()
+                if i < len(self._events) or self._result is not None:
+                    continue
+                await ev.wait()
+        finally:
+            with self._cond:
+                self._async_waiters.remove((loop, ev))
+
+    async def aresult(self) -> Completion:
+        async for _ in self.astream():
+            pass
+        return self._result

@@ -1,0 +1,164 @@
+"""Tasks for the engine: where a task name's artifact is, and an LRU cache of compiled KV prefixes.
+
+A task resolves to a KV prefix `(L, 2, H_kv, P, D)` once, when first used: prefix tuning is read
+as is, prompt tuning and P-tuning are compiled by one pass of the frozen model. The cache holds
+recently used prefixes under a byte budget; loading a task never copies or reloads the model.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from ..artifact import ArtifactError, load_artifact
+from ..methods import PromptMethod
+from ..peft_io import PeftFormatError
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; `code` names the kind (for HTTP status mapping)."""
+
+    code = "bad_request"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code:
+            self.code = code
+
+
+class UnknownTask(RequestError):
+    code = "unknown_task"
+
+
+class TaskRefused(RequestError):
+    """The task exists but cannot serve on this model (other base, bad shapes, damaged file)."""
+
+    code = "task_refused"
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its limit; retry later (nothing accepted was dropped)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+Resolver = Callable[[str], "str | os.PathLike | PromptMethod | None"]
+
+
+class TaskRegistry:
+    """Task name -> artifact path (or an in-memory prompt). Thread-safe.
+
+    `fallback(name)` is asked for names not registered here (the prompt store plugs in this way),
+    and returns a path, a PromptMethod, or None for unknown.
+    """
+
+    def __init__(self, tasks: Mapping[str, str | os.PathLike | PromptMethod] | None = None,
+                 fallback: Resolver | None = None):
+        self._tasks: dict[str, str | os.PathLike | PromptMethod] = dict(tasks or {})
+        self._fallback = fallback
+        self._lock = threading.Lock()
+
+    def add(self, name: str, source: str | os.PathLike | PromptMethod) -> None:
+        if not name or not isinstance(name, str):
+            raise ValueError("a task needs a non-empty name")
+        with self._lock:
+            self._tasks[name] = source
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._tasks.pop(name, None)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._tasks)
+
+    def resolve(self, name: str):
+        with self._lock:
+            source = self._tasks.get(name)
+        if source is None and self._fallback is not None:
+            source = self._fallback(name)
+        if source is None:
+            raise UnknownTask(f"unknown task {name!r}")
+        return source
+
+
+class PrefixCache:
+    """LRU of task name -> KV prefix on the model's device, bounded by `budget_bytes`."""
+
+    def __init__(self, budget_bytes: int = 256 * 2**20):
+        if budget_bytes <= 0:
+            raise ValueError("the prefix cache budget must be positive")
+        self.budget_bytes = budget_bytes
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self.load_ms: list[float] = []
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self._items)
+
+    def __contains__(self, name):
+        return name in self._items
+
+    def get(self, name: str, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+        with self._lock:
+            kv = self._items.get(name)
+            if kv is not None:
+                self._items.move_to_end(name)
+                self.hits += 1
+                return kv
+            self.misses += 1
+        t0 = time.perf_counter()
+        kv = load()
+        self.load_ms.append((time.perf_counter() - t0) * 1e3)
+        self.put(name, kv)
+        return kv
+
+    def put(self, name: str, kv: torch.Tensor) -> None:
+        size = kv.numel() * kv.element_size()
+        with self._lock:
+            if name in self._items:
+                self.bytes -= self._nbytes(self._items.pop(name))
+            while self._items and self.bytes + size > self.budget_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= self._nbytes(old)
+                self.evictions += 1
+            if size <= self.budget_bytes:  # a prefix larger than the budget is used but not kept
+                self._items[name] = kv
+                self.bytes += size
+
+    def invalidate(self, name: str | None = None) -> None:
+        with self._lock:
+            if name is None:
+                self._items.clear()
+                self.bytes = 0
+            elif name in self._items:
+                self.bytes -= self._nbytes(self._items.pop(name))
+
+    @staticmethod
+    def _nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def stats(self) -> dict:
+        return {"tasks": len(self._items), "bytes": self.bytes, "budget_bytes": self.budget_bytes,
+                "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+
+
+def compile_task(name: str, source, model) -> torch.Tensor:
+    """The KV prefix of a task's source (artifact path or PromptMethod), refusing what does not fit."""
+    try:
+        prompt = source if isinstance(source, PromptMethod) else load_artifact(Path(source), model)
+    except (ArtifactError, PeftFormatError) as e:
+        raise TaskRefused(f"task {name!r} cannot be served: {e}") from e
+    kv = prompt.to_kv_prefix(model)
+    p = next(model.parameters())
+    return kv.detach().to(device=p.device, dtype=p.dtype).contiguous()
