@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .prefix import prefixed_forward
+from .prefix import GrowingCache, prefixed_forward
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ def generate_ids(
     if params.max_new_tokens == 0:
         return out
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    res = prefixed_forward(model, input_ids, attention_mask, prefixes, use_cache=True, logits_to_keep=1)
+    res = prefixed_forward(model, input_ids, attention_mask, prefixes, use_cache=True, logits_to_keep=1,
+                           cache_cls=GrowingCache)
     cache, mask = res.past_key_values, res.attention_mask  # mask (B, Pmax + T)
     pos = res.position_ids[:, -1:]  # (B, 1), last real position of each row
     logits = res.logits[:, -1]

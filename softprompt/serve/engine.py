@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from ..generate import SamplingParams, eos_ids, pick_next
-from ..prefix import make_cache, prefixed_forward
+from ..prefix import GrowingCache, prefixed_forward
 from .handle import Completion, Handle, Request
 from .tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
 
@@ -79,9 +79,8 @@ class Engine:
 
     # ---- public API ---------------------------------------------------------------------
     def add_task(self, name: str, source) -> None:
-        """Register (or replace) a task; a replaced task's cached prefix is dropped."""
+        """Register (or replace) a task; the cache is keyed by source, so a replaced task is never stale."""
         self.tasks.add(name, source)
-        self.prefixes.invalidate(name)
 
     def submit(self, request: Request) -> Handle:
         """Queue a request; returns its handle at once. Raises QueueFull when the queue is at its limit."""
@@ -182,7 +181,8 @@ class Engine:
         for i, (_, row_ids, _) in enumerate(new):
             ids[i, T - len(row_ids):] = torch.tensor(row_ids)
             mask[i, T - len(row_ids):] = 1
-        out = prefixed_forward(self.model, ids, mask, [kv for _, _, kv in new], use_cache=True, logits_to_keep=1)
+        out = prefixed_forward(self.model, ids, mask, [kv for _, _, kv in new], use_cache=True, logits_to_keep=1,
+                              cache_cls=GrowingCache)
         rows = [r for r, _, _ in new]
         for r, p in zip(rows, out.position_ids[:, -1].tolist()):
             r.pos = p
@@ -197,7 +197,10 @@ class Engine:
                                f"{self.max_new_tokens_limit}")
         kv = None
         if req.task is not None:
-            kv = self.prefixes.get(req.task, lambda: compile_task(req.task, self.tasks.resolve(req.task), self.model))
+            source = self.tasks.resolve(req.task)
+            # keyed by what the name resolves to now, so a new version in the store is served at once
+            key = f"{req.task}:{id(source)}" if isinstance(source, torch.nn.Module) else f"{req.task}:{source}"
+            kv = self.prefixes.get(key, lambda: compile_task(req.task, source, self.model))
         ids = list(req.prompt_ids) if req.prompt_ids is not None else \
             self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
         if not ids:
@@ -312,8 +315,7 @@ def _lpad_mask(m: torch.Tensor, S: int) -> torch.Tensor:
 
 
 def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    kv = None
-    cache = make_cache(kv)
+    cache = GrowingCache()
     for i, (k, v) in enumerate(layers):
         cache.update(k, v, i)
     return cache
