@@ -5,6 +5,9 @@ its docstring's `Args:` section. A parameter without a default is positional.
     softprompt init OUT [--method prompt_tuning] [--init text --text "..."]
     softprompt generate "prompt" [--adapter DIR] [--max-new-tokens N] [--chat]
     softprompt export-peft ADAPTER OUT
+    softprompt train DATA OUT [--method prefix_tuning] [--template "{mr} ||" --target ref] [--resume]
+    softprompt eval --adapter DIR --data PATH [--num-beams 4]
+    softprompt demo
 """
 
 from __future__ import annotations
@@ -147,7 +150,108 @@ def export_peft(adapter: str, out: str, base: str | None = None):
     print(f"wrote PEFT adapter to {path}", file=sys.stderr)
 
 
-COMMANDS = {"info": info, "init": init, "generate": generate, "export-peft": export_peft}
+def train(data: str, out: str, method: str = "prefix_tuning", base: str | None = None, template: str | None = None,
+          target: str | None = None, chat_template: bool = False, eval_data: str | None = None,
+          eval_fraction: float = 0.0, num_virtual_tokens: int = 20, init: str | None = None,
+          init_text: str | None = None, projection_dim: int = 512, steps: int = 200, batch_size: int = 8,
+          micro_batch_size: int = 0, lr: float | None = None, weight_decay: float = 0.0, warmup_steps: int = 0,
+          schedule: str = "linear", max_grad_norm: float = 1.0, seed: int = 0, eval_every: int = 0,
+          eval_generate: int = 0, metric: str = "eval_loss", patience: int = 0, checkpoint_every: int = 50,
+          keep_checkpoints: int = 2, resume: bool = False, gradient_checkpointing: bool = False,
+          max_length: int = 512, max_rows: int = 0, skip_bad_rows: bool = False, progress: bool = True):
+    """Train a prompt on a dataset; writes OUT/best and OUT/last (artifacts), metrics.jsonl, plot.png, checkpoints/.
+
+    Runs data-parallel unchanged under `torchrun --nproc-per-node N -m softprompt.cli train ...`
+    (or `accelerate launch`); --batch-size is the global batch.
+
+    Args:
+        data: training data: .jsonl ({input,output} / {prompt,completion} / {messages}), .csv/.tsv, or hf:NAME[:SPLIT]
+        out: run directory
+        method: prompt_tuning, prefix_tuning or p_tuning
+        base: a local HuggingFace model directory (default: the embedded model)
+        template: prompt template over a row's fields, e.g. "{mr} ||" (CSV needs it)
+        target: the target field (or a template with {field})
+        chat_template: wrap each prompt in the base model's chat template as a user turn
+        eval_data: held-out data in the same format (default: --eval-fraction of the training inputs)
+        eval_fraction: hold out this fraction of the distinct training inputs for evaluation
+        num_virtual_tokens: prompt length P
+        init: prompt tuning: vocab, random, text, tokens; prefix tuning: text or random (default: the method's best, see README)
+        init_text: the text for init=text (default: a generic task description)
+        projection_dim: prefix tuning's reparameterization MLP width (0: optimize the prefix directly)
+        steps: optimizer steps
+        batch_size: rows per optimizer step, over all processes
+        micro_batch_size: rows per forward pass (gradient accumulation when smaller; 0: the whole batch)
+        lr: peak learning rate (default: per method, see README)
+        weight_decay: AdamW weight decay
+        warmup_steps: linear warmup steps
+        schedule: linear, cosine or constant decay after warmup
+        max_grad_norm: clip the gradient norm to this (0: no clipping)
+        seed: seed for initialization and data order
+        eval_every: evaluate every N steps (0: at the end only)
+        eval_generate: also generate for this many held-out inputs and score BLEU/ROUGE-L/exact match/accuracy
+        metric: eval_loss, bleu, rouge_l, exact_match or accuracy: picks OUT/best and drives early stopping
+        patience: stop after this many evaluations without improvement (0: never)
+        checkpoint_every: write a checkpoint every N steps (0: never)
+        keep_checkpoints: keep this many newest checkpoints
+        resume: continue from the newest good checkpoint in OUT/checkpoints
+        gradient_checkpointing: recompute activations in backward (less memory; works with prefix tuning)
+        max_length: rows longer than this many tokens (prompt + target) are bad rows
+        max_rows: read at most this many rows (0: all)
+        skip_bad_rows: skip and count bad rows instead of stopping at the first
+        progress: show a progress bar
+    """
+    args = dict(locals())
+    from .runs import run_train
+
+    run_train(**args)
+
+
+def eval(adapter: str | None = None, data: str | None = None, base: str | None = None, template: str | None = None,
+         target: str | None = None, chat_template: bool = False, max_new_tokens: int = 64, num_beams: int = 1,
+         batch_size: int = 16, max_inputs: int = 0, skip_bad_rows: bool = False, predictions: str | None = None,
+         allow_other_base: bool = False, json: bool = False):
+    """Score an adapter on a dataset: BLEU, ROUGE-L, exact match, accuracy (references grouped per input).
+
+    Args:
+        adapter: artifact path or PEFT adapter directory (omit: the bare model)
+        data: evaluation data (required; same formats as train)
+        base: a local HuggingFace model directory (default: the embedded model)
+        template: prompt template over a row's fields, e.g. "{mr} ||"
+        target: the reference field
+        chat_template: wrap each prompt in the base model's chat template
+        max_new_tokens: at most this many new tokens per output
+        num_beams: 1: greedy; more: beam search
+        batch_size: inputs per generation batch (greedy)
+        max_inputs: score only the first N distinct inputs (0: all)
+        skip_bad_rows: skip and count bad rows instead of stopping
+        predictions: write one JSON line per input (prompt, output, references) here
+        allow_other_base: load an artifact even if it was made for other base weights
+        json: print the metrics as JSON
+    """
+    args = dict(locals())
+    from .runs import run_eval
+
+    run_eval(**args)
+
+
+def demo(out: str = "out/demo", steps: int = 40, base: str | None = None, method: str = "prefix_tuning",
+         seed: int = 0):
+    """Train a prompt on the bundled demo task (records -> one-line weather reports), show outputs before and after.
+
+    Args:
+        out: run directory (artifact in OUT/best, plot in OUT/plot.png)
+        steps: training steps
+        base: a local HuggingFace model directory (default: the embedded model)
+        method: prompt_tuning, prefix_tuning or p_tuning
+        seed: random seed
+    """
+    from .demo import run_demo
+
+    run_demo(out=out, steps=steps, base=base, method=method, seed=seed)
+
+
+COMMANDS = {"info": info, "init": init, "generate": generate, "export-peft": export_peft, "train": train,
+            "eval": eval, "demo": demo}
 
 
 def _load(base):
