@@ -1,6 +1,6 @@
 """Prompt methods, one file each, behind the `PromptMethod` protocol (see base.py)."""
 
-from .base import PromptMethod
+from .base import InputPromptMethod, PromptMethod
 from .p_tuning import PTuning, PTuningConfig
 from .prefix_tuning import PrefixTuning, PrefixTuningConfig
 from .prompt_tuning import PromptTuning, PromptTuningConfig
@@ -31,5 +31,5 @@ def create(method: str, model, tokenizer=None, **options) -> PromptMethod:
     return METHODS[name].create(model, tokenizer, CONFIGS[name](**options))
 
 
-__all__ = ["PromptMethod", "PromptTuning", "PrefixTuning", "PTuning", "METHODS", "CONFIGS", "create", "canonical",
+__all__ = ["PromptMethod", "InputPromptMethod", "PromptTuning", "PrefixTuning", "PTuning", "METHODS", "CONFIGS", "create", "canonical",
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig"]

@@ -83,6 +83,35 @@ class PromptMethod(nn.Module, ABC):
         }
 
 
+class InputPromptMethod(PromptMethod):
+    """A method whose trainable tensors end as P input embeddings before the text (prompt tuning,
+    P-tuning): the shared forward, the compile step, and storage as `prompt_embeddings` (P, d)."""
+
+    @abstractmethod
+    def virtual_embeddings(self) -> torch.Tensor:
+        """The soft prompt (P, d), differentiable."""
+
+    def forward(self, model, input_ids, attention_mask, **kwargs):
+        return soft_prompt_forward(model, self.virtual_embeddings(), input_ids, attention_mask, **kwargs)
+
+    def to_kv_prefix(self, model) -> torch.Tensor:
+        from ..prefix import compile_embeddings
+
+        with torch.no_grad():
+            return compile_embeddings(model, self.virtual_embeddings())
+
+    def export_tensors(self):
+        with torch.no_grad():
+            return {"prompt_embeddings": self.virtual_embeddings().detach().float().cpu().contiguous()}
+
+    def config_dict(self):
+        return dict(self._config, num_virtual_tokens=self.num_virtual_tokens)
+
+    @classmethod
+    def expected_shapes(cls, geometry, num_virtual_tokens):
+        return {"prompt_embeddings": (num_virtual_tokens, geometry.hidden_size)}
+
+
 def soft_prompt_forward(model, soft_prompt: torch.Tensor, input_ids, attention_mask, **kwargs):
     """Run the model with `soft_prompt` (P, d) placed before every row's text.
 

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from ..models import Geometry, geometry
-from ..prefix import compile_embeddings
-from .base import PromptMethod, check_num_virtual_tokens, soft_prompt_forward
+from .base import InputPromptMethod, check_num_virtual_tokens
 
 ENCODERS = ("mlp", "lstm")
 
@@ -37,7 +36,7 @@ class PTuningConfig:
             raise ValueError("encoder_hidden_size must be positive")
 
 
-class PTuning(PromptMethod):
+class PTuning(InputPromptMethod):
     method = "p_tuning"
 
     def __init__(
@@ -85,24 +84,6 @@ class PTuning(PromptMethod):
         if self.encoder == "lstm":
             h = self.lstm_head(h)[0]  # (1, P, 2k)
         return self.mlp_head(h)[0]  # (P, d)
-
-    def forward(self, model, input_ids, attention_mask, **kwargs):
-        return soft_prompt_forward(model, self.virtual_embeddings(), input_ids, attention_mask, **kwargs)
-
-    def to_kv_prefix(self, model) -> torch.Tensor:
-        with torch.no_grad():
-            return compile_embeddings(model, self.virtual_embeddings())
-
-    def export_tensors(self):
-        with torch.no_grad():
-            return {"prompt_embeddings": self.virtual_embeddings().float().cpu().contiguous()}
-
-    def config_dict(self):
-        return dict(self._config, num_virtual_tokens=self.num_virtual_tokens)
-
-    @classmethod
-    def expected_shapes(cls, geometry, num_virtual_tokens):
-        return {"prompt_embeddings": (num_virtual_tokens, geometry.hidden_size)}
 
     @classmethod
     def from_export(cls, geometry, config, tensors):

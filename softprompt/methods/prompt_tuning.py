@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from ..models import Geometry, geometry
-from ..prefix import compile_embeddings
-from .base import PromptMethod, check_num_virtual_tokens, soft_prompt_forward
+from .base import InputPromptMethod, check_num_virtual_tokens
 
 INITS = ("random", "vocab", "text", "tokens")
 
@@ -49,7 +48,7 @@ def repeat_to(ids: list[int], n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-class PromptTuning(PromptMethod):
+class PromptTuning(InputPromptMethod):
     method = "prompt_tuning"
 
     def __init__(self, geometry: Geometry, prompt_embeddings: torch.Tensor, config: dict | None = None):
@@ -82,21 +81,8 @@ class PromptTuning(PromptMethod):
             init = table[torch.tensor(repeat_to(ids, P), device=table.device)].float().cpu()
         return cls(geometry(model), init, {k: v for k, v in asdict(cfg).items() if v is not None})
 
-    def forward(self, model, input_ids, attention_mask, **kwargs):
-        return soft_prompt_forward(model, self.prompt_embeddings, input_ids, attention_mask, **kwargs)
-
-    def to_kv_prefix(self, model) -> torch.Tensor:
-        return compile_embeddings(model, self.prompt_embeddings.detach())
-
-    def export_tensors(self):
-        return {"prompt_embeddings": self.prompt_embeddings.detach().float().cpu().contiguous()}
-
-    def config_dict(self):
-        return dict(self._config, num_virtual_tokens=self.num_virtual_tokens)
-
-    @classmethod
-    def expected_shapes(cls, geometry, num_virtual_tokens):
-        return {"prompt_embeddings": (num_virtual_tokens, geometry.hidden_size)}
+    def virtual_embeddings(self) -> torch.Tensor:
+        return self.prompt_embeddings
 
     @classmethod
     def from_export(cls, geometry, config, tensors):
