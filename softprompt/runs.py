@@ -64,9 +64,12 @@ def run_train(data, out, method="prefix_tuning", base=None, template=None, targe
     dcfg = DataConfig(template=template, target=target, chat_template=chat_template, max_length=max_length,
                       skip_bad_rows=skip_bad_rows, max_rows=max_rows)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume and dist.main:
-        if (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
-            raise ValueError(f"{out} holds an earlier run; pass --resume to continue it, or choose a new --out")
+    if out.exists() and not resume and ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()):
+        raise ValueError(f"{out} holds an earlier run; pass --resume to continue it, or choose a new --out")
+    if dist.world > 1:  # every process has checked before any of them writes
+        import torch.distributed
+
+        torch.distributed.barrier()
     bad = BadRows()
     train_ex = read_examples(data, dcfg, bad)
     eval_ex = None
