@@ -1,5 +1,6 @@
 """The command line: a `{name: function}` map; flags come from each function's typed signature and
-its docstring's `Args:` section. A parameter without a default is positional.
+its docstring's `Args:` section. A parameter without a default is positional. A `{name: function}`
+dict in the map is a command group (`softprompt store add ...`).
 
     softprompt info [--base PATH] [--json]
     softprompt init OUT [--method prompt_tuning] [--init text --text "..."]
@@ -8,6 +9,7 @@ its docstring's `Args:` section. A parameter without a default is positional.
     softprompt train DATA OUT [--method prefix_tuning] [--template "{mr} ||" --target ref] [--resume]
     softprompt eval --adapter DIR --data PATH [--num-beams 4]
     softprompt demo
+    softprompt store add|ls|show|rm|export|import|gc|verify ...  [--store DIR]
 """
 
 from __future__ import annotations
@@ -250,8 +252,148 @@ def demo(out: str = "out/demo", steps: int = 40, base: str | None = None, method
     run_demo(out=out, steps=steps, base=base, method=method, seed=seed)
 
 
+# -------------------------------------------------------------------------------------------
+# The prompt store: `softprompt store SUBCOMMAND` (a dict in COMMANDS becomes nested subcommands)
+
+
+def _store(path):
+    from .store import Store
+
+    return Store(path)
+
+
+def _metrics(items) -> dict:
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--metric {item!r}: write KEY=VALUE, e.g. --metric bleu=52.1")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _model_for(src, base):
+    """The base model, loaded only when a PEFT adapter directory has to be converted."""
+    from .peft_io import is_peft_dir
+
+    return _load(base)[0] if is_peft_dir(src) else None
+
+
+def store_add(name: str, artifact: str, tag: list[str] | None = None, metric: list[str] | None = None,
+              base: str | None = None, store: str | None = None):
+    """Add an artifact to the store as the next version of NAME.
+
+    Args:
+        name: task name (letters, digits, '.', '_', '-')
+        artifact: our artifact (directory or .safetensors) or a PEFT adapter directory
+        tag: a tag for the task (repeatable)
+        metric: a metric KEY=VALUE recorded with the task (repeatable)
+        base: base model for converting a PEFT adapter (default: the embedded model)
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    ref = _store(store).add(name, artifact, _model_for(artifact, base), tags=tag or (), metrics=_metrics(metric))
+    print(ref)
+
+
+def store_import(src: str, name: str | None = None, tag: list[str] | None = None, base: str | None = None,
+                 store: str | None = None):
+    """Import an artifact or a PEFT adapter directory into the store.
+
+    Args:
+        src: our artifact (directory or .safetensors) or a PEFT adapter directory
+        name: task name (default: the file or directory name)
+        tag: a tag for the task (repeatable)
+        base: base model for converting a PEFT adapter (default: the embedded model)
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    print(_store(store).import_(src, name, _model_for(src, base), tags=tag or ()))
+
+
+def store_ls(tag: str | None = None, base_fingerprint: str | None = None, all_versions: bool = False,
+             json: bool = False, store: str | None = None):
+    """List the store's tasks (the latest version of each, unless --all-versions).
+
+    Args:
+        tag: only tasks with this tag
+        base_fingerprint: only tasks for this base model (see `softprompt info`)
+        all_versions: list every version, not only the latest
+        json: print JSON
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    rows = _store(store).ls(tag=tag, base_fingerprint=base_fingerprint, all_versions=all_versions)
+    if json:
+        print(jsonlib.dumps(rows, indent=2))
+        return
+    print(f"{'task':<32}{'method':<15}{'P':>4}{'bytes':>10}  {'created':<21}tags")
+    for r in rows:
+        print(f"{r['name'] + '@' + str(r['version']):<32}{r['method']:<15}{r['num_virtual_tokens'] or 0:>4}"
+              f"{r['size']:>10,}  {r['created']:<21}{','.join(r['tags'])}")
+
+
+def store_show(ref: str, store: str | None = None):
+    """Show a task's index row and card as JSON (REF: NAME for the latest, NAME@N for a version).
+
+    Args:
+        ref: NAME or NAME@VERSION
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    print(jsonlib.dumps(_store(store).show(ref), indent=2))
+
+
+def store_rm(ref: str, store: str | None = None):
+    """Remove a version (NAME@N) or every version of a task (NAME).
+
+    Args:
+        ref: NAME or NAME@VERSION
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    for r in _store(store).rm(ref):
+        print(f"removed {r}")
+
+
+def store_export(ref: str, dest: str, store: str | None = None):
+    """Write a task out as an artifact (DEST ending in .safetensors: one file; otherwise a directory).
+
+    Args:
+        ref: NAME or NAME@VERSION
+        dest: the artifact path to write (must not exist)
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    print(_store(store).export(ref, dest))
+
+
+def store_gc(store: str | None = None):
+    """Remove files that no index row names (left by a writer killed mid-add) and dead temp files.
+
+    Args:
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    removed = _store(store).gc()
+    print(f"removed {len(removed)} orphan file(s)")
+
+
+def store_verify(store: str | None = None):
+    """Check every indexed file against its sha256; exit status 2 on any problem.
+
+    Args:
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    from .store import StoreError
+
+    problems = _store(store).verify()
+    if problems:
+        raise StoreError(f"{len(problems)} problem(s): " + "; ".join(problems))
+    print("ok")
+
+
+STORE_COMMANDS = {"add": store_add, "ls": store_ls, "show": store_show, "rm": store_rm, "export": store_export,
+                  "import": store_import, "gc": store_gc, "verify": store_verify}
+
 COMMANDS = {"info": info, "init": init, "generate": generate, "export-peft": export_peft, "train": train,
-            "eval": eval, "demo": demo}
+            "eval": eval, "demo": demo, "store": STORE_COMMANDS}
 
 
 def _load(base):
@@ -290,32 +432,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
-        summary, helps = _doc_args(fn)
-        p = sub.add_parser(name, help=summary.splitlines()[0], description=summary,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        hints = typing.get_type_hints(fn)
-        for pname, param in inspect.signature(fn).parameters.items():
-            tp, is_list = _base_type(hints[pname])
-            h = helps.get(pname, "")
-            if param.default is inspect.Parameter.empty:
-                p.add_argument(pname, type=tp, help=h)
-            elif tp is bool:
-                p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, action=argparse.BooleanOptionalAction,
-                               default=param.default, help=h)
-            elif is_list:
-                p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, type=tp, action="append",
-                               default=param.default, help=h)
-            else:
-                p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, type=tp, default=param.default, help=h)
-        p.set_defaults(_fn=fn)
+        if isinstance(fn, dict):  # a command group: `softprompt store add ...`
+            group = sub.add_parser(name, help=f"{name} commands: {', '.join(fn)}").add_subparsers(
+                dest="_sub", required=True)
+            for subname, subfn in fn.items():
+                _add_command(group, subname, subfn, f"{name} {subname}")
+        else:
+            _add_command(sub, name, fn, name)
     return parser
+
+
+def _add_command(sub, name: str, fn, full_name: str) -> None:
+    summary, helps = _doc_args(fn)
+    p = sub.add_parser(name, help=summary.splitlines()[0], description=summary,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(fn)
+    for pname, param in inspect.signature(fn).parameters.items():
+        tp, is_list = _base_type(hints[pname])
+        h = helps.get(pname, "")
+        if param.default is inspect.Parameter.empty:
+            p.add_argument(pname, type=tp, help=h)
+        elif tp is bool:
+            p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, action=argparse.BooleanOptionalAction,
+                           default=param.default, help=h)
+        elif is_list:
+            p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, type=tp, action="append",
+                           default=param.default, help=h)
+        else:
+            p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, type=tp, default=param.default, help=h)
+    p.set_defaults(_fn=fn, _name=full_name)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = vars(build_parser().parse_args(argv))
-    fn = args.pop("_fn")
+    fn, name = args.pop("_fn"), args.pop("_name")
     args.pop("command")
+    args.pop("_sub", None)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -326,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fn(**args)
     except (ArtifactError, BaseModelError, PeftFormatError, ValueError) as e:
-        print(f"softprompt {fn.__name__.replace('_', '-')}: error: {e}", file=sys.stderr)
+        print(f"softprompt {name}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,397 @@
+"""The prompt store: thousands of tasks as content-named artifact files plus a SQLite index.
+
+    ROOT/index.sqlite                     one row per (name, version): method, base fingerprint, size,
+                                          sha256 of the file, metrics, tags, creation time (WAL mode)
+    ROOT/objects/ab/<sha256>.safetensors  the single-file artifact (card inside), named by its sha256
+    ROOT/tmp/                             files being written; only ever complete files leave it
+
+Why it stays consistent when a writer dies at any instant: an add takes SQLite's write lock
+(`BEGIN IMMEDIATE`), writes the file to tmp/, fsyncs it, renames it into objects/, and only then
+inserts the row and commits. A kill before the commit rolls the transaction back and leaves at
+most an orphan file (never a row without its file); `gc()` removes orphans. Because temp files are
+only written under the write lock, `gc()`, holding that lock, knows every temp file is dead.
+Readers never block on the writer (WAL) and only see a row once its file is complete.
+
+Why files are checked against the index: a file replaced behind the index's back (a manual copy,
+disk damage) would otherwise load as a different task under the same name; `open()` compares the
+file's sha256 with the index's and refuses with a message saying so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .artifact import (CARD_FILE, META_KEY, TENSOR_FILE, ArtifactError, _check_card, _data_section, _read,
+                       load_artifact, make_card)
+from .methods import PromptMethod
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    name TEXT NOT NULL, version INTEGER NOT NULL, method TEXT NOT NULL, num_virtual_tokens INTEGER,
+    base_fingerprint TEXT NOT NULL, base_name TEXT, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    metrics TEXT NOT NULL, tags TEXT NOT NULL, created REAL NOT NULL, UNIQUE (name, version));
+CREATE INDEX IF NOT EXISTS tasks_fp ON tasks (base_fingerprint);
+CREATE INDEX IF NOT EXISTS tasks_sha ON tasks (sha256);
+-- last version ever given per name, so a removed version number is never reused for other content
+CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL);
+-- bumped by every write: version_token() lets a server notice changes without a restart
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('generation', 0);
+"""
+COLUMNS = ("name", "version", "method", "num_virtual_tokens", "base_fingerprint", "base_name", "size", "sha256",
+           "metrics", "tags", "created")
+
+
+class StoreError(ArtifactError):
+    """A store operation is refused; the message says why and what to do. An ArtifactError, so the
+    CLI and the serving engine (which maps ArtifactError to a refused task) report it as such."""
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    name: str
+    version: int
+
+    def __str__(self):
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    """One resolved task version, for a TaskRegistry fallback: `open(model)` loads it (checking the
+    file against the index's sha256), and `str()` is its content-named path, so a cache keyed by it
+    sees a new version as a new key and never serves a stale prefix."""
+
+    store: "Store"
+    name: str
+    version: int
+    sha256: str
+    path: Path
+
+    def open(self, model, *, allow_other_base: bool = False) -> PromptMethod:
+        return self.store._load(self, model, allow_other_base)
+
+    def __str__(self):
+        return str(self.path)
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("SOFTPROMPT_STORE") or Path.home() / ".cache" / "softprompt" / "store")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise StoreError(f"bad task name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit (e.g. e2e-prefix.v2)")
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """'name' -> (name, None: the latest); 'name@3' -> (name, 3)."""
+    name, at, version = str(ref).partition("@")
+    check_name(name)
+    if not at:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise StoreError(f"bad version in {ref!r}: write NAME@N with N a positive integer, or NAME for the latest")
+    return name, int(version)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Store:
+    """A directory of artifacts and their index; safe for many reading processes and threads while
+    one or more processes write (writes serialize on SQLite's lock)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else default_root()
+        (self.root / "objects").mkdir(parents=True, exist_ok=True)
+        (self.root / "tmp").mkdir(exist_ok=True)
+        self._local = threading.local()
+        db = self._db()
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():  # readers skip the lock
+            db.execute("PRAGMA journal_mode=WAL")  # persistent; readers never wait for the writer
+            db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+
+    def _db(self) -> sqlite3.Connection:
+        # One connection per thread and process: sqlite3 connections must not cross threads or forks.
+        if getattr(self._local, "pid", None) != os.getpid():
+            db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
+            db.execute("PRAGMA busy_timeout=60000")
+            db.execute("PRAGMA synchronous=NORMAL")  # in WAL: a committed add survives a killed process
+            self._local.db, self._local.pid = db, os.getpid()
+        return self._local.db
+
+    @contextmanager
+    def _write(self):
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # the write lock up front, so two adds never race for a version
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def object_path(self, sha: str) -> Path:
+        return self.root / "objects" / sha[:2] / f"{sha}.safetensors"
+
+    def _row(self, ref: str) -> dict:
+        name, version = parse_ref(ref)
+        db, q = self._db(), "SELECT * FROM tasks WHERE name = ? "
+        q += "AND version = ?" if version else "ORDER BY version DESC LIMIT 1"
+        row = db.execute(q, (name, version) if version else (name,)).fetchone()
+        if row is None:
+            have = [v for (v,) in db.execute("SELECT version FROM tasks WHERE name = ? ORDER BY version", (name,))]
+            if version and have:
+                raise StoreError(f"task {name!r} has no version {version} (versions: {', '.join(map(str, have))})")
+            raise StoreError(f"no task {name!r} in the store at {self.root} (`softprompt store ls` lists them)")
+        return self._as_dict(row)
+
+    def _as_dict(self, row) -> dict:
+        d = dict(zip(COLUMNS, row))
+        d["metrics"], d["tags"] = json.loads(d["metrics"]), json.loads(d["tags"])
+        d["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d["created"]))
+        d["path"] = str(self.object_path(d["sha256"]))
+        return d
+
+    # --- writing ---------------------------------------------------------------------------------
+    def _blob(self, source, model) -> tuple[dict, bytes]:
+        """(card, safetensors blob) of a source: our artifact (either form), a PEFT adapter directory
+        (needs `model`), or an in-memory PromptMethod (needs `model`); tensors checked by checksum."""
+        from .peft_io import import_peft, is_peft_dir
+
+        if not isinstance(source, PromptMethod) and Path(source).is_dir() and is_peft_dir(source) \
+                and not (Path(source) / CARD_FILE).exists():
+            if model is None:
+                raise StoreError(f"{source} is a PEFT adapter directory: converting it needs the base model "
+                                 "(pass model=..., or --base PATH on the command line)")
+            source = import_peft(source, model)
+        if isinstance(source, PromptMethod):
+            if model is None:
+                raise StoreError("adding an in-memory prompt needs the base model it was made for (model=...)")
+            # The card exactly as save_artifact writes it, built in memory: no staging file to fsync.
+            tensors = {k: v.detach().float().cpu().contiguous() for k, v in source.export_tensors().items()}
+            data = _data_section(st_save(tensors))
+            card = make_card(source, model, tensors, metrics=(getattr(source, "card", None) or {}).get("metrics"))
+            card.update(tensor_sha256=_sha(data), bytes=len(data))
+            return card, st_save(tensors, metadata={META_KEY: json.dumps(card)})
+        path = Path(source)
+        card, blob = _read(path)
+        _check_card(card, path)
+        data = _data_section(blob)
+        if _sha(data) != card.get("tensor_sha256"):
+            raise StoreError(f"{path}: the tensor file is truncated or altered (its sha256 does not match the "
+                             "card's tensor_sha256); restore or re-export it before adding it")
+        return card, blob
+
+    def add(self, name: str, source, model=None, *, tags=(), metrics: dict | None = None) -> TaskRef:
+        """Add `source` (artifact path, PEFT adapter directory, or PromptMethod + `model`) as the next
+        version of `name`. Atomic: afterwards the task is fully there, or not at all."""
+        check_name(name)
+        tags = sorted({str(t) for t in tags})
+        card, blob = self._blob(source, model)
+        base = card.get("base_model") or {}
+        if not base.get("fingerprint"):
+            raise StoreError(f"{source}: the card has no base-model fingerprint; re-export the artifact with this "
+                             "softprompt so the store can tell which base model it serves")
+        card = dict(card, metrics={**(card.get("metrics") or {}), **(metrics or {})})
+        tensors = st_load(blob)
+        blob = st_save(tensors, metadata={META_KEY: json.dumps(card)})  # always the single-file form
+        if _sha(_data_section(blob)) != card["tensor_sha256"]:  # safetensors' layout is deterministic
+            raise StoreError(f"{source}: re-serializing changed the tensor bytes; not adding it")
+        sha = _sha(blob)
+        obj = self.object_path(sha)
+        with self._write() as db:
+            # The file goes in before the row, under the write lock (see the module docstring).
+            if not obj.exists() or _sha(obj.read_bytes()) != sha:
+                self._put(obj, blob)
+            q = "SELECT coalesce(max(last_version), 0) + 1 FROM names WHERE name = ?"
+            version = db.execute(q, (name,)).fetchone()[0]
+            db.execute("INSERT OR REPLACE INTO names VALUES (?, ?)", (name, version))
+            db.execute("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       (name, version, card["method"], card.get("num_virtual_tokens"), base["fingerprint"],
+                        base.get("name"), len(blob), sha, json.dumps(card["metrics"]), json.dumps(tags), time.time()))
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+        return TaskRef(name, version)
+
+    def _put(self, obj: Path, blob: bytes) -> None:
+        obj.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.root / "tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, obj)  # same filesystem: the object appears whole or not at all
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        _fsync_dir(obj.parent)  # the rename itself is durable before the row that names it
+
+    def import_(self, src: str | os.PathLike, name: str | None = None, model=None, *, tags=(),
+                metrics: dict | None = None) -> TaskRef:
+        """Add an artifact or a PEFT adapter directory; the name defaults to the file or directory name."""
+        if name is None:
+            name = Path(src).name.removesuffix(".safetensors")
+            if not NAME_RE.fullmatch(name):
+                raise StoreError(f"{src}: its name {name!r} is not a valid task name; give one (--name NAME)")
+        return self.add(name, src, model, tags=tags, metrics=metrics)
+
+    def rm(self, ref: str) -> list[TaskRef]:
+        """Remove one version (`name@3`) or every version (`name`); returns what was removed."""
+        name, version = parse_ref(ref)
+        with self._write() as db:
+            where, args = ("name = ? AND version = ?", (name, version)) if version else ("name = ?", (name,))
+            rows = db.execute(f"SELECT version, sha256 FROM tasks WHERE {where}", args).fetchall()
+            if not rows:
+                self._row(ref)  # raises the right "unknown name / version" message
+            db.execute(f"DELETE FROM tasks WHERE {where}", args)
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+        # Files go only after the rows are committed (a crash in between leaves orphans, never
+        # rows without files), under the write lock so no add can re-reference them meanwhile.
+        self._collect({sha for _, sha in rows})
+        return [TaskRef(name, v) for v, _ in rows]
+
+    def _collect(self, shas) -> list[Path]:
+        removed = []
+        with self._write() as db:
+            for sha in shas:
+                if not db.execute("SELECT 1 FROM tasks WHERE sha256 = ? LIMIT 1", (sha,)).fetchone():
+                    p = self.object_path(sha)
+                    if p.exists():
+                        p.unlink()
+                        removed.append(p)
+        return removed
+
+    def gc(self) -> list[Path]:
+        """Remove files no index row names (left by a writer killed mid-add) and dead temp files."""
+        with self._write():  # holding the write lock: no add is in flight, so every temp file is dead
+            removed = list((self.root / "tmp").iterdir())
+            for p in removed:
+                p.unlink()
+        found = {p.name.removesuffix(".safetensors") for p in (self.root / "objects").glob("*/*.safetensors")}
+        return removed + self._collect(found)
+
+    # --- reading ---------------------------------------------------------------------------------
+    def resolve(self, ref: str) -> Path | None:
+        """The artifact file of `name` (latest) or `name@N`; None if unknown (a TaskRegistry fallback)."""
+        try:
+            return Path(self._row(ref)["path"])
+        except StoreError:
+            return None
+
+    def entry(self, ref: str) -> StoreEntry | None:
+        """The resolved version of `name` or `name@N` as a StoreEntry; None if unknown. As a
+        TaskRegistry fallback (`fallback=store.entry`), tasks load through the index check."""
+        try:
+            row = self._row(ref)
+        except StoreError:
+            return None
+        return StoreEntry(self, row["name"], row["version"], row["sha256"], Path(row["path"]))
+
+    def open(self, ref: str, model, *, allow_other_base: bool = False) -> PromptMethod:
+        """Load a task for `model`, refusing a file that changed behind the index's back."""
+        row = self._row(ref)
+        return self._load(StoreEntry(self, row["name"], row["version"], row["sha256"], Path(row["path"])), model,
+                          allow_other_base)
+
+    def _load(self, e: StoreEntry, model, allow_other_base: bool) -> PromptMethod:
+        try:
+            blob = e.path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"task {e.name}@{e.version}: its file {e.path} is missing (removed behind the "
+                             "index's back, or by a concurrent rm); re-add the task") from None
+        if _sha(blob) != e.sha256:
+            raise StoreError(f"task {e.name}@{e.version}: the store file {e.path} changed on disk behind "
+                             f"the index's back (sha256 {_sha(blob)[:12]}... != indexed {e.sha256[:12]}...); "
+                             "refusing it: restore the file or `softprompt store rm` and re-add the task")
+        prompt = load_artifact(e.path, model, allow_other_base=allow_other_base)
+        prompt.card = dict(prompt.card, store={"name": e.name, "version": e.version})
+        return prompt
+
+    def ls(self, tag: str | None = None, base_fingerprint: str | None = None, all_versions: bool = False) -> list[dict]:
+        """Index rows (no file is read), newest version per name unless `all_versions`, sorted by name."""
+        where = [] if all_versions else ["version = (SELECT max(version) FROM tasks t WHERE t.name = tasks.name)"]
+        args = [a for a in (tag, base_fingerprint) if a is not None]
+        if tag is not None:
+            where.append("EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE value = ?)")
+        if base_fingerprint is not None:
+            where.append("base_fingerprint = ?")
+        q = "SELECT * FROM tasks" + (" WHERE " + " AND ".join(f"({w})" for w in where) if where else "")
+        return [self._as_dict(r) for r in self._db().execute(q + " ORDER BY name, version", args)]
+
+    def show(self, ref: str) -> dict:
+        """The index row plus the card, and whether the file still matches the index."""
+        row = self._row(ref)
+        try:
+            card, blob = _read(Path(row["path"]))
+            row["file_ok"] = _sha(blob) == row["sha256"]
+            row["card"] = card
+        except ArtifactError:
+            row["file_ok"], row["card"] = False, None
+        return row
+
+    def export(self, ref: str, dest: str | os.PathLike) -> Path:
+        """Write a task as an artifact: `dest` ending in .safetensors is the file, else a directory."""
+        row, dest = self._row(ref), Path(dest)
+        if dest.exists():
+            raise StoreError(f"{dest} already exists; choose a new path")
+        blob = Path(row["path"]).read_bytes()
+        if _sha(blob) != row["sha256"]:
+            raise StoreError(f"task {ref}: the store file {row['path']} changed on disk behind the index's back; "
+                             "not exporting it")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        try:
+            if dest.suffix == ".safetensors":
+                (tmp / "f").write_bytes(blob)
+                os.replace(tmp / "f", dest)
+            else:
+                card, _ = _read(Path(row["path"]))
+                (tmp / TENSOR_FILE).write_bytes(st_save(st_load(blob)))  # same tensor bytes, no metadata
+                (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
+                os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    def verify(self) -> list[str]:
+        """Problems found by checking every indexed file against its sha256 (empty: all good)."""
+        problems = []
+        for row in self.ls(all_versions=True):
+            p = Path(row["path"])
+            if not p.exists():
+                problems.append(f"{row['name']}@{row['version']}: file {p} is missing")
+            elif _sha(p.read_bytes()) != row["sha256"]:
+                problems.append(f"{row['name']}@{row['version']}: file {p} changed behind the index's back")
+        return problems
+
+    def version_token(self) -> int:
+        """A number that changes whenever any process adds or removes a task (one indexed read)."""
+        return self._db().execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
