@@ -389,11 +389,13 @@ def store_verify(store: str | None = None):
     print("ok")
 
 
+from .serve.main import serve  # noqa: E402  (its flags come from its signature, like every command)
+
 STORE_COMMANDS = {"add": store_add, "ls": store_ls, "show": store_show, "rm": store_rm, "export": store_export,
                   "import": store_import, "gc": store_gc, "verify": store_verify}
 
 COMMANDS = {"info": info, "init": init, "generate": generate, "export-peft": export_peft, "train": train,
-            "eval": eval, "demo": demo, "store": STORE_COMMANDS}
+            "eval": eval, "demo": demo, "store": STORE_COMMANDS, "serve": serve}
 
 
 def _load(base):

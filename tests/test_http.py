@@ -203,3 +203,46 @@ def test_schemathesis_finds_no_server_errors():
     finally:
         engine.stop()
     assert not failures, failures[:5]
+
+
+def test_serves_a_store_and_picks_up_new_tasks_without_restart(tmp_path, monkeypatch):
+    from softprompt.artifact import save_artifact
+    from softprompt.models import load_base
+    from softprompt.serve.main import build_app
+    from softprompt.store import Store
+
+    base_dir = tmp_path / "tiny-base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(base_dir)
+    model, _ = load_base(base_dir)
+    store = Store(tmp_path / "store")
+    first = methods.create("prefix_tuning", model, num_virtual_tokens=3, projection_dim=0, seed=1)
+    store.add("alpha", save_artifact(first, tmp_path / "a1.safetensors", model))
+    (tmp_path / "keys").write_text("# bearer tokens\nsk-1\n")
+    monkeypatch.setenv("SOFTPROMPT_API_KEYS", "sk-2")
+    app, config = build_app(str(tmp_path / "store"), base=str(base_dir), api_keys_file=str(tmp_path / "keys"))
+    assert config.api_keys == {"sk-1", "sk-2"} and config.base_model_id == "tiny-base"
+    with Server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-2", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-base", "alpha"]
+        ask = dict(prompt="ba be bi", max_tokens=6, temperature=0)
+        v1 = client.completions.create(model="alpha", **ask).choices[0].text
+        assert v1 == alone(model, tok, first, "ba be bi", 6).text
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="beta", **ask)
+        second = methods.create("prompt_tuning", model, num_virtual_tokens=5, seed=2, init="random")
+        store.add("alpha", save_artifact(second, tmp_path / "a2.safetensors", model))  # a new version
+        store.add("beta", save_artifact(second, tmp_path / "b.safetensors", model))  # a new task
+        v2 = client.completions.create(model="alpha", **ask).choices[0].text
+        assert v2 == alone(model, tok, second, "ba be bi", 6).text != v1
+        assert client.completions.create(model="alpha@1", **ask).choices[0].text == v1
+        assert client.completions.create(model="beta", **ask).choices[0].text == v2
+        assert "beta" in [m.id for m in client.models.list().data]
+        path = store.resolve("beta")
+        path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")  # changed behind the index's back
+        client2 = openai.OpenAI(base_url=url + "/v1", api_key="sk-1", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="changed on disk behind the index"):
+            # a fresh name for the same file, so the prefix cache cannot answer
+            client2.completions.create(model="beta@1", **ask)

@@ -154,9 +154,16 @@ class PrefixCache:
 
 
 def compile_task(name: str, source, model) -> torch.Tensor:
-    """The KV prefix of a task's source (artifact path or PromptMethod), refusing what does not fit."""
+    """The KV prefix of a task's source, refusing what does not fit. A source is a PromptMethod, an
+    artifact path, or an object with `open(model) -> PromptMethod` (a store entry, which also checks
+    the file against the store's index)."""
     try:
-        prompt = source if isinstance(source, PromptMethod) else load_artifact(Path(source), model)
+        if isinstance(source, PromptMethod):
+            prompt = source
+        elif isinstance(source, (str, os.PathLike)):
+            prompt = load_artifact(Path(source), model)
+        else:
+            prompt = source.open(model)
     except (ArtifactError, PeftFormatError) as e:
         raise TaskRefused(f"task {name!r} cannot be served: {e}") from e
     kv = prompt.to_kv_prefix(model)

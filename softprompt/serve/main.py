@@ -1,0 +1,75 @@
+"""`softprompt serve`: the engine plus the HTTP API over a prompt store, on uvicorn."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def read_api_keys(api_keys_file: str | None) -> frozenset[str]:
+    """Bearer tokens from a file (one per line, # comments) and/or $SOFTPROMPT_API_KEYS (comma-separated)."""
+    keys = set()
+    if api_keys_file:
+        try:
+            text = Path(api_keys_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"cannot read the API keys file {api_keys_file}: {e}") from e
+        keys |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+        if not keys:
+            raise ValueError(f"the API keys file {api_keys_file} holds no key")
+    keys |= {k.strip() for k in os.environ.get("SOFTPROMPT_API_KEYS", "").split(",") if k.strip()}
+    return frozenset(keys)
+
+
+def build_app(store_dir: str | None = None, base: str | None = None, api_keys_file: str | None = None,
+              max_batch_size: int = 32, max_queue: int = 256, max_body_bytes: int = 1 << 20,
+              request_timeout_s: float = 120.0, prefix_cache_mb: int = 256, tasks: dict | None = None):
+    from ..models import EMBEDDED_NAME, load_base
+    from ..store import Store
+    from .engine import Engine
+    from .http import ServerConfig, create_app
+    from .tasks import TaskRegistry
+
+    model, tok = load_base(base)
+    store = Store(store_dir) if store_dir is not None else Store()
+
+    def from_store(name: str):  # -> StoreEntry (loads through the index check) or None
+        try:
+            return store.entry(name)
+        except Exception:  # a malformed name is as unknown as a missing one
+            return None
+
+    engine = Engine(model, tok, TaskRegistry(tasks, fallback=from_store), max_batch_size=max_batch_size,
+                    max_queue=max_queue, prefix_cache_bytes=prefix_cache_mb << 20)
+    base_id = EMBEDDED_NAME if base is None else Path(base).name
+    config = ServerConfig(base_model_id=base_id, api_keys=read_api_keys(api_keys_file),
+                          max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
+    return create_app(engine, store, config), config
+
+
+def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, base: str | None = None,
+          api_keys_file: str | None = None, max_batch_size: int = 32, max_queue: int = 256,
+          max_body_bytes: int = 1 << 20, request_timeout_s: float = 120.0, prefix_cache_mb: int = 256):
+    """Serve every task in a prompt store over an OpenAI-compatible HTTP API (and the base model).
+
+    Args:
+        store: the prompt store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+        host: address to bind; 127.0.0.1 keeps the server local (use 0.0.0.0 to expose it, with API keys)
+        port: TCP port
+        base: a local HuggingFace model directory (default: the embedded model)
+        api_keys_file: file of bearer tokens, one per line; $SOFTPROMPT_API_KEYS (comma-separated) adds more
+        max_batch_size: rows decoded together
+        max_queue: requests waiting beyond the batch; more get 429
+        max_body_bytes: request bodies over this get 413
+        request_timeout_s: a request running longer gets 504
+        prefix_cache_mb: memory for cached task prefixes
+    """
+    import uvicorn
+
+    app, config = build_app(store, base, api_keys_file, max_batch_size, max_queue, max_body_bytes,
+                            request_timeout_s, prefix_cache_mb)
+    auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
+    print(f"softprompt serving {config.base_model_id} and the tasks of the store on http://{host}:{port} "
+          f"({auth}); OpenAI base_url http://{host}:{port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
