@@ -236,7 +236,7 @@ def eval(adapter: str | None = None, data: str | None = None, base: str | None =
     run_eval(**args)
 
 
-def demo(out: str = "out/demo", steps: int = 40, base: str | None = None, method: str = "prefix_tuning",
+def demo(out: str = "out/demo", steps: int = 30, base: str | None = None, method: str = "prefix_tuning",
          seed: int = 0):
     """Train a prompt on the bundled demo task (records -> one-line weather reports), show outputs before and after.
 

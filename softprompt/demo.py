@@ -42,7 +42,7 @@ def write_data(directory: Path = DATA_DIR) -> None:
         (directory / name).write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
 
 
-def run_demo(out: str = "out/demo", steps: int = 40, base: str | None = None, method: str = "prefix_tuning",
+def run_demo(out: str = "out/demo", steps: int = 30, base: str | None = None, method: str = "prefix_tuning",
              seed: int = 0) -> dict:
     import torch
 

@@ -298,7 +298,9 @@ class Trainer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if self.dist.world > 1:
-            _all_reduce_([p.grad for p in self.params] + [loss_sum])
+            total = loss_sum.to(self.params[0].grad.device)  # one all-reduce for grads and loss (NCCL: on GPU)
+            _all_reduce_([p.grad for p in self.params] + [total])
+            loss_sum = total.cpu()
         loss_val = float(loss_sum) / n_global
         if not math.isfinite(loss_val):
             where = self._last_checkpoint_note()
