@@ -129,6 +129,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=2, help="engine/base alternations (best of each is kept)")
     args = ap.parse_args()
     if args.quick:
         args.tasks, args.requests, args.new_tokens = 16, 64, 16
@@ -152,10 +153,17 @@ def main():
     print(f"{args.tasks} tasks, {args.requests} requests, {args.new_tokens} new tokens, batch {args.batch}",
           file=sys.stderr)
     run_engine(model, tok, requests[:8], tasks, args.batch)  # warm-up
-    tps_engine, dt_engine, engine = run_engine(model, tok, requests, tasks, args.batch)
-    print(f"engine: {tps_engine:.1f} tok/s ({dt_engine:.1f} s)", file=sys.stderr)
-    tps_base, dt_base, _ = run_engine(model, tok, requests, tasks, args.batch, use_prefix=False)
-    print(f"base:   {tps_base:.1f} tok/s ({dt_base:.1f} s)", file=sys.stderr)
+    # engine and base alternate for `rounds` rounds and each keeps its best: the machine is shared and
+    # noisy, and the best run is the one least disturbed
+    best_engine = best_base = (0.0, 0.0, None)
+    for r in range(args.rounds):
+        run = run_engine(model, tok, requests, tasks, args.batch)
+        print(f"engine: {run[0]:.1f} tok/s ({run[1]:.1f} s)", file=sys.stderr)
+        best_engine = max(best_engine, run, key=lambda x: x[0])
+        run = run_engine(model, tok, requests, tasks, args.batch, use_prefix=False)
+        print(f"base:   {run[0]:.1f} tok/s ({run[1]:.1f} s)", file=sys.stderr)
+        best_base = max(best_base, run, key=lambda x: x[0])
+    (tps_engine, dt_engine, engine), (tps_base, dt_base, _) = best_engine, best_base
     tps_peft, dt_peft = run_peft(model, tok, requests, tasks, args.batch)
     print(f"peft:   {tps_peft:.1f} tok/s ({dt_peft:.1f} s)", file=sys.stderr)
 
@@ -171,7 +179,7 @@ def main():
         "task_load_p99_ms": round(load_ms[min(len(load_ms) - 1, int(0.99 * len(load_ms)))], 2),
         "bytes_per_cached_task": int(bytes_per_task),
         "mean_batch_rows": round(st["batch_rows_sum"] / max(1, st["steps"]), 1),
-        "torch_threads": torch.get_num_threads(), "quick": args.quick,
+        "torch_threads": torch.get_num_threads(), "quick": args.quick, "rounds": args.rounds,
     }
     out = Path(__file__).resolve().parent / "results" / "serve_mixed.json"
     out.parent.mkdir(exist_ok=True)
