@@ -9,7 +9,8 @@ two effects and to compare the loss curves step by step.
 Throughput: the trainers take steps in turn (round robin) in one process, so machine noise hits
 all of them alike; we report target tokens per second of training time. Memory: each
 configuration runs again in a fresh subprocess for a few steps while a thread samples its RSS;
-peak RSS during training minus RSS after the first step (activations, logits, gradients).
+peak RSS during training minus RSS before the first step (activations, logits, gradients,
+optimizer state).
 `memory_vs_peft` compares the two loops on the same batches (a peak follows the longest batch).
 
     python bench/train_throughput.py [--quick] [--steps 20] [--batch-size 8]
@@ -126,8 +127,7 @@ def _memory_child(kind, method, steps, batch, seed, n_rows):
     model, tok = load_base()
     data = tokenize(load_rows(n_rows, seed), tok, DataConfig(max_length=256, skip_bad_rows=True))
     fn, _keep = make_side(kind, method, model, tok, data, steps, batch, seed)
-    fn()  # warm up: first-step allocations (optimizer state) count, so measure from here on too
-    base = _rss()
+    base = _rss()  # before the first step: activations, logits, gradients and optimizer state all count
     peak = [base]
     stop = threading.Event()
 
@@ -138,7 +138,7 @@ def _memory_child(kind, method, steps, batch, seed, n_rows):
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    for _ in range(steps - 1):
+    for _ in range(steps):
         fn()
     stop.set()
     th.join()
