@@ -102,7 +102,8 @@ def init(out: str, method: str = "prompt_tuning", num_virtual_tokens: int = 20, 
 
 def generate(prompt: str, adapter: str | None = None, base: str | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             stop: list[str] | None = None, chat: bool = False, allow_other_base: bool = False):
+             stop: list[str] | None = None, chat: bool = False, allow_other_base: bool = False,
+             lora: str | None = None, merge_lora: bool = True):
     """Continue a prompt with an adapter (ours or a PEFT adapter directory) and print the continuation.
 
     Greedy by default, so the same input gives the same output. The prompt is used as given.
@@ -119,6 +120,8 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
         stop: stop when the continuation contains this string (repeatable)
         chat: wrap the prompt in the base model's chat template as a user turn
         allow_other_base: load an artifact even if it was made for other base weights
+        lora: a PEFT LoRA adapter directory (safetensors) applied to the base model first
+        merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
     """
     from .artifact import load_artifact
     from .generate import SamplingParams
@@ -126,7 +129,7 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=tuple(stop or ()))
-    model, tok = _load(base)
+    model, tok = _load(base, lora, merge_lora)
     kv = None
     if adapter is not None:
         kv = load_artifact(adapter, model, allow_other_base=allow_other_base).to_kv_prefix(model)
@@ -160,7 +163,8 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
           schedule: str = "linear", max_grad_norm: float = 1.0, seed: int = 0, eval_every: int = 0,
           eval_generate: int = 0, metric: str = "eval_loss", patience: int = 0, checkpoint_every: int = 50,
           keep_checkpoints: int = 2, resume: bool = False, gradient_checkpointing: bool = False,
-          max_length: int = 512, max_rows: int = 0, skip_bad_rows: bool = False, progress: bool = True):
+          max_length: int = 512, max_rows: int = 0, skip_bad_rows: bool = False, progress: bool = True,
+          lora: str | None = None, merge_lora: bool = True):
     """Train a prompt on a dataset; writes OUT/best and OUT/last (artifacts), metrics.jsonl, plot.png, checkpoints/.
 
     Runs data-parallel unchanged under `torchrun --nproc-per-node N -m softprompt.cli train ...`
@@ -201,9 +205,15 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
         max_rows: read at most this many rows (0: all)
         skip_bad_rows: skip and count bad rows instead of stopping at the first
         progress: show a progress bar
+        lora: train on top of this PEFT LoRA adapter (directory, safetensors); the artifact is then refused on the bare base
+        merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
     """
     args = dict(locals())
     from .runs import run_train
+
+    if args.pop("lora") is not None:  # load the adapted model here; run_train then uses it
+        args["model"], args["tokenizer"] = _load(base, lora, args.pop("merge_lora"))
+    args.pop("merge_lora", None)
 
     run_train(**args)
 
@@ -398,11 +408,70 @@ COMMANDS = {"info": info, "init": init, "generate": generate, "export-peft": exp
             "eval": eval, "demo": demo, "store": STORE_COMMANDS, "serve": serve}
 
 
-def _load(base):
+# -------------------------------------------------------------------------------------------
+# Seeing inside: inspect, card
+
+
+def inspect_(adapter: str, data: str | None = None, out: str | None = None, examples: int = 4, top_k: int = 5,
+             base: str | None = None, lora: str | None = None, merge_lora: bool = True,
+             allow_other_base: bool = False, json: bool = False):
+    """Look inside an artifact: nearest vocabulary tokens and norms of virtual tokens (prompt/P-tuning),
+    per-layer K/V norms, and with --data the share of attention real tokens give the prefix per layer and head.
+
+    Writes OUT.json and OUT.png (a layer x head heatmap and the K/V norms); prints a summary.
+
+    Args:
+        adapter: artifact path (directory or .safetensors) or PEFT adapter directory
+        data: a few rows of this dataset (same formats as train) measure the attention share
+        out: output path stem (default: ADAPTER.inspect, giving ADAPTER.inspect.json and .png)
+        examples: rows of --data to use
+        top_k: nearest vocabulary tokens listed per virtual token
+        base: a local HuggingFace model directory (default: the embedded model)
+        lora: a PEFT LoRA adapter directory applied to the base first (for prompts trained on it)
+        merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
+        allow_other_base: load an artifact even if it was made for other base weights
+        json: print the JSON report instead of the summary
+    """
+    from .inspect import run_inspect, summary
+
+    model, tok = _load(base, lora, merge_lora)
+    report, jpath, ppath = run_inspect(adapter, model, tok, data=data, out=out, examples=examples, top_k=top_k,
+                                       allow_other_base=allow_other_base)
+    print(jsonlib.dumps(report, indent=2) if json else summary(report))
+    print(f"wrote {jpath} and {ppath}", file=sys.stderr)
+
+
+def card(adapter: str, out: str | None = None):
+    """Print (or write) an artifact's model card as markdown: base model and fingerprint, method and sizes,
+    data, hyperparameters, metrics, date, library version.
+
+    Args:
+        adapter: artifact path (directory or .safetensors)
+        out: write the markdown to this file instead of printing it
+    """
+    from .card import model_card
+
+    text = model_card(adapter)
+    if out is None:
+        print(text)
+    else:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {out}", file=sys.stderr)
+
+
+COMMANDS.update({"inspect": inspect_, "card": card})
+
+
+def _load(base, lora=None, merge_lora=True):
     from .models import load_base
 
     if base is None:
         print("loading the embedded SmolLM2-135M-Instruct ...", file=sys.stderr)
+    if lora is not None:
+        from .lora import load_base_with_lora
+
+        return load_base_with_lora(base, lora, merge=merge_lora)
     return load_base(base)
 
 

@@ -1,0 +1,130 @@
+"""Inspection (nearest tokens, norms, attention shares, the PNG) and model cards, on tiny models."""
+
+import json
+
+import pytest
+import torch
+
+from softprompt import methods
+from softprompt.artifact import save_artifact
+from softprompt.card import model_card
+from softprompt.inspect import attention_share, inspect_prompt, nearest_tokens, plot, run_inspect, summary
+
+from conftest import ROWS, left_padded, tiny_model
+from tiny_tokenizer import tiny_tokenizer, word_id
+
+
+def test_text_init_nearest_token_is_itself():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prompt = methods.create("prompt_tuning", model, tok, num_virtual_tokens=3, init="text", init_text="po")
+    near = nearest_tokens(prompt, model, tok, k=3)
+    for row in near:
+        assert row["nearest"][0]["id"] == word_id("po")
+        assert row["nearest"][0]["token"] == "po"
+        assert row["nearest"][0]["cosine"] == pytest.approx(1.0, abs=1e-5)
+        assert row["nearest"][1]["cosine"] < 0.999
+    # its norm is exactly the vocabulary row's, so it sits inside the vocabulary's norm range
+    assert near[0]["norm"] == pytest.approx(float(model.get_input_embeddings().weight[word_id("po")].norm()), rel=1e-6)
+    assert 0 <= near[0]["norm_percentile"] <= 100
+    # P-tuning: its encoder's output is inspected the same way
+    pt = methods.create("p_tuning", model, tok, num_virtual_tokens=3)
+    assert [len(r["nearest"]) for r in nearest_tokens(pt, model, tok, k=2)] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_attention_shares_sum_to_one(arch, method):
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    impl = model.config._attn_implementation
+    prompt = methods.create(method, model, tok, num_virtual_tokens=4, seed=1)
+    kv = prompt.to_kv_prefix(model)
+    ids, mask = left_padded(ROWS)
+    share = attention_share(model, kv, ids, mask)
+    L, Hq = model.config.num_hidden_layers, model.config.num_attention_heads
+    pre, real = torch.tensor(share["prefix"]), torch.tensor(share["real"])
+    assert pre.shape == real.shape == (L, Hq)
+    assert torch.allclose(pre + real, torch.ones(L, Hq, dtype=pre.dtype), atol=1e-5)
+    assert (pre > 0).all() and (pre < 1).all()
+    assert share["num_query_tokens"] == int(mask.sum())
+    assert model.config._attn_implementation == impl  # restored
+
+
+def test_attention_share_matches_a_hand_computation():
+    """One row, one layer's first head: the mean over query tokens of the softmax mass on the prefix slots."""
+    model = tiny_model("llama")
+    prompt = methods.create("prefix_tuning", model, num_virtual_tokens=3, projection_dim=0, seed=2)
+    kv = prompt.to_kv_prefix(model)
+    ids = torch.tensor([[5, 17, 33, 8]])
+    mask = torch.ones_like(ids)
+    share = attention_share(model, kv, ids, mask)
+    from softprompt.inspect import eager_attention
+    from softprompt.prefix import prefixed_forward
+
+    with eager_attention(model):
+        out = prefixed_forward(model, ids, mask, [kv], output_attentions=True)
+    att = out.attentions[1][0, 2]  # layer 1, head 2: (T, P + T)
+    assert share["prefix"][1][2] == pytest.approx(float(att[:, :3].sum(-1).mean()), abs=1e-6)
+
+
+def test_inspect_report_png_and_summary(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prompt = methods.create("prefix_tuning", model, tok, num_virtual_tokens=4, projection_dim=0)
+    art = save_artifact(prompt, tmp_path / "pre", model)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"input": "ba be bi", "output": "bo bu"}) + "\n" for _ in range(3)))
+    report, jpath, ppath = run_inspect(str(art), model, tok, data=str(data), examples=2)
+    assert json.loads(jpath.read_text())["method"] == "prefix_tuning"
+    assert ppath.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(report["kv_norms"]["key"]) == 2
+    text = summary(report)
+    assert "prefix share" in text and "layer" in text
+    # prompt tuning without data: nearest tokens in the summary, norms panel only in the PNG
+    pt = methods.create("prompt_tuning", model, tok, num_virtual_tokens=2, init="text", init_text="po ka")
+    rep = inspect_prompt(pt, model, tok)
+    assert "'po' 1.00" in summary(rep) and "'ka' 1.00" in summary(rep)
+    assert plot(rep, tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_cli_inspect_and_card(tmp_path, capsys, monkeypatch):
+    from softprompt import cli
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    monkeypatch.setattr(cli, "_load", lambda base, lora=None, merge_lora=True: (model, tok))
+    prompt = methods.create("prompt_tuning", model, tok, num_virtual_tokens=2, init="text", init_text="po")
+    art = save_artifact(prompt, tmp_path / "pt.safetensors", model, metrics={"bleu": 12.5}, dataset="demo.jsonl")
+    assert cli.main(["inspect", str(art), "--out", str(tmp_path / "ins")]) == 0
+    out = capsys.readouterr().out
+    assert "'po' 1.00" in out
+    assert (tmp_path / "ins.json").is_file() and (tmp_path / "ins.png").is_file()
+    assert cli.main(["card", str(art)]) == 0
+    md = capsys.readouterr().out
+    for want in ("# pt", "fingerprint", "sha256:", "prompt_tuning", "| artifact bytes (tensors) | `384` |", "bleu",
+                 "12.5", "demo.jsonl", "0.1.0", "## Use"):
+        assert want in md, want
+    assert cli.main(["card", str(art), "--out", str(tmp_path / "card.md")]) == 0
+    assert (tmp_path / "card.md").read_text().rstrip("\n") == md.rstrip("\n")
+    assert cli.main(["card", str(tmp_path / "nothing")]) == 2
+
+
+def test_card_of_a_training_run(tmp_path):
+    from softprompt.runs import run_train
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"input": "ba be", "output": "bo"}) + "\n" for _ in range(4)))
+    run_train(str(data), str(tmp_path / "run"), method="prompt_tuning", num_virtual_tokens=2, steps=2, batch_size=2,
+              checkpoint_every=0, progress=False, model=model, tokenizer=tok)
+    md = model_card(tmp_path / "run" / "best")
+    assert "# run/best" in md and "## Training hyperparameters" in md and "| lr |" in md and "d.jsonl" in md
+
+
+@pytest.mark.embedded
+def test_embedded_positive_is_its_own_nearest_token():
+    from softprompt.models import load_base
+
+    model, tok = load_base()
+    prompt = methods.create("prompt_tuning", model, tok, num_virtual_tokens=4, init="text", init_text="positive")
+    ids = tok("positive", add_special_tokens=False)["input_ids"]
+    near = nearest_tokens(prompt, model, tok, k=2)
+    assert near[0]["nearest"][0]["id"] == ids[0]
+    assert near[0]["nearest"][0]["token"] == tok.decode(ids[:1])
