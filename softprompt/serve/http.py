@@ -14,10 +14,11 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from .engine import Engine
 from .handle import Request
@@ -161,6 +162,111 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
         from .metrics import render
 
         return PlainTextResponse(render(engine), media_type="text/plain; version=0.0.4")
+
+    # --- the store, read-only (the web playground's table) -----------------------------------------
+    def task_row(ref: str) -> dict:
+        """store.show(ref), or what the engine's registry knows of a task registered in memory."""
+        if store is not None:
+            from ..store import StoreError
+
+            try:
+                return store.show(ref)
+            except (StoreError, ValueError):
+                pass
+        try:
+            source = engine.tasks.resolve(ref)
+        except UnknownTask:
+            raise APIError(404, f"no task {ref!r} in the store", code="model_not_found", param="ref") from None
+        card = getattr(source, "card", None)
+        if card is None and isinstance(source, (str, Path)):
+            try:
+                from ..artifact import read_card
+
+                card = read_card(source)
+            except Exception:
+                card = None
+        card = card or {}
+        nbytes = card.get("bytes")
+        if nbytes is None and hasattr(source, "export_tensors"):  # an in-memory prompt: its float32 size
+            nbytes = sum(4 * t.numel() for t in source.export_tensors().values())
+        return {"name": ref, "version": None, "method": getattr(source, "method", None) or card.get("method"),
+                "num_virtual_tokens": getattr(source, "num_virtual_tokens", None) or card.get("num_virtual_tokens"),
+                "bytes": nbytes, "metrics": card.get("metrics", {}), "created": card.get("created"), "tags": [],
+                "card": card or None, "path": str(source) if isinstance(source, (str, Path)) else None}
+
+    def public(row: dict) -> dict:
+        keep = ("name", "version", "method", "num_virtual_tokens", "bytes", "metrics", "created", "tags",
+                "base_name", "base_fingerprint", "sha256", "file_ok", "card")
+        out = {k: row[k] for k in keep if k in row}
+        if "size" in row:  # the store index calls the file's size `size`
+            out["bytes"] = row["size"]
+        return out
+
+    @app.get("/v1/tasks")
+    async def tasks_list(request: HTTPRequest):
+        check_key(request)
+        rows = [public(r) for r in store.ls()] if store is not None else []
+        have = {r["name"] for r in rows}
+        for name in engine.tasks.names():
+            if name not in have:
+                try:
+                    rows.append({k: v for k, v in public(task_row(name)).items() if k != "card"})
+                except APIError:
+                    pass
+        return {"object": "list", "base_model": config.base_model_id, "data": sorted(rows, key=lambda r: r["name"])}
+
+    @app.get("/v1/tasks/{ref}/card")
+    async def task_card(ref: str, request: HTTPRequest):
+        check_key(request)
+        return public(task_row(ref))
+
+    def card_file(row: dict, key: str) -> Path | None:
+        """A file named by the card's optional `key` (absolute, or relative to the artifact's file)."""
+        value = (row.get("card") or {}).get(key)
+        if not isinstance(value, str) or not value:
+            return None
+        path = Path(value)
+        if not path.is_absolute() and row.get("path"):
+            path = Path(row["path"]).parent / path
+        return path if path.is_file() else None
+
+    @app.get("/v1/tasks/{ref}/plot")
+    async def task_plot(ref: str, request: HTTPRequest):
+        check_key(request)
+        path = card_file(task_row(ref), "plot")
+        if path is None or path.suffix.lower() != ".png":
+            raise APIError(404, f"task {ref!r} has no training plot (its card names no .png `plot`)",
+                           code="not_found", param="ref")
+        return FileResponse(path, media_type="image/png")
+
+    @app.get("/v1/tasks/{ref}/inspection")
+    async def task_inspection(ref: str, request: HTTPRequest):
+        check_key(request)
+        row = task_row(ref)
+        value = (row.get("card") or {}).get("inspection")
+        if isinstance(value, dict):
+            return value
+        path = card_file(row, "inspection")
+        if path is None and row.get("path"):  # what `softprompt inspect ADAPTER` writes: ADAPTER.inspect.json
+            side = Path(str(row["path"]).rstrip("/").removesuffix(".safetensors") + ".inspect.json")
+            path = side if side.is_file() else None
+        if path is not None and path.suffix.lower() == ".json":
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                pass
+        raise APIError(404, f"task {ref!r} has no inspection summary yet", code="not_found", param="ref")
+
+    # --- the web playground: static files shipped in softprompt/web/ -----------------------------------
+    web = Path(__file__).resolve().parent.parent / "web"
+    if web.is_dir():
+        from fastapi.staticfiles import StaticFiles
+
+        @app.get("/", include_in_schema=False)
+        async def playground():
+            return FileResponse(web / "index.html", media_type="text/html")
+
+        app.mount("/static", StaticFiles(directory=web), name="static")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
