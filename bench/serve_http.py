@@ -33,7 +33,7 @@ E2E = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
 
 
 def make_store(store_dir: Path, n_tasks: int) -> list[str]:
-    from softprompt import methods
+    from serve_mixed import task_prompt
     from softprompt.artifact import save_artifact
     from softprompt.models import load_base
     from softprompt.store import Store
@@ -42,11 +42,7 @@ def make_store(store_dir: Path, n_tasks: int) -> list[str]:
     store, names = Store(store_dir), []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n_tasks):
-            method = "prefix_tuning" if i % 2 == 0 else "prompt_tuning"
-            P = 10 if (i // 2) % 2 == 0 else 20
-            opts = dict(projection_dim=0, init="text", init_text=f"Task {i}: describe the restaurant.") \
-                if method == "prefix_tuning" else dict(init="vocab")
-            prompt = methods.create(method, model, tok, num_virtual_tokens=P, seed=i, **opts)
+            prompt = task_prompt(model, tok, i)  # the same tasks as bench/serve_mixed.py
             path = save_artifact(prompt, Path(tmp) / f"t{i}.safetensors", model)
             store.add(f"task{i:02d}", path)
             names.append(f"task{i:02d}")

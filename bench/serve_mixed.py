@@ -60,15 +60,21 @@ def make_prompts(tok, n, rng):
     return prompts
 
 
+def task_prompt(model, tok, i: int):
+    """The i-th benchmark task: even i prefix tuning, odd i prompt tuning; P alternates 10 / 20 by pairs."""
+    method = "prefix_tuning" if i % 2 == 0 else "prompt_tuning"
+    P = 10 if (i // 2) % 2 == 0 else 20
+    opts = dict(projection_dim=0, init="text", init_text=f"Task {i}: describe the restaurant.") \
+        if method == "prefix_tuning" else dict(init="vocab")
+    return methods.create(method, model, tok, num_virtual_tokens=P, seed=i, **opts)
+
+
 def make_tasks(model, tok, n_tasks, root: Path):
-    """n_tasks artifacts: half prefix tuning, half prompt tuning, P alternating 10 / 20."""
+    """n_tasks artifacts (see task_prompt), each also exported as a PEFT adapter."""
     tasks = {}
     for i in range(n_tasks):
-        method = "prefix_tuning" if i % 2 == 0 else "prompt_tuning"
-        P = 10 if (i // 2) % 2 == 0 else 20
-        opts = dict(projection_dim=0, init="text", init_text=f"Task {i}: describe the restaurant.") \
-            if method == "prefix_tuning" else dict(init="vocab")
-        prompt = methods.create(method, model, tok, num_virtual_tokens=P, seed=i, **opts)
+        prompt = task_prompt(model, tok, i)
+        method = prompt.method
         path = save_artifact(prompt, root / f"task{i:03d}", model)
         export_peft(prompt, root / f"peft{i:03d}", model)
         tasks[f"task{i:03d}"] = (path, root / f"peft{i:03d}", method)
