@@ -101,7 +101,7 @@ def _is_artifact_dir(path: Path) -> bool:
 
 
 def save_artifact(prompt: PromptMethod, path: str | os.PathLike, model, *, metrics=None, dataset=None,
-                  base_name: str | None = None) -> Path:
+                  base_name: str | None = None, extra: dict | None = None) -> Path:
     """Write `prompt` for `model` to `path` (a directory, or a single `*.safetensors` file).
 
     Returns the path. An existing artifact at `path` is replaced atomically; any other existing
@@ -110,7 +110,7 @@ def save_artifact(prompt: PromptMethod, path: str | os.PathLike, model, *, metri
     path = Path(path)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in prompt.export_tensors().items()}
     data = _data_section(st_save(tensors))
-    card = make_card(prompt, model, tensors, metrics=metrics, dataset=dataset, base_name=base_name)
+    card = make_card(prompt, model, tensors, metrics=metrics, dataset=dataset, base_name=base_name, extra=extra)
     card["tensor_sha256"] = hashlib.sha256(data).hexdigest()
     card["bytes"] = len(data)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from .data import TokenizedData, collate, length_grouped_batches
 
 SCHEDULES = ("linear", "cosine", "constant")
-HIGHER_IS_BETTER = {"bleu", "rouge_l", "exact_match", "accuracy"}
+HIGHER_IS_BETTER = {"bleu", "rouge_l", "exact_match", "accuracy", "f1"}
 
 
 class TrainingError(ValueError):  # a ValueError so the CLI prints it as a one-line error
@@ -69,8 +69,6 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.metric != "eval_loss" and self.metric not in HIGHER_IS_BETTER:
             raise ValueError(f"metric must be eval_loss or one of {sorted(HIGHER_IS_BETTER)}")
-        if self.metric != "eval_loss" and not self.eval_generate:
-            raise ValueError(f"metric {self.metric} needs --eval-generate N (inputs to generate for)")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError("warmup_steps must be between 0 and steps")
 
@@ -218,15 +216,45 @@ class TrainResult:
     out: Path | None
 
 
+class CausalLMObjective:
+    """What the loop optimizes, for decoder LMs: cross-entropy on the target tokens only.
+
+    The loop asks an objective three things, so other model families and tasks (encoder-decoder,
+    classification) plug in without a branch here:
+      count(data, i)  -> the units row i adds to the normalizer (target tokens here)
+      loss(prompt, model, data, rows, pad_id, device) -> (summed loss, units) over those rows
+      metrics(trainer) -> extra eval metrics (here: generation scores with --eval-generate)
+    """
+
+    no_generation_metrics: frozenset = frozenset()  # metrics this objective gives without eval_generate
+
+    def count(self, data: TokenizedData, i: int) -> int:
+        return data.n_target[i]
+
+    def loss(self, prompt, model, data: TokenizedData, rows: list[int], pad_id: int, device) -> tuple[torch.Tensor, int]:
+        ids, mask, tmask = collate([data.ids[i] for i in rows], [data.n_target[i] for i in rows], pad_id)
+        return target_loss(prompt, model, ids.to(device), mask.to(device), tmask.to(device))
+
+    def metrics(self, trainer: "Trainer", batch_size: int) -> dict:
+        cfg = trainer.cfg
+        if not (cfg.eval_generate and trainer.eval_groups):
+            return {}
+        from .evaluate import evaluate_groups
+
+        scores = evaluate_groups(trainer.model, trainer.tok, trainer.eval_groups[:cfg.eval_generate],
+                                 trainer.prompt.to_kv_prefix(trainer.model), max_new_tokens=cfg.eval_max_new_tokens,
+                                 batch_size=batch_size)
+        return {k: v for k, v in scores.items() if k != "predictions"}
+
+
 @torch.no_grad()
-def eval_loss(prompt, model, data: TokenizedData, batch_size: int, pad_id: int) -> float:
+def eval_loss(prompt, model, data: TokenizedData, batch_size: int, pad_id: int, objective=None) -> float:
+    objective = objective or CausalLMObjective()
     order = sorted(range(len(data)), key=lambda i: -len(data.ids[i]))
     total, n = 0.0, 0
     dev = next(model.parameters()).device
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        ids, mask, tmask = collate([data.ids[i] for i in idx], [data.n_target[i] for i in idx], pad_id)
-        loss, k = target_loss(prompt, model, ids.to(dev), mask.to(dev), tmask.to(dev))
+        loss, k = objective.loss(prompt, model, data, order[s:s + batch_size], pad_id, dev)
         total, n = total + float(loss), n + k
     return total / max(n, 1)
 
@@ -237,7 +265,10 @@ class Trainer:
     def __init__(self, model, tokenizer, prompt, train_data: TokenizedData, cfg: TrainConfig,
                  out: str | os.PathLike | None = None, eval_data: TokenizedData | None = None,
                  eval_groups: list | None = None, dist: Dist | None = None, progress: bool = False,
-                 card: dict | None = None):
+                 card: dict | None = None, objective=None):
+        self.objective = objective or CausalLMObjective()
+        if cfg.metric not in ("eval_loss", *self.objective.no_generation_metrics) and not cfg.eval_generate:
+            raise ValueError(f"metric {cfg.metric} needs --eval-generate N (inputs to generate for)")
         self.model, self.tok, self.prompt, self.data, self.cfg = model, tokenizer, prompt, train_data, cfg
         self.eval_data, self.eval_groups = eval_data, eval_groups
         self.dist = dist or Dist()
@@ -280,7 +311,7 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, dev = self.cfg, next(self.model.parameters()).device
         batch = self.global_batch(self.step)
-        n_global = sum(self.data.n_target[i] for i in batch)
+        n_global = sum(self.objective.count(self.data, i) for i in batch)
         lr = lr_at(self.step, cfg)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -289,9 +320,7 @@ class Trainer:
         self.prompt.train()
         with gradient_checkpointing(self.model, cfg.gradient_checkpointing):
             for mb in self._my_micro_batches(batch):
-                ids, mask, tmask = collate([self.data.ids[i] for i in mb], [self.data.n_target[i] for i in mb],
-                                           self.pad_id)
-                loss, _ = target_loss(self.prompt, self.model, ids.to(dev), mask.to(dev), tmask.to(dev))
+                loss, _ = self.objective.loss(self.prompt, self.model, self.data, mb, self.pad_id, dev)
                 (loss / n_global).backward()
                 loss_sum += loss.detach().double().cpu()
         for p in self.params:  # a process whose share of the batch was empty has no grads
@@ -307,6 +336,11 @@ class Trainer:
             raise TrainingError(f"loss is {loss_val} at step {self.step + 1} (lr {lr:.3g}); training stopped "
                                 f"before the update. {where} Lower --lr or --max-grad-norm and resume.")
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if not math.isfinite(float(gnorm)):  # a finite loss can still overflow in the backward pass
+            where = self._last_checkpoint_note()
+            raise TrainingError(f"gradient norm is {float(gnorm)} at step {self.step + 1} (lr {lr:.3g}, loss "
+                                f"{loss_val:.4g}); training stopped before the update. {where} Lower --lr or "
+                                "--max-grad-norm and resume.")
         self.opt.step()
         self.step += 1
         return {"step": self.step, "loss": loss_val, "lr": lr, "grad_norm": float(gnorm),
@@ -324,14 +358,8 @@ class Trainer:
         row: dict = {"step": self.step}
         bs = max(self.cfg.micro_batch_size or self.cfg.batch_size, 1)
         if self.eval_data is not None:
-            row["eval_loss"] = eval_loss(self.prompt, self.model, self.eval_data, bs, self.pad_id)
-        if self.cfg.eval_generate and self.eval_groups:
-            from .evaluate import evaluate_groups
-
-            scores = evaluate_groups(self.model, self.tok, self.eval_groups[:self.cfg.eval_generate],
-                                     self.prompt.to_kv_prefix(self.model), max_new_tokens=self.cfg.eval_max_new_tokens,
-                                     batch_size=bs)
-            row.update({k: v for k, v in scores.items() if k != "predictions"})
+            row["eval_loss"] = eval_loss(self.prompt, self.model, self.eval_data, bs, self.pad_id, self.objective)
+        row.update(self.objective.metrics(self, bs))
         self.prompt.train()
         return row
 
@@ -444,7 +472,11 @@ class Trainer:
         from .artifact import save_artifact
 
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"trained_steps": self.step}
-        save_artifact(self.prompt, self.out / name, self.model, metrics=metrics, dataset=self.card.get("dataset"))
+        # The plot is drawn when the run ends, at a known place: the card names it now (absolute, so
+        # a copy of the artifact in a store still finds it) for the playground and `softprompt card`.
+        extra = {"plot": str((self.out / "plot.png").resolve())}
+        save_artifact(self.prompt, self.out / name, self.model, metrics=metrics, dataset=self.card.get("dataset"),
+                      extra=extra)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
