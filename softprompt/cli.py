@@ -221,7 +221,7 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
 def eval(adapter: str | None = None, data: str | None = None, base: str | None = None, template: str | None = None,
          target: str | None = None, chat_template: bool = False, max_new_tokens: int = 64, num_beams: int = 1,
          batch_size: int = 16, max_inputs: int = 0, skip_bad_rows: bool = False, predictions: str | None = None,
-         allow_other_base: bool = False, json: bool = False):
+         allow_other_base: bool = False, json: bool = False, lora: str | None = None, merge_lora: bool = True):
     """Score an adapter on a dataset: BLEU, ROUGE-L, exact match, accuracy (references grouped per input).
 
     Args:
@@ -239,6 +239,8 @@ def eval(adapter: str | None = None, data: str | None = None, base: str | None =
         predictions: write one JSON line per input (prompt, output, references) here
         allow_other_base: load an artifact even if it was made for other base weights
         json: print the metrics as JSON
+        lora: a PEFT LoRA adapter directory (safetensors) applied to the base first, for prompts trained with --lora
+        merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
     """
     args = dict(locals())
     from .runs import run_eval

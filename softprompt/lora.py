@@ -62,3 +62,43 @@ def load_base_with_lora(base=None, lora: str | os.PathLike | None = None, merge:
     if lora is not None:
         model = apply_lora(model, lora, merge=merge)
     return model, tok
+
+
+def refusal_hint(card: dict, lora: str | os.PathLike | None, merge: bool = True) -> str:
+    """Advice for an artifact refused for its base fingerprint, from its card's base name ("BASE",
+    "BASE+lora:DIR" or "BASE+lora:DIR (unmerged)") against how the model was loaded (`lora`, `merge`).
+    The fingerprint decides the refusal; this only words what to do. Merged and unmerged LoRA are
+    different fingerprints (merged weights vs base weights plus lora_A/lora_B), hence the last case."""
+    name = str((card.get("base_model") or {}).get("name") or "")
+    if "+lora:" not in name:
+        return ("it was trained on the bare base model, not the LoRA-adapted one: drop --lora"
+                if lora is not None else "")
+    adapter = name.split("+lora:", 1)[1]
+    unmerged = adapter.endswith(" (unmerged)")
+    adapter = adapter.removesuffix(" (unmerged)")
+    if lora is None:
+        return (f"it was trained on a LoRA-adapted base: pass --lora {adapter}"
+                + (" --no-merge-lora" if unmerged else ""))
+    if unmerged == merge:
+        return (f"it was trained with the LoRA adapter {'kept unmerged' if unmerged else 'merged'}: "
+                + ("add --no-merge-lora" if unmerged else "drop --no-merge-lora"))
+    return f"it was trained on another LoRA-adapted base ({name}): pass --lora with that adapter"
+
+
+def load_prompt(adapter, model, lora=None, merge: bool = True, allow_other_base: bool = False):
+    """`load_artifact(adapter, model)`, with a refusal for the base fingerprint that also says which
+    --lora / --no-merge-lora the artifact needs (`lora`, `merge`: how `model` was loaded)."""
+    from .artifact import ArtifactError, load_artifact, read_card
+
+    try:
+        return load_artifact(adapter, model, allow_other_base=allow_other_base)
+    except ArtifactError as e:
+        if "was made for base model" not in str(e):
+            raise
+        try:
+            hint = refusal_hint(read_card(adapter), lora, merge)
+        except Exception:  # the card was readable a moment ago; never hide the refusal itself
+            hint = ""
+        if not hint:
+            raise
+        raise ArtifactError(f"{e}; {hint}") from e

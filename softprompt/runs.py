@@ -129,10 +129,16 @@ def _cuda() -> bool:
 
 def run_eval(adapter=None, data=None, base=None, template=None, target=None, chat_template=False, max_new_tokens=64,
              num_beams=1, batch_size=16, max_inputs=0, skip_bad_rows=False, predictions=None,
-             allow_other_base=False, json=False, model=None, tokenizer=None):
+             allow_other_base=False, json=False, lora=None, merge_lora=True, model=None, tokenizer=None):
+    """Generate for every distinct input and score it against all its references.
+
+    `lora`: a PEFT LoRA adapter applied to the base first (merged unless `merge_lora` is False), for
+    prompts trained on that adapted model; a prompt trained on the bare base is then refused by its
+    fingerprint (and one trained with LoRA is refused without it), with a hint naming the flag.
+    `model`/`tokenizer` skip loading (tests); `lora` is applied to a given model too, in place.
+    """
     import json as jsonlib
 
-    from .artifact import load_artifact
     from .data import BadRows, DataConfig, group_references, read_examples
     from .evaluate import evaluate_groups
 
@@ -144,15 +150,17 @@ def run_eval(adapter=None, data=None, base=None, template=None, target=None, cha
     groups = group_references(read_examples(data, dcfg, bad))
     if max_inputs:
         groups = groups[:max_inputs]
-    if model is None:
-        from .models import load_base
+    from .lora import apply_lora, load_base_with_lora, load_prompt
 
+    if model is None:
         if base is None:
             _say("loading the embedded SmolLM2-135M-Instruct ...")
-        model, tokenizer = load_base(base)
+        model, tokenizer = load_base_with_lora(base, lora, merge=merge_lora)
+    elif lora is not None:
+        model = apply_lora(model, lora, merge=merge_lora)
     kv = None
     if adapter and adapter != "none":
-        kv = load_artifact(adapter, model, allow_other_base=allow_other_base).to_kv_prefix(model)
+        kv = load_prompt(adapter, model, lora, merge_lora, allow_other_base).to_kv_prefix(model)
     t0 = time.perf_counter()
     res = evaluate_groups(model, tokenizer, groups, kv, chat_template=chat_template, max_new_tokens=max_new_tokens,
                           num_beams=num_beams, batch_size=batch_size)

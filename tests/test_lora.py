@@ -102,3 +102,87 @@ def test_cli_train_and_generate_with_lora(tmp_path, monkeypatch, capsys):
     from softprompt.card import model_card
 
     assert "LoRA adapter" in model_card(tmp_path / "run" / "best")
+
+
+def _prompt_on(model, seed: int):
+    """A small prefix with visible effect (entries N(0, 0.5)), so outputs depend on it."""
+    prompt = methods.create("prefix_tuning", model, num_virtual_tokens=3, projection_dim=0, seed=seed)
+    with torch.no_grad():
+        for p in prompt.parameters():
+            p.normal_(0, 0.5)
+    return prompt
+
+
+def test_eval_with_lora_scores_the_adapted_model_and_refuses_the_wrong_base(tmp_path, monkeypatch, capsys):
+    import json
+
+    from softprompt import cli
+    from softprompt.evaluate import predict
+
+    lora = make_lora(tmp_path)
+    tok = tiny_tokenizer()
+    monkeypatch.setattr("softprompt.models.load_base", lambda base=None, **kw: (tiny_model("llama"), tok))
+    adapted = apply_lora(tiny_model("llama"), lora)
+    on_lora = save_artifact(_prompt_on(adapted, 1), tmp_path / "on_lora", adapted)
+    on_bare = save_artifact(_prompt_on(tiny_model("llama"), 2), tmp_path / "on_bare", tiny_model("llama"))
+    data = tmp_path / "d.jsonl"
+    rows = [("ba be", "bo bu"), ("ca ce", "ci co"), ("ba be", "da de")]  # 2 inputs, the first with 2 references
+    data.write_text("".join(json.dumps({"input": i, "output": o}) + "\n" for i, o in rows))
+    preds = tmp_path / "p.jsonl"
+    ev = ["eval", "--data", str(data), "--max-new-tokens", "3", "--json"]
+    assert cli.main(ev + ["--adapter", str(on_lora), "--lora", str(lora), "--predictions", str(preds)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 2 and res["references"] == 3
+    got = [json.loads(line) for line in preds.read_text().splitlines()]
+    # the outputs are the adapted model's under the prefix, not the bare model's
+    kv = load_artifact(on_lora, adapted).to_kv_prefix(adapted)
+    assert [g["output"] for g in got] == predict(adapted, tok, ["ba be", "ca ce"], kv, max_new_tokens=3)
+    assert got[0]["references"] == ["bo bu", "da de"]
+    # refused both ways, each time naming the flag that fits
+    assert cli.main(ev + ["--adapter", str(on_bare), "--lora", str(lora)]) == 2
+    err = capsys.readouterr().err
+    assert "was made for base model" in err and "trained on the bare base model" in err and "drop --lora" in err
+    assert cli.main(ev + ["--adapter", str(on_lora)]) == 2
+    assert f"pass --lora {lora}" in capsys.readouterr().err
+    assert cli.main(ev + ["--adapter", str(on_lora), "--lora", str(lora), "--no-merge-lora"]) == 2
+    assert "drop --no-merge-lora" in capsys.readouterr().err  # merged and unmerged are different fingerprints
+    assert cli.main(ev + ["--adapter", str(on_bare)]) == 0  # the bare base still takes its own prompt
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_serve_with_lora_serves_prompts_trained_on_it_and_refuses_bare_base_ones(tmp_path, merge):
+    from fastapi.testclient import TestClient
+
+    from softprompt.models import load_base
+    from softprompt.serve import Engine, Request
+    from softprompt.serve.main import build_app
+    from softprompt.store import Store
+
+    lora = make_lora(tmp_path)
+    base_dir = tmp_path / "tiny-base"
+    tiny_model("llama").save_pretrained(base_dir)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(base_dir)
+    bare, _ = load_base(base_dir)
+    adapted = apply_lora(load_base(base_dir)[0], lora, merge=merge)
+    store = Store(tmp_path / "store")
+    on_lora = _prompt_on(adapted, 1)
+    store.add("on-lora", save_artifact(on_lora, tmp_path / "a.safetensors", adapted))
+    store.add("on-bare", save_artifact(_prompt_on(bare, 2), tmp_path / "b.safetensors", bare))
+    app, config = build_app(str(tmp_path / "store"), base=str(base_dir), lora=str(lora), merge_lora=merge)
+    assert config.base_model_id == "tiny-base+lora:lora"
+    assert app.state.engine.model is not bare and fingerprint(app.state.engine.model) == fingerprint(adapted)
+    ask = dict(prompt="ba be bi", max_tokens=5, temperature=0)
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"model": "on-lora", **ask})
+        assert r.status_code == 200, r.text
+        want = Engine(adapted, tok, {"t": on_lora}).generate(
+            [Request(task="t", prompt="ba be bi", max_new_tokens=5)])[0].text
+        assert r.json()["choices"][0]["text"] == want
+        r = client.post("/v1/completions", json={"model": "on-bare", **ask})
+        assert r.status_code == 400 and "was made for base model" in r.json()["error"]["message"]
+        # the base model served is the adapted one (the bare base answers differently)
+        base_text = client.post("/v1/completions", json={"model": "tiny-base+lora:lora", **ask}).json()
+        alone = [Engine(m, tok, {}).generate([Request(task=None, prompt="ba be bi", max_new_tokens=5)])[0].text
+                 for m in (adapted, bare)]
+        assert base_text["choices"][0]["text"] == alone[0] != alone[1]

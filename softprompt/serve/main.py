@@ -24,14 +24,20 @@ def read_api_keys(api_keys_file: str | None) -> frozenset[str]:
 
 def build_app(store_dir: str | None = None, base: str | None = None, api_keys_file: str | None = None,
               max_batch_size: int = 32, max_queue: int = 256, max_body_bytes: int = 1 << 20,
-              request_timeout_s: float = 120.0, prefix_cache_mb: int = 256, tasks: dict | None = None):
-    from ..models import EMBEDDED_NAME, load_base
+              request_timeout_s: float = 120.0, prefix_cache_mb: int = 256, tasks: dict | None = None,
+              lora: str | None = None, merge_lora: bool = True):
+    """(app, config). With `lora`, the engine's model is the LoRA-adapted base: every task is checked
+    against *its* fingerprint when loaded (`load_artifact` hashes the model it is given, and
+    `apply_lora` drops any fingerprint cached for the bare weights), so prompts trained with that
+    adapter are served and prompts trained on the bare base are refused per request (400)."""
+    from ..lora import load_base_with_lora
+    from ..models import EMBEDDED_NAME
     from ..store import Store
     from .engine import Engine
     from .http import ServerConfig, create_app
     from .tasks import TaskRegistry
 
-    model, tok = load_base(base)
+    model, tok = load_base_with_lora(base, lora, merge=merge_lora)
     store = Store(store_dir) if store_dir is not None else Store()
 
     def from_store(name: str):  # -> StoreEntry (loads through the index check) or None
@@ -43,6 +49,8 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     engine = Engine(model, tok, TaskRegistry(tasks, fallback=from_store), max_batch_size=max_batch_size,
                     max_queue=max_queue, prefix_cache_bytes=prefix_cache_mb << 20)
     base_id = EMBEDDED_NAME if base is None else Path(base).name
+    if lora is not None:  # another model than the bare base: clients must not mistake one for the other
+        base_id += f"+lora:{Path(lora).name}"
     config = ServerConfig(base_model_id=base_id, api_keys=read_api_keys(api_keys_file),
                           max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
     return create_app(engine, store, config), config
@@ -50,7 +58,8 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
 
 def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, base: str | None = None,
           api_keys_file: str | None = None, max_batch_size: int = 32, max_queue: int = 256,
-          max_body_bytes: int = 1 << 20, request_timeout_s: float = 120.0, prefix_cache_mb: int = 256):
+          max_body_bytes: int = 1 << 20, request_timeout_s: float = 120.0, prefix_cache_mb: int = 256,
+          lora: str | None = None, merge_lora: bool = True):
     """Serve every task in a prompt store over an OpenAI-compatible HTTP API (and the base model).
 
     Args:
@@ -64,11 +73,13 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
         max_body_bytes: request bodies over this get 413
         request_timeout_s: a request running longer gets 504
         prefix_cache_mb: memory for cached task prefixes
+        lora: a PEFT LoRA adapter directory (safetensors) applied to the base first: serves prompts trained with --lora
+        merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
     """
     import uvicorn
 
     app, config = build_app(store, base, api_keys_file, max_batch_size, max_queue, max_body_bytes,
-                            request_timeout_s, prefix_cache_mb)
+                            request_timeout_s, prefix_cache_mb, lora=lora, merge_lora=merge_lora)
     auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
     print(f"softprompt serving {config.base_model_id} and the tasks of the store on http://{host}:{port} "
           f"({auth}); OpenAI base_url http://{host}:{port}/v1", file=sys.stderr)
