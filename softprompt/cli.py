@@ -465,7 +465,7 @@ def card(adapter: str, out: str | None = None):
 def compare(data: str | None = None, out: str = "out/compare", base: str | None = None, template: str | None = None,
             target: str | None = None, eval_data: str | None = None, eval_fraction: float = 0.2, steps: int = 50,
             batch_size: int = 8, num_virtual_tokens: int = 20, lora_r: int = 8, lora_lr: float = 1e-3, seed: int = 0,
-            max_new_tokens: int = 16, tasks: int = 16):
+            max_new_tokens: int = 16, tasks: int = 16, eval_inputs: int = 50, eval_max_new_tokens: int = 64):
     """Train prefix tuning, prompt tuning and LoRA (PEFT) on the same data and budget; report them side by side.
 
     Writes OUT/compare.json, OUT/compare.md (a markdown table) and OUT/compare.png, and prints the table.
@@ -486,6 +486,8 @@ def compare(data: str | None = None, out: str = "out/compare", base: str | None 
         seed: random seed
         max_new_tokens: tokens generated per row when measuring tokens/s
         tasks: rows (and distinct tasks, when mixed) in the tokens/s measurement
+        eval_inputs: distinct held-out inputs scored (eval_loss over all their references; BLEU and ROUGE-L of greedy outputs); 0: all
+        eval_max_new_tokens: at most this many new tokens per scored output
     """
     if data is None:
         raise ValueError("--data is required (training data; same formats as train)")

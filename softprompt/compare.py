@@ -3,10 +3,13 @@
 Each method trains for the same steps and batch size on the same training rows (ours through the
 normal training loop, length-grouped batches; LoRA through a plain AdamW loop drawing its batches
 uniformly with the same seed: same data and budget, not identical batches), and is scored with the
-same held-out metric: target-only cross-entropy (`eval_loss`, lower is better). Reported per method:
-trainable parameters, artifact bytes, train time, peak memory during training (CUDA: peak
-allocated; CPU: peak resident memory above what the process held before, sampled every 5 ms),
-decoding tokens/s with 1 task and with 16 tasks mixed in one batch, and eval_loss.
+same held-out inputs (the first `eval_inputs` distinct held-out inputs, with all their references):
+target-only cross-entropy (`eval_loss`, lower is better) and the task metric for generation, BLEU
+and ROUGE-L of greedy outputs against every reference of the input (`evaluate.score`, the same
+code as `softprompt eval`). Reported per method: trainable parameters, artifact bytes, train time,
+peak memory during training (CUDA: peak allocated; CPU: peak resident memory above what the
+process held before, sampled every 5 ms), decoding tokens/s with 1 task and with 16 tasks mixed in
+one batch, eval_loss, BLEU and ROUGE-L. Each method's outputs go to OUT/METHOD/predictions.jsonl.
 
 Inference: ours through the serving `Engine` (16 requests, each naming one of 16 distinct
 artifacts, or all the same one); LoRA through PEFT's `generate` with 16 adapters loaded and
@@ -105,6 +108,37 @@ def _train_lora(model, tok, train_tok, eval_tok, steps, batch_size, lr, r, seed,
     return pm, sum(p.numel() for p in params), ev
 
 
+def _heldout(eval_ex, n: int):
+    """The first `n` distinct held-out inputs (0: all) as [(prompt, [references])], and their rows:
+    eval_loss and BLEU/ROUGE-L then describe the same inputs, and the cost stays bounded (E2E's 20%
+    held out is ~8,000 rows)."""
+    from .data import group_references
+
+    groups = group_references(eval_ex)
+    if n:
+        groups = groups[:n]
+    keep = {p for p, _ in groups}
+    return groups, [e for e in eval_ex if e.prompt in keep]
+
+
+def _score(model, tok, groups, prefix, max_new_tokens: int, batch_size: int, path: Path) -> dict:
+    """BLEU / ROUGE-L (and exact match) of greedy outputs under one KV prefix `(L, 2, H_kv, P, D)` or
+    none (a LoRA model); writes one JSON line per input (prompt, output, references) to `path`."""
+    from .evaluate import evaluate_groups
+
+    if not groups:
+        return {"bleu": None, "rouge_l": None, "exact_match": None}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        res = evaluate_groups(model, tok, groups, prefix, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": p if isinstance(p, str) else str(p), "output": h,
+                                        "references": refs}) + "\n"
+                            for (p, refs), h in zip(groups, res["predictions"])))
+    return {"bleu": res["bleu"], "rouge_l": res["rouge_l"], "exact_match": res["exact_match"],
+            "score_s": time.perf_counter() - t0}
+
+
 def _tokens_per_s(fn, n_tokens_fn) -> float:
     t0 = time.perf_counter()
     result = fn()
@@ -137,10 +171,17 @@ def _peft_tps(pm, tok, names: list[str], prompts: list[str], max_new_tokens: int
 def run_compare(data: str, out: str, base: str | None = None, template: str | None = None, target: str | None = None,
                 eval_data: str | None = None, eval_fraction: float = 0.2, steps: int = 50, batch_size: int = 8,
                 num_virtual_tokens: int = 20, lora_r: int = 8, lora_lr: float = 1e-3, seed: int = 0,
-                max_new_tokens: int = 16, tasks: int = 16, model=None, tokenizer=None) -> dict:
+                max_new_tokens: int = 16, tasks: int = 16, eval_inputs: int = 50, eval_max_new_tokens: int = 64,
+                model=None, tokenizer=None) -> dict:
+    """Train and measure every method; writes OUT/compare.{json,md,png} and returns the report.
+
+    `eval_inputs`: held-out distinct inputs scored (0: all); `eval_max_new_tokens`: the longest
+    output generated for BLEU/ROUGE-L (`max_new_tokens` is only for the tokens/s measurement).
+    """
     from . import methods as M
     from .artifact import load_artifact, save_artifact
     from .data import DataConfig, read_examples, split_heldout, tokenize
+    from .train import eval_loss
     from .runs import default_lr, method_options, run_train
 
     out = Path(out)
@@ -156,8 +197,11 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
         eval_ex = read_examples(eval_data, dcfg)
     else:
         train_ex, eval_ex = split_heldout(train_ex, eval_fraction, seed)
+    groups, eval_ex = _heldout(eval_ex, eval_inputs) if eval_ex else ([], [])
     eval_tok = tokenize(eval_ex, tokenizer, dcfg) if eval_ex else None
-    prompts = [ex.prompt if isinstance(ex.prompt, str) else str(ex.prompt) for ex in (eval_ex or train_ex)]
+    # distinct held-out inputs for the tokens/s rows too (E2E repeats each input ~8 times)
+    prompts = [p if isinstance(p, str) else str(p) for p, _ in groups] or [
+        ex.prompt if isinstance(ex.prompt, str) else str(ex.prompt) for ex in train_ex]
     prompts = (prompts * tasks)[:tasks]
     rows = []
     # the training split as plain {input, output} rows (chat-message rows are not supported here yet)
@@ -176,10 +220,12 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
         prompt = load_artifact(art, model)
         eval_l = None
         if eval_tok:
-            from .train import eval_loss
-
             with torch.no_grad():
                 eval_l = eval_loss(prompt, model, eval_tok, batch_size, tokenizer.pad_token_id)
+        with torch.no_grad():
+            kv = prompt.to_kv_prefix(model)  # (L, 2, H_kv, P, D): what serving uses, compiled once
+        scores = _score(model, tokenizer, groups, kv, eval_max_new_tokens, batch_size,
+                        out / method / "predictions.jsonl")
         trainable = M.create(method, model, tokenizer, **method_options(
             method, num_virtual_tokens, None, None, 512, seed)).num_trainable_parameters()
         # 16 distinct tasks: the trained prompt plus small perturbations (same cost as 16 trained ones)
@@ -191,7 +237,7 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
                                           out / method / "tasks" / f"t{i}.safetensors", model)))
         rows.append({"method": method, "trainable_parameters": trainable, "artifact_bytes": prompt.artifact_bytes(),
                      "train_s": train_s, "peak_memory_bytes": mem.bytes, "train_loss": res.train_loss,
-                     "eval_loss": eval_l,
+                     "eval_loss": eval_l, **scores,
                      "tokens_per_s_1_task": _engine_tps(model, tokenizer, arts[:1], prompts, max_new_tokens),
                      "tokens_per_s_mixed": _engine_tps(model, tokenizer, arts, prompts, max_new_tokens),
                      "inference": "softprompt Engine"})
@@ -203,6 +249,9 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
                                             lora_r, seed, out / "lora")
         train_s = time.perf_counter() - t0
     lora_bytes = sum(t.numel() * t.element_size() for n, t in pm.state_dict().items() if "lora_" in n)
+    # scored before more adapters are loaded, with the trained one active: `model` now holds PEFT's
+    # LoRA layers in place, so the same greedy decoding as the prompts runs, with no prefix
+    scores = _score(model, tokenizer, groups, None, eval_max_new_tokens, batch_size, out / "lora" / "predictions.jsonl")
     pm.load_adapter(str(out / "lora"), adapter_name="a0")
     names = ["a0"]
     for i in range(1, tasks):
@@ -210,12 +259,16 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
         names.append(f"a{i}")
     rows.append({"method": "lora", "trainable_parameters": trainable, "artifact_bytes": lora_bytes,
                  "train_s": train_s, "peak_memory_bytes": mem.bytes, "train_loss": None, "eval_loss": eval_l,
+                 **scores,
                  "tokens_per_s_1_task": _peft_tps(pm, tokenizer, names[:1], prompts, max_new_tokens),
                  "tokens_per_s_mixed": _peft_tps(pm, tokenizer, names, prompts, max_new_tokens),
                  "inference": "PEFT generate (adapter_names per row)"})
     report = {"data": str(data), "steps": steps, "batch_size": batch_size, "num_virtual_tokens": num_virtual_tokens,
               "lora_r": lora_r, "tasks_mixed": tasks, "max_new_tokens": max_new_tokens, "device": device,
-              "metric": "eval_loss (held-out target cross-entropy; lower is better)", "rows": rows}
+              "eval_inputs": len(groups), "eval_references": sum(len(r) for _, r in groups),
+              "eval_max_new_tokens": eval_max_new_tokens,
+              "metric": "eval_loss (held-out target cross-entropy; lower is better); BLEU and ROUGE-L (greedy, "
+                        "all references of each held-out input; higher is better)", "rows": rows}
     (out / "compare.json").write_text(json.dumps(report, indent=2))
     (out / "compare.md").write_text(markdown(report))
     chart(report, out / "compare.png")
@@ -225,17 +278,20 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
 def markdown(report: dict) -> str:
     n = report["tasks_mixed"]
     lines = [f"| method | trainable params | artifact bytes | train s | peak memory MB | tok/s 1 task | tok/s {n} tasks "
-             f"mixed | eval_loss |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"mixed | eval_loss | BLEU | ROUGE-L |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731  (no held-out data: no metric)
     for r in report["rows"]:
-        ev = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
         lines.append(f"| {r['method']} | {r['trainable_parameters']:,} | {r['artifact_bytes']:,} | {r['train_s']:.1f} | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['tokens_per_s_1_task']:.1f} | "
-                     f"{r['tokens_per_s_mixed']:.1f} | {ev} |")
+                     f"{r['tokens_per_s_mixed']:.1f} | {fmt(r['eval_loss'], '.4f')} | {fmt(r.get('bleu'), '.1f')} | "
+                     f"{fmt(r.get('rouge_l'), '.1f')} |")
     lines.append("")
     lines.append(f"{report['steps']} steps x batch {report['batch_size']} each, P = {report['num_virtual_tokens']}, "
                  f"LoRA r = {report['lora_r']} (q_proj, v_proj); {report['max_new_tokens']} new tokens per row, "
                  f"{n} rows; device {report['device']}. Inference: prompts through the softprompt engine, LoRA "
-                 "through PEFT generate with per-row adapter_names.")
+                 "through PEFT generate with per-row adapter_names. eval_loss, BLEU and ROUGE-L on the same "
+                 f"{report.get('eval_inputs', 0)} held-out inputs ({report.get('eval_references', 0)} references): "
+                 f"greedy, at most {report.get('eval_max_new_tokens', 0)} new tokens, cut at the first newline.")
     return "\n".join(lines) + "\n"
 
 
@@ -251,10 +307,12 @@ def chart(report: dict, path: Path) -> Path:
               ("train time (s)", "train_s", False), ("peak memory (MB)", "peak_memory_bytes", False),
               ("tokens/s, 1 task", "tokens_per_s_1_task", False),
               (f"tokens/s, {report['tasks_mixed']} tasks mixed", "tokens_per_s_mixed", False),
-              ("held-out eval_loss (lower is better)", "eval_loss", False)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.4))
-    for ax, (title, key, log) in zip(axes, panels):
-        vals = [(r[key] or 0) / (2**20 if key == "peak_memory_bytes" else 1) for r in rows]
+              ("held-out eval_loss (lower is better)", "eval_loss", False),
+              ("held-out BLEU (higher is better)", "bleu", False),
+              ("held-out ROUGE-L (higher is better)", "rouge_l", False)]
+    fig, axes = plt.subplots(3, 3, figsize=(9.5, 8.5))  # 9 panels
+    for ax, (title, key, log) in zip(axes.flat, panels):
+        vals = [(r.get(key) or 0) / (2**20 if key == "peak_memory_bytes" else 1) for r in rows]
         ax.bar(names, vals, color=["tab:blue", "tab:orange", "tab:green"][:len(rows)])
         if log:
             ax.set_yscale("log")

@@ -1,23 +1,73 @@
-"""`softprompt compare` on a tiny llama: every method trained on the same data, a row each."""
+"""`softprompt compare` on a tiny llama: every method trained on the same data, a row each, scored
+on the same held-out inputs (eval_loss, and BLEU/ROUGE-L of the outputs each method really generates).
+
+Sizes are the smallest that still exercise every path (2 steps of 2 rows, P = 2, 2 tasks mixed, 2
+scored inputs of 3 new tokens): the run is one compare, shared by the checks below."""
 
 import json
 
+import pytest
+import torch
 from conftest import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
-from softprompt.compare import run_compare
+from softprompt.compare import markdown, run_compare
 
 
-def test_compare_tiny(tmp_path):
-    data = tmp_path / "d.jsonl"
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cmp")
     words = ["ba be", "bi bo", "bu ca", "ce ci", "co cu"]
-    data.write_text("".join(json.dumps({"input": w, "output": "da de"}) + "\n" for w in words * 2))
-    rep = run_compare(str(data), str(tmp_path / "cmp"), steps=2, batch_size=2, num_virtual_tokens=2, lora_r=2,
-                      max_new_tokens=2, tasks=2, model=tiny_model("llama"), tokenizer=tiny_tokenizer())
+    train = tmp / "train.jsonl"
+    train.write_text("".join(json.dumps({"input": w, "output": "da de"}) + "\n" for w in words * 2))
+    # 3 held-out inputs, the first with 2 references; only the first 2 inputs are scored
+    heldout = tmp / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"input": i, "output": o}) + "\n" for i, o in
+                               [("fa fe", "da de"), ("fi fo", "da di"), ("fa fe", "do du"), ("fu ga", "da de")]))
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    rep = run_compare(str(train), str(tmp / "out"), eval_data=str(heldout), steps=2, batch_size=2,
+                      num_virtual_tokens=2, lora_r=2, max_new_tokens=2, tasks=2, eval_inputs=2,
+                      eval_max_new_tokens=3, model=model, tokenizer=tok)
+    return rep, tmp / "out", model, tok
+
+
+def test_a_row_per_method_with_every_figure(run):
+    rep, out, _, _ = run
     assert [r["method"] for r in rep["rows"]] == ["prefix_tuning", "prompt_tuning", "lora"]
+    assert rep["eval_inputs"] == 2 and rep["eval_references"] == 3
     for r in rep["rows"]:
         assert r["trainable_parameters"] > 0 and r["artifact_bytes"] > 0 and r["eval_loss"] > 0
         assert r["tokens_per_s_1_task"] > 0 and r["tokens_per_s_mixed"] > 0
-    md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert md.count("\n| ") == 3 and "tok/s 2 tasks mixed" in md
-    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+        assert 0 <= r["bleu"] <= 100 and 0 <= r["rouge_l"] <= 100
+    assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(rep))
+    md = (out / "compare.md").read_text()
+    assert md == markdown(rep) and md.count("\n| ") == 3
+    assert "tok/s 2 tasks mixed" in md and "| BLEU | ROUGE-L |" in md and "2 held-out inputs (3 references)" in md
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_scores_are_those_of_the_outputs_each_method_generates(run):
+    from softprompt.artifact import load_artifact
+    from softprompt.evaluate import predict, score
+
+    rep, out, _, tok = run
+    for r in rep["rows"]:
+        preds = [json.loads(line) for line in (out / r["method"] / "predictions.jsonl").read_text().splitlines()]
+        assert [(p["prompt"], p["references"]) for p in preds] == [("fa fe", ["da de", "do du"]), ("fi fo", ["da di"])]
+        s = score([p["output"] for p in preds], [p["references"] for p in preds])
+        assert (s["bleu"], s["rouge_l"]) == pytest.approx((r["bleu"], r["rouge_l"]))
+    # the outputs are those of the saved artifacts, regenerated independently on fresh copies of the
+    # base (compare's own model is LoRA-injected by now: it trains LoRA last, in place)
+    from softprompt.lora import apply_lora
+
+    fresh = tiny_model("llama")
+    with torch.no_grad():
+        for method in ("prefix_tuning", "prompt_tuning"):
+            kv = load_artifact(out / method / "last", fresh).to_kv_prefix(fresh)
+            assert outputs(out / method) == predict(fresh, tok, ["fa fe", "fi fo"], kv, max_new_tokens=3)
+        lora = apply_lora(tiny_model("llama"), out / "lora", merge=False)
+        assert outputs(out / "lora") == predict(lora, tok, ["fa fe", "fi fo"], None, max_new_tokens=3)
+
+
+def outputs(method_dir):
+    return [json.loads(line)["output"] for line in (method_dir / "predictions.jsonl").read_text().splitlines()]
