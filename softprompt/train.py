@@ -144,7 +144,8 @@ def gradient_checkpointing(model, enabled: bool = True):
         inner = layer.forward
 
         def run(*args, **kwargs):
-            cache = next((a for a in (*args, *kwargs.values()) if hasattr(a, "layers") and hasattr(a, "update")), None)
+            found = (getattr(a, "self_attention_cache", a) for a in (*args, *kwargs.values()))  # seq2seq: its self half
+            cache = next((a for a in found if hasattr(a, "layers") and hasattr(a, "update")), None)
             saved = [(c.keys, c.values, getattr(c, "is_initialized", True)) for c in getattr(cache, "layers", [])]
             try:
                 return inner(*args, **kwargs)

@@ -1,0 +1,342 @@
+"""Encoder-decoder models (T5, BART families): where a prompt enters, and one forward pass with it.
+
+A seq2seq prompt compiles to a `Seq2SeqPrefix` with up to four parts, any of which may be absent:
+
+    embeds   (P, d)               soft prompt placed before the encoder's input (prompt tuning)
+    encoder  (L_enc, 2, H, P, D)  K/V prefix of the encoder's self-attention    (prefix tuning,
+    decoder  (L_dec, 2, H, P, D)  K/V prefix of the decoder's self-attention     Li & Liang's BART
+    cross    (L_dec, 2, H, P, D)  K/V prefix of the decoder's cross-attention    recipe)
+
+Unlike a causal decoder, a soft prompt in the encoder cannot compile to a KV prefix: the encoder
+is bidirectional, so the prompt's hidden states depend on the text after it. It stays embeddings.
+
+How each part gets in, per row `i` of a batch (prefixes left-padded to a common length, as in
+softprompt/prefix.py; the mask hides the pad slots):
+  embeds   rebuilt encoder input  [P_i soft | T_i tokens | pad], right-padded, so absolute
+           positions (BART) of real tokens never move and relative ones (T5) never change
+  encoder  HF encoders take no cache, so a forward pre-hook on each encoder layer (installed
+           for the call only, per module instance) adds to the layer's arguments a tiny cache
+           holding the prefix and a mask over [prefix | tokens]; being arguments, gradient
+           checkpointing's recompute sees them too
+  decoder  the self-attention half of an `EncoderDecoderCache` (as PEFT does); decoder tokens
+           take positions P_i, P_i+1, ... (BART's learned positions are shifted per row by a
+           hook on `embed_positions` when rows have different P_i; T5's are relative)
+  cross    the cross-attention half of the same cache, filled by us with [prefix | the encoder
+           states' keys/values] (marked computed, so the model reuses them); the model is
+           given a stand-in for the encoder states of the same length Pc + S and the mask over
+           [prefix | encoder tokens], from which it builds its cross-attention mask
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache
+
+from ..prefix import stack_prefixes
+
+PARTS = ("encoder", "decoder", "cross")
+
+
+class Seq2SeqError(ValueError):
+    """A seq2seq model or prompt cannot be used as asked; the message says why."""
+
+
+def is_seq2seq(model_or_config) -> bool:
+    config = getattr(model_or_config, "config", model_or_config)
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def model_family(model) -> str:
+    """'seq2seq' for encoder-decoder models, 'causal_lm' otherwise (recorded on artifact cards)."""
+    return "seq2seq" if is_seq2seq(model) else "causal_lm"
+
+
+@dataclass(frozen=True)
+class Seq2SeqGeometry:
+    """Attention shapes of both stacks (T5: d_kv may differ from d_model / heads)."""
+
+    model_type: str
+    encoder_layers: int
+    decoder_layers: int
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+    def part_shape(self, part: str, num_virtual_tokens: int) -> tuple[int, int, int, int, int]:
+        layers = self.encoder_layers if part == "encoder" else self.decoder_layers
+        return (layers, 2, self.num_heads, num_virtual_tokens, self.head_dim)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seq2seq_geometry(model_or_config) -> Seq2SeqGeometry:
+    c = getattr(model_or_config, "config", model_or_config)
+    if not is_seq2seq(c):
+        raise Seq2SeqError(f"{type(c).__name__} is not an encoder-decoder model (config.is_encoder_decoder is false)")
+    heads = getattr(c, "num_heads", None) or c.encoder_attention_heads
+    dec_heads = getattr(c, "num_heads", None) or c.decoder_attention_heads
+    if heads != dec_heads:  # one prefix head count for all three sites keeps the layout simple
+        raise Seq2SeqError(f"encoder and decoder have different head counts ({heads}, {dec_heads}); not supported")
+    return Seq2SeqGeometry(
+        model_type=getattr(c, "model_type", "unknown"),
+        encoder_layers=int(getattr(c, "num_layers", None) or c.encoder_layers),
+        decoder_layers=int(getattr(c, "num_decoder_layers", None) or c.decoder_layers),
+        num_heads=int(heads),
+        head_dim=int(getattr(c, "d_kv", None) or c.d_model // heads),
+        hidden_size=int(c.d_model),
+        vocab_size=int(c.vocab_size),
+    )
+
+
+@dataclass
+class Seq2SeqPrefix:
+    """What a seq2seq prompt stands for at inference (see the module docstring for shapes)."""
+
+    embeds: torch.Tensor | None = None
+    encoder: torch.Tensor | None = None
+    decoder: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+
+    def to(self, device=None, dtype=None) -> "Seq2SeqPrefix":
+        return Seq2SeqPrefix(*(None if t is None else t.to(device=device, dtype=dtype)
+                               for t in (self.embeds, self.encoder, self.decoder, self.cross)))
+
+
+# --------------------------------------------------------------------------------------------
+# Where the hooks go
+
+
+def _layers(stack):
+    return getattr(stack, "block", None) or stack.layers
+
+
+def _attn(layer, names: tuple[str, ...]):
+    for name in names:
+        mod = layer
+        try:
+            for part in name.split("."):
+                mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+            return mod
+        except (AttributeError, IndexError):
+            continue
+    raise Seq2SeqError(f"cannot find the attention module ({' or '.join(names)}) in {type(layer).__name__}")
+
+
+def cross_attentions(model) -> list:
+    return [_attn(layer, ("layer.1.EncDecAttention", "encoder_attn")) for layer in _layers(model.get_decoder())]
+
+
+def additive_mask(keep: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """keep (B, K) 0/1 -> additive mask (B, 1, q_len, K): 0 where kept, the dtype's min elsewhere
+    (a float mask works for both the eager and the SDPA attention of T5 and BART)."""
+    m = (1.0 - keep.to(dtype))[:, None, None, :] * torch.finfo(dtype).min
+    return m.expand(-1, 1, q_len, -1)
+
+
+class _PrefixKV:
+    """The smallest cache an attention module accepts: `update` puts one layer's prefix before
+    the new keys/values and keeps nothing, so a recompute gets the same answer."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v  # (B, H, P, D)
+
+    def get_seq_length(self, layer_idx=0) -> int:
+        return self.k.shape[-2]
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        return (torch.cat([self.k.to(key_states.dtype), key_states], dim=-2),
+                torch.cat([self.v.to(value_states.dtype), value_states], dim=-2))
+
+
+@contextlib.contextmanager
+def _hooks(pairs, **kw):
+    handles = [mod.register_forward_pre_hook(fn, with_kwargs=True, **kw) for mod, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _encoder_hooks(model, kv: torch.Tensor | None, pmask: torch.Tensor, enc_mask: torch.Tensor):
+    """kv (L, 2, B, H, P, D), pmask (B, P), enc_mask (B, S): encoder self-attention over [prefix | tokens].
+    T5 blocks and BART encoder layers both take (hidden_states, attention_mask, ...) and pass
+    `past_key_values` on to their self-attention."""
+    if kv is None:
+        return contextlib.nullcontext()
+    keep = torch.cat([pmask.to(enc_mask.device), enc_mask.long()], dim=1)  # (B, P + S)
+
+    def hook_for(layer: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask = additive_mask(keep, hidden.shape[1], hidden.dtype)  # (B, 1, S, P + S)
+            if len(args) > 1:
+                args = (args[0], mask, *args[2:])
+            else:
+                kwargs["attention_mask"] = mask
+            kwargs["past_key_values"] = _PrefixKV(kv[layer, 0], kv[layer, 1])
+            return args, kwargs
+
+        return hook
+
+    return _hooks([(m, hook_for(i)) for i, m in enumerate(_layers(model.get_encoder()))])
+
+
+def _kv_proj(attn):
+    return (attn.k, attn.v) if hasattr(attn, "k") else (attn.k_proj, attn.v_proj)
+
+
+def cross_kv(model, hidden: torch.Tensor, bp: "Seq2SeqBatchPrefix") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per decoder layer, the cross-attention keys and values [prefix | encoder states]: (B, H, Pc + S, D)."""
+    kv, _ = bp.cross
+    out = []
+    for layer, attn in enumerate(cross_attentions(model)):
+        B, S, _ = hidden.shape
+        k, v = (proj(hidden).view(B, S, -1, attn.key_value_proj_dim if hasattr(attn, "key_value_proj_dim")
+                                  else attn.head_dim).transpose(1, 2) for proj in _kv_proj(attn))
+        if kv is not None:
+            k, v = torch.cat([kv[layer, 0].to(k.dtype), k], dim=2), torch.cat([kv[layer, 1].to(v.dtype), v], dim=2)
+        out.append((k, v))
+    return out
+
+
+def _position_hook(model, shift: torch.Tensor | None):
+    """Learned absolute decoder positions (BART family) count from each row's own prefix length:
+    the decoder numbers tokens from the cache length Pmax, so row i is moved back by Pmax - P_i."""
+    emb = getattr(model.get_decoder(), "embed_positions", None)
+    if emb is None or shift is None or not bool((shift != 0).any()):
+        return contextlib.nullcontext()
+
+    def hook(module, args, kwargs, out):  # out (1 or B, T, d)
+        ids = kwargs.get("position_ids")
+        if ids is None:
+            return out
+        rows = []
+        for s in shift.tolist():
+            rows.append(module.forward(*args, **dict(kwargs, position_ids=ids - s)).reshape(-1, out.shape[-2], out.shape[-1]))
+        return torch.cat(rows, dim=0)  # (B, T, d)
+
+    return _forward_hook(emb, hook)
+
+
+@contextlib.contextmanager
+def _forward_hook(module, fn):
+    handle = module.register_forward_hook(fn, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# The batch: every row's parts stacked
+
+
+@dataclass
+class Seq2SeqBatchPrefix:
+    """Per-part stacks `(L, 2, B, H, Pmax, D)` (or None) with masks `(B, Pmax)`, plus soft prompts."""
+
+    embeds: list  # B entries: (P_i, d) or None
+    encoder: tuple
+    decoder: tuple
+    cross: tuple
+
+    @classmethod
+    def build(cls, prefixes: Sequence[Seq2SeqPrefix | None], batch_size: int) -> "Seq2SeqBatchPrefix":
+        if len(prefixes) == 1 and batch_size != 1:
+            prefixes = list(prefixes) * batch_size  # stack_prefixes' own broadcast path would copy too
+        if len(prefixes) != batch_size:
+            raise Seq2SeqError(f"{len(prefixes)} prefixes for {batch_size} rows")
+        parts = {}
+        for part in PARTS:
+            parts[part] = stack_prefixes([getattr(p, part) if p is not None else None for p in prefixes])
+        return cls([p.embeds if p is not None else None for p in prefixes], **parts)
+
+
+def encoder_inputs(model, input_ids, attention_mask, embeds: list):
+    """Right-padded encoder input embeddings `(B, S, d)` and mask `(B, S)`, each row
+    [soft prompt | its real tokens | pad]; input may come padded on either side."""
+    table = model.get_input_embeddings()
+    tok = table(input_ids)  # (B, T, d)
+    B = input_ids.shape[0]
+    lengths = [int(attention_mask[i].sum()) + (0 if embeds[i] is None else embeds[i].shape[0]) for i in range(B)]
+    if not all(e is None for e in embeds) or bool((attention_mask[:, :1] == 0).any()):
+        S = max(lengths)
+        out = tok.new_zeros(B, S, tok.shape[-1])
+        mask = attention_mask.new_zeros(B, S)
+        for i in range(B):
+            real = tok[i][attention_mask[i].bool()]  # (T_i, d)
+            row = real if embeds[i] is None else torch.cat([embeds[i].to(tok.dtype), real], dim=0)
+            out[i, : row.shape[0]] = row
+            mask[i, : row.shape[0]] = 1
+        return out, mask
+    return tok, attention_mask
+
+
+def encode(model, input_ids, attention_mask, bp: Seq2SeqBatchPrefix):
+    """Encoder states `(B, S, d)` and their mask `(B, S)` with the soft prompt and encoder prefix."""
+    emb, mask = encoder_inputs(model, input_ids, attention_mask, bp.embeds)
+    kv, pmask = bp.encoder
+    with _encoder_hooks(model, kv, pmask, mask):
+        hidden = model.get_encoder()(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    return hidden, mask
+
+
+def make_cache(model, bp: Seq2SeqBatchPrefix, hidden: torch.Tensor, self_cls=DynamicCache) -> EncoderDecoderCache:
+    """An EncoderDecoderCache holding the decoder self-attention prefix and the full cross-attention
+    keys/values [prefix | encoder states] (marked computed: the model reuses them, also in a recompute)."""
+    self_cache, cross_cache = self_cls(), DynamicCache()
+    kv, _ = bp.decoder
+    if kv is not None:
+        for layer in range(kv.shape[0]):
+            self_cache.update(kv[layer, 0], kv[layer, 1], layer)
+    for layer, (k, v) in enumerate(cross_kv(model, hidden, bp)):
+        cross_cache.update(k, v, layer)
+    return EncoderDecoderCache(self_cache, cross_cache)
+
+
+def decode(model, bp: Seq2SeqBatchPrefix, enc_hidden, enc_mask, decoder_input_ids, decoder_attention_mask=None,
+           cache: EncoderDecoderCache | None = None, self_cls=DynamicCache, **kwargs):
+    """Decoder pass over `decoder_input_ids` (B, T), right-padded, after whatever `cache` holds
+    (a fresh one with the prefixes when None). Returns the HF output (logits (B, T, V))."""
+    B, T = decoder_input_ids.shape
+    dev = decoder_input_ids.device
+    dkv, dmask = bp.decoder
+    cmask = bp.cross[1].to(dev)
+    if cache is None:
+        cache = make_cache(model, bp, enc_hidden, self_cls)
+    past = cache.get_seq_length()
+    if decoder_attention_mask is None:
+        decoder_attention_mask = torch.ones(B, T, dtype=torch.long, device=dev)
+    if decoder_attention_mask.shape[1] == T:  # prepend the prefix slots and any earlier steps
+        done = past - dmask.shape[1]
+        decoder_attention_mask = torch.cat([dmask.to(dev), torch.ones(B, done, dtype=torch.long, device=dev),
+                                            decoder_attention_mask.long()], dim=1)
+    # The model only reads the shape of the encoder states (their keys/values are in the cache).
+    stand_in = torch.cat([enc_hidden.new_zeros(B, cmask.shape[1], enc_hidden.shape[-1]), enc_hidden], dim=1)
+    keep = torch.cat([cmask, enc_mask.long()], dim=1)  # (B, Pc + S)
+    shift = (dmask.shape[1] - dmask.sum(-1)).to(dev) if dkv is not None else None
+    with _position_hook(model, shift):
+        return model(encoder_outputs=(stand_in,), attention_mask=keep, decoder_input_ids=decoder_input_ids,
+                     decoder_attention_mask=decoder_attention_mask, past_key_values=cache, **kwargs)
+
+
+def seq2seq_forward(model, prefixes, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
+                    **kwargs):
+    """Encoder over `input_ids`/`attention_mask` (B, S) and decoder over `decoder_input_ids` (B, T),
+    where row i carries `prefixes[i]` (or one prefix for all rows). Logits (B, T, V)."""
+    bp = Seq2SeqBatchPrefix.build(list(prefixes), input_ids.shape[0])
+    hidden, mask = encode(model, input_ids, attention_mask, bp)
+    kwargs.setdefault("use_cache", False)
+    return decode(model, bp, hidden, mask, decoder_input_ids, decoder_attention_mask, **kwargs)
