@@ -318,7 +318,8 @@ def chart(report: dict, path: Path) -> Path:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.tight_layout()
+    # fixed margins: tight_layout renders the figure once more just to measure it (~2x the time)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.96, bottom=0.08, wspace=0.35, hspace=0.55)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

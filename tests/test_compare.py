@@ -25,9 +25,12 @@ def run(tmp_path_factory):
     heldout.write_text("".join(json.dumps({"input": i, "output": o}) + "\n" for i, o in
                                [("fa fe", "da de"), ("fi fo", "da di"), ("fa fe", "do du"), ("fu ga", "da de")]))
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    rep = run_compare(str(train), str(tmp / "out"), eval_data=str(heldout), steps=2, batch_size=2,
-                      num_virtual_tokens=2, lora_r=2, max_new_tokens=2, tasks=2, eval_inputs=2,
-                      eval_max_new_tokens=3, model=model, tokenizer=tok)
+    with pytest.MonkeyPatch.context() as mp:
+        # each training run's own loss plot (train.py's, tested there) is half of this test's time
+        mp.setattr("softprompt.train.plot_history", lambda *a, **k: None)
+        rep = run_compare(str(train), str(tmp / "out"), eval_data=str(heldout), steps=2, batch_size=2,
+                          num_virtual_tokens=2, lora_r=2, max_new_tokens=2, tasks=2, eval_inputs=2,
+                          eval_max_new_tokens=3, model=model, tokenizer=tok)
     return rep, tmp / "out", model, tok
 
 
