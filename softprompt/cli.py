@@ -123,16 +123,16 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
         lora: a PEFT LoRA adapter directory (safetensors) applied to the base model first
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
     """
-    from .artifact import load_artifact
     from .generate import SamplingParams
     from .generate import generate as run
+    from .lora import load_prompt
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=tuple(stop or ()))
     model, tok = _load(base, lora, merge_lora)
     kv = None
-    if adapter is not None:
-        kv = load_artifact(adapter, model, allow_other_base=allow_other_base).to_kv_prefix(model)
+    if adapter is not None:  # load_prompt: a refusal for the base also names the --lora flag that fits
+        kv = load_prompt(adapter, model, lora, merge_lora, allow_other_base).to_kv_prefix(model)
     if chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)

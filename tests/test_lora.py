@@ -98,7 +98,8 @@ def test_cli_train_and_generate_with_lora(tmp_path, monkeypatch, capsys):
     assert cli.main(["generate", "ba be", "--adapter", str(tmp_path / "run" / "best"), "--lora", str(lora),
                      "--max-new-tokens", "2"]) == 0
     assert cli.main(["generate", "ba be", "--adapter", str(tmp_path / "run" / "best"), "--max-new-tokens", "2"]) == 2
-    assert "was made for base model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "was made for base model" in err and f"pass --lora {lora}" in err
     from softprompt.card import model_card
 
     assert "LoRA adapter" in model_card(tmp_path / "run" / "best")
