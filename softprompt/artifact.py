@@ -85,6 +85,7 @@ def make_card(prompt: PromptMethod, model, tensors: dict[str, torch.Tensor], *, 
         "metrics": dict(metrics or {}),
         "dataset": dataset,
     }
+    card.update(getattr(prompt, "card_extra", None) or {})  # a classifier's labels and head kind
     card.update(extra or {})
     return card
 
@@ -195,7 +196,7 @@ def _check_card(card: dict, path: Path) -> None:
         raise ArtifactError(f"{path}: artifact format version {version} was written by a newer softprompt "
                             f"({card.get('library_version')}); this is {__version__}, which reads up to version "
                             f"{FORMAT_VERSION}: upgrade softprompt")
-    if card.get("method") not in METHODS:
+    if card.get("method") not in METHODS and not (card.get("task") == "classify" and card.get("method") == "head_only"):
         raise ArtifactError(f"{path}: unknown method {card.get('method')!r}; this softprompt knows "
                             f"{', '.join(sorted(METHODS))}: upgrade softprompt or check the card")
 
@@ -215,6 +216,10 @@ def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = Fa
         return import_peft(path, model)
     card, blob = _read(path)
     _check_card(card, path)
+    if (card.get("classifier") or {}).get("kind") == "head":  # a verbalizer's tensors are a plain prompt
+        raise ArtifactError(f"{path} is a classifier (an encoder with a head, labels "
+                            f"{card['classifier'].get('labels')}), not a prompt for generation: use `softprompt eval "
+                            "--adapter` on classification data, POST /v1/classify, or softprompt.classify.load_classifier")
     try:
         data = _data_section(blob)
     except ArtifactError as e:

@@ -20,10 +20,11 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
+from .classify import ClassifyRequest, ClassifyService
 from .engine import Engine
 from .handle import Request
 from .schemas import ChatRequest, CompletionRequest
-from .tasks import QueueFull, UnknownTask
+from .tasks import QueueFull, RequestError, UnknownTask
 
 STATUS = {"unknown_task": 404, "task_refused": 400, "prompt_too_long": 400, "bad_request": 400}
 
@@ -91,8 +92,9 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()) -> FastAPI:
-    """The FastAPI app over a (started or not) engine; starting/stopping follows the app's lifespan."""
+def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig(), classifier=None) -> FastAPI:
+    """The FastAPI app over a (started or not) engine; starting/stopping follows the app's lifespan.
+    `classifier`: the ClassifyService behind /v1/classify (default: one over the engine's model and tasks)."""
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -267,6 +269,27 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
             return FileResponse(web / "index.html", media_type="text/html")
 
         app.mount("/static", StaticFiles(directory=web), name="static")
+
+    # --- classification: label and per-class probabilities (compute in serve/classify.py) ---------------
+    classifier = classifier or ClassifyService(engine.model, engine.tokenizer, engine.tasks.resolve)
+    app.state.classifier = classifier
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest, request: HTTPRequest):
+        """`input` (a text or a list) through a classification task: per text its label and probabilities."""
+        check_key(request)
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        try:
+            results = await asyncio.to_thread(classifier.classify, body.model, texts)
+        except UnknownTask:
+            raise APIError(404, f"the model {body.model!r} is not a task in the store", code="model_not_found",
+                           param="model") from None
+        except RequestError as e:  # a task that is no classifier (400), or bad texts (422, as bad parameters)
+            if e.code == "task_refused":
+                raise APIError(400, str(e), code=e.code, param="model") from None
+            raise APIError(422, str(e), code="invalid_parameter", param="input") from None
+        return {"object": "list", "model": body.model,
+                "data": [{"object": "classification", "index": i, **r} for i, r in enumerate(results)]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
