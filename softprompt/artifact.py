@@ -70,6 +70,7 @@ def make_card(prompt: PromptMethod, model, tensors: dict[str, torch.Tensor], *, 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "method": prompt.method,
+        "model_family": getattr(prompt, "family", "causal_lm"),  # loading refuses a base of another family
         "num_virtual_tokens": prompt.num_virtual_tokens,
         "config": prompt.config_dict(),
         "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
@@ -220,6 +221,12 @@ def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = Fa
         raise ArtifactError(f"{path} is a classifier (an encoder with a head, labels "
                             f"{card['classifier'].get('labels')}), not a prompt for generation: use `softprompt eval "
                             "--adapter` on classification data, POST /v1/classify, or softprompt.classify.load_classifier")
+    family = card.get("model_family", "causal_lm")  # cards before seq2seq support are all decoder prompts
+    model_family = "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal_lm"
+    if family != model_family:
+        raise ArtifactError(f"{path} is a prompt for a {family} model ({(card.get('base_model') or {}).get('name')!r}), "
+                            f"but the loaded base {getattr(model, 'name_or_path', '')!r} is {model_family}: load it "
+                            "with the base model it was trained on (--base PATH)")
     try:
         data = _data_section(blob)
     except ArtifactError as e:
@@ -239,9 +246,12 @@ def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = Fa
             f"{path} was made for base model {base.get('name')!r} (fingerprint {base['fingerprint']}), "
             f"but the loaded model {getattr(model, 'name_or_path', '')!r} has fingerprint {fp}. Load it with the "
             "base model it was trained on (--base PATH), or pass allow_other_base=True if you know the weights fit")
-    cls = METHODS[card["method"]]
-    geo = geometry(model)
-    want = {k: tuple(v) for k, v in cls.expected_shapes(geo, int(card["num_virtual_tokens"])).items()}
+    cls, geo, shape_opts = METHODS[card["method"]], geometry(model), {}
+    if family == "seq2seq":
+        from .seq2seq import METHODS as SEQ2SEQ_METHODS, seq2seq_geometry
+
+        cls, geo, shape_opts = SEQ2SEQ_METHODS[card["method"]], seq2seq_geometry(model), {"config": card.get("config")}
+    want = {k: tuple(v) for k, v in cls.expected_shapes(geo, int(card["num_virtual_tokens"]), **shape_opts).items()}
     have = {k: tuple(t.shape) for k, t in tensors.items()}
     if want != have:
         raise ArtifactError(

@@ -56,8 +56,12 @@ def import_peft(path: str | os.PathLike, model) -> PromptMethod:
     if peft_type not in PEFT_TYPES:
         raise PeftFormatError(f"{path}: PEFT type {peft_type!r} is not a prompt-learning method we import "
                               f"(supported: {', '.join(PEFT_TYPES)})")
-    if cfg.get("task_type") not in (None, "CAUSAL_LM"):
-        raise PeftFormatError(f"{path}: task_type {cfg.get('task_type')!r} is not supported; only CAUSAL_LM adapters")
+    s2s_model = bool(getattr(model.config, "is_encoder_decoder", False))
+    if cfg.get("task_type") != "SEQ_2_SEQ_LM" and s2s_model:
+        raise PeftFormatError(f"{path}: a {cfg.get('task_type') or 'CAUSAL_LM'} adapter cannot be used with an "
+                              "encoder-decoder base model; load it with the decoder-only base it was made for")
+    if cfg.get("task_type") not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        raise PeftFormatError(f"{path}: task_type {cfg.get('task_type')!r} is not supported; only CAUSAL_LM and SEQ_2_SEQ_LM adapters")
     tensor_file = path / "adapter_model.safetensors"
     if not tensor_file.is_file():
         if (path / "adapter_model.bin").exists():
@@ -71,6 +75,14 @@ def import_peft(path: str | os.PathLike, model) -> PromptMethod:
     if "prompt_embeddings" not in tensors:
         raise PeftFormatError(f"{tensor_file} has no 'prompt_embeddings' tensor (found {sorted(tensors)})")
     emb = tensors["prompt_embeddings"].float()
+    if cfg.get("task_type") == "SEQ_2_SEQ_LM":
+        from .seq2seq.peft_io import import_peft as import_seq2seq
+
+        prompt = import_seq2seq(path, cfg, emb, model)
+        prompt.card = {"method": prompt.method, "num_virtual_tokens": prompt.num_virtual_tokens, "source": "peft",
+                       "path": str(path), "model_family": "seq2seq",
+                       "base_model": {"name": cfg.get("base_model_name_or_path")}, "peft_config": cfg}
+        return prompt
     geo = geometry(model)
     P = int(cfg.get("num_virtual_tokens") or emb.shape[0])
     if (cfg.get("num_transformer_submodules") or 1) != 1:

@@ -76,6 +76,14 @@ class Seq2SeqGeometry:
     def kv_dim(self) -> int:
         return self.num_heads * self.head_dim
 
+    @property
+    def num_layers(self) -> int:  # the names shared code prints in messages
+        return self.decoder_layers
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.num_heads
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -298,11 +306,12 @@ def make_cache(model, bp: Seq2SeqBatchPrefix, hidden: torch.Tensor, self_cls=Dyn
     keys/values [prefix | encoder states] (marked computed: the model reuses them, also in a recompute)."""
     self_cache, cross_cache = self_cls(), DynamicCache()
     kv, _ = bp.decoder
-    if kv is not None:
-        for layer in range(kv.shape[0]):
-            self_cache.update(kv[layer, 0], kv[layer, 1], layer)
     for layer, (k, v) in enumerate(cross_kv(model, hidden, bp)):
         cross_cache.update(k, v, layer)
+        # Without a decoder prefix, still create each layer (empty): gradient checkpointing can only
+        # restore a layer that existed before the call.
+        pk, pv = (kv[layer, 0], kv[layer, 1]) if kv is not None else (k[:, :, :0], v[:, :, :0])
+        self_cache.update(pk, pv, layer)
     return EncoderDecoderCache(self_cache, cross_cache)
 
 
