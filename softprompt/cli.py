@@ -136,6 +136,8 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
     if chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
+    if getattr(model.config, "is_encoder_decoder", False):
+        from .seq2seq.generate import generate as run
     print(run(model, tok, [prompt], kv, params)[0])
 
 

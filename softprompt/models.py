@@ -193,11 +193,14 @@ def load_base(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.
 
     hf_logging.disable_progress_bar()  # a cached load takes ~1 s: no bar needed
     try:
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+        seq2seq = bool(getattr(AutoConfig.from_pretrained(source), "is_encoder_decoder", False))  # T5, BART
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as e:
         raise BaseModelError(f"cannot load a causal LM from {source}: {e}") from e
-    tok.padding_side = "left"
+    tok.padding_side = "right" if seq2seq else "left"  # encoder inputs: real tokens keep positions 0..
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device)

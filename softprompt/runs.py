@@ -88,16 +88,24 @@ def run_train(data, out, method="prefix_tuning", base=None, template=None, targe
 
             torch.cuda.set_device(dist.rank % torch.cuda.device_count())
             model.to(f"cuda:{dist.rank % torch.cuda.device_count()}")
+    objective, create = None, methods.create
+    if getattr(model.config, "is_encoder_decoder", False):  # T5/BART: source -> target, seq2seq prompts
+        from .seq2seq import create
+        from .seq2seq.train import Seq2SeqObjective, tokenize_seq2seq as tokenize
+
+        objective = Seq2SeqObjective()
+        if name == "prefix_tuning" and init is None:
+            init = "random"  # the text init is decoder-only for now
     train_tok = tokenize(train_ex, tokenizer, dcfg, bad)
     eval_tok = tokenize(eval_ex, tokenizer, dcfg, bad) if eval_ex else None
     groups = group_references(eval_tok.examples) if eval_tok else None
     _say(f"data: {len(train_tok)} training rows, {len(eval_tok) if eval_tok else 0} held-out rows"
          f" ({len(groups) if groups else 0} distinct inputs); {bad.report()}", dist.main)
-    prompt = methods.create(name, model, tokenizer,
-                            **method_options(name, num_virtual_tokens, init, init_text, projection_dim, seed))
+    prompt = create(name, model, tokenizer,
+                    **method_options(name, num_virtual_tokens, init, init_text, projection_dim, seed))
     prompt.to(next(model.parameters()).device)
     trainer = Trainer(model, tokenizer, prompt, train_tok, cfg, out=out, eval_data=eval_tok, eval_groups=groups,
-                      dist=dist, progress=progress, card={"dataset": str(data)})
+                      dist=dist, progress=progress, card={"dataset": str(data)}, objective=objective)
     if resume:
         if trainer.resume():
             _say(f"resumed from step {trainer.step}", dist.main)
@@ -162,6 +170,8 @@ def run_eval(adapter=None, data=None, base=None, template=None, target=None, cha
     if adapter and adapter != "none":
         kv = load_prompt(adapter, model, lora, merge_lora, allow_other_base).to_kv_prefix(model)
     t0 = time.perf_counter()
+    if getattr(model.config, "is_encoder_decoder", False):
+        from .seq2seq.generate import evaluate_groups
     res = evaluate_groups(model, tokenizer, groups, kv, chat_template=chat_template, max_new_tokens=max_new_tokens,
                           num_beams=num_beams, batch_size=batch_size)
     preds = res.pop("predictions")

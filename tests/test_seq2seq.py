@@ -325,3 +325,36 @@ def test_objective_loss_is_teacher_forced_cross_entropy(arch):
             logits = seq2seq_forward(model, [pre], torch.tensor([src]), torch.ones(1, len(src), dtype=torch.long), dec).logits
         total += F.cross_entropy(logits[0], torch.tensor(tgt), reduction="sum").item()
     assert n == 4 and float(loss) == pytest.approx(total, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The command line with a T5 base directory
+
+
+def test_cli_train_generate_eval_on_a_t5_directory(tmp_path, capsys):
+    from tiny_tokenizer import WORDS, tiny_tokenizer
+
+    from softprompt.cli import main
+    from softprompt.models import load_base
+
+    base = tmp_path / "t5"
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=96, d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64,
+                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    model, tok = load_base(base)
+    assert model.config.is_encoder_decoder and tok.padding_side == "right"
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"input": f"{WORDS[i]} {WORDS[i + 1]}", "output": WORDS[i + 40]}) + "\n"
+                            for i in range(0, 30, 3)))
+    out = tmp_path / "run"
+    assert main(["train", str(data), str(out), "--base", str(base), "--method", "prefix", "--steps", "3",
+                 "--batch-size", "4", "--num-virtual-tokens", "3", "--projection-dim", "8"]) == 0
+    assert read_card(out / "best")["model_family"] == "seq2seq"
+    capsys.readouterr()
+    assert main(["generate", f"{WORDS[0]} {WORDS[1]}", "--adapter", str(out / "best"), "--base", str(base),
+                 "--max-new-tokens", "3"]) == 0
+    assert all(w in WORDS for w in capsys.readouterr().out.split())  # 3 steps: maybe nothing before eos
+    assert main(["eval", "--adapter", str(out / "best"), "--data", str(data), "--base", str(base),
+                 "--max-new-tokens", "3", "--json"]) == 0
+    assert "bleu" in capsys.readouterr().out
