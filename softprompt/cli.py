@@ -166,7 +166,8 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
           eval_generate: int = 0, metric: str = "eval_loss", patience: int = 0, checkpoint_every: int = 50,
           keep_checkpoints: int = 2, resume: bool = False, gradient_checkpointing: bool = False,
           max_length: int = 512, max_rows: int = 0, skip_bad_rows: bool = False, progress: bool = True,
-          lora: str | None = None, merge_lora: bool = True):
+          lora: str | None = None, merge_lora: bool = True, task: str = "generate", labels: str | None = None,
+          label_words: str | None = None, pooling: str = "mean"):
     """Train a prompt on a dataset; writes OUT/best and OUT/last (artifacts), metrics.jsonl, plot.png, checkpoints/.
 
     Runs data-parallel unchanged under `torchrun --nproc-per-node N -m softprompt.cli train ...`
@@ -209,8 +210,20 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
         progress: show a progress bar
         lora: train on top of this PEFT LoRA adapter (directory, safetensors); the artifact is then refused on the bare base
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
+        task: generate, or classify (--labels; --template renders the text, --target names the label column;
+            the default base is then the embedded encoder all-MiniLM-L6-v2 with a head; --base smollm2 or a
+            decoder directory classifies through label words; --method head_only is the linear probe)
+        labels: classify: the class names, comma-separated (data labels are names or 0-based indices)
+        label_words: classify on a decoder: the word the model predicts per class (default: the label names)
+        pooling: classify on an encoder: mean or cls
     """
     args = dict(locals())
+    if task != "generate":
+        from .classify.runs import train_from_cli
+
+        return train_from_cli(args)
+    for key in ("task", "labels", "label_words", "pooling"):
+        args.pop(key)
     from .runs import run_train
 
     if args.pop("lora") is not None:  # load the adapted model here; run_train then uses it
@@ -245,6 +258,11 @@ def eval(adapter: str | None = None, data: str | None = None, base: str | None =
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
     """
     args = dict(locals())
+    if adapter and adapter != "none":
+        from .classify.runs import eval_from_cli, is_classifier_path
+
+        if is_classifier_path(adapter):  # a classifier: accuracy and macro-F1 instead of generation scores
+            return eval_from_cli(args)
     from .runs import run_eval
 
     run_eval(**args)

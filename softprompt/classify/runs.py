@@ -183,9 +183,9 @@ def run_eval_classify(adapter, data, base=None, template=None, label_field=None,
     card = read_classifier_card(adapter)
     spec = card.get("classifier") or {}
     if model is None:
-        name = (card.get("base_model") or {}).get("name")
-        if base is None and name in ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"):
-            base = "minilm" if spec.get("kind") == "head" else "smollm2"
+        name = (card.get("base_model") or {}).get("name") or ""
+        if base is None:  # the base the card names: an embedded model, or a directory that still exists
+            base = ("minilm" if spec.get("kind") == "head" else "smollm2") if not Path(name).is_dir() else name
         model, tokenizer, _ = load_classification_base(base)
     clf = load_classifier(adapter, model, allow_other_base=allow_other_base)
     bad = BadRows()
@@ -224,3 +224,45 @@ def run_eval_classify(adapter, data, base=None, template=None, label_field=None,
         print(f"{res['n']} rows, {len(clf.labels)} classes ({', '.join(clf.labels)}): accuracy {res['accuracy']:.2f}%  "
               f"macro-F1 {res['f1']:.2f}  ({res['seconds']:.0f} s)")
     return res
+
+
+def is_classifier_path(adapter) -> bool:
+    from ..artifact import ArtifactError
+    from .artifact import is_classifier_card, read_classifier_card
+
+    try:
+        return is_classifier_card(read_classifier_card(adapter))
+    except (ArtifactError, OSError):
+        return False  # not ours (a PEFT directory) or damaged: the generation path reports it
+
+
+def train_from_cli(a: dict):
+    """`softprompt train --task classify`: the generation flags mapped onto the classification job."""
+    if a["task"] != "classify":
+        raise ValueError(f"--task must be generate or classify, got {a['task']!r}")
+    if not a["labels"]:
+        raise ValueError("--task classify needs --labels (e.g. --labels negative,positive)")
+    for flag in ("lora", "chat_template", "eval_generate", "gradient_checkpointing"):
+        if a.get(flag):
+            raise ValueError(f"--{flag.replace('_', '-')} is not supported with --task classify")
+    metric = "accuracy" if a["metric"] == "eval_loss" else a["metric"]
+    if metric not in ("accuracy", "f1"):
+        raise ValueError(f"--task classify picks the best by accuracy or f1, not {metric}")
+    return run_train_classify(
+        a["data"], a["out"], a["labels"], method=a["method"], base=a["base"], template=a["template"],
+        label_field=a["target"], label_words=a["label_words"], pooling=a["pooling"], eval_data=a["eval_data"],
+        eval_fraction=a["eval_fraction"], num_virtual_tokens=a["num_virtual_tokens"], init=a["init"],
+        init_text=a["init_text"], projection_dim=a["projection_dim"], steps=a["steps"], batch_size=a["batch_size"],
+        micro_batch_size=a["micro_batch_size"], lr=a["lr"], weight_decay=a["weight_decay"],
+        warmup_steps=a["warmup_steps"], schedule=a["schedule"], max_grad_norm=a["max_grad_norm"], seed=a["seed"],
+        eval_every=a["eval_every"], metric=metric, patience=a["patience"], checkpoint_every=a["checkpoint_every"],
+        keep_checkpoints=a["keep_checkpoints"], resume=a["resume"], max_length=a["max_length"],
+        max_rows=a["max_rows"], skip_bad_rows=a["skip_bad_rows"], progress=a["progress"])
+
+
+def eval_from_cli(a: dict):
+    if not a.get("data"):
+        raise ValueError("--data PATH is required")
+    return run_eval_classify(a["adapter"], a["data"], base=a["base"], template=a["template"], label_field=a["target"],
+                             batch_size=a["batch_size"], max_rows=a["max_inputs"], skip_bad_rows=a["skip_bad_rows"],
+                             predictions=a["predictions"], allow_other_base=a["allow_other_base"], json=a["json"])
