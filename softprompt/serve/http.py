@@ -26,7 +26,7 @@ from .handle import Request
 from .schemas import ChatRequest, CompletionRequest
 from .tasks import QueueFull, RequestError, UnknownTask
 
-STATUS = {"unknown_task": 404, "task_refused": 400, "prompt_too_long": 400, "bad_request": 400}
+STATUS = {"unknown_task": 404, "task_refused": 400, "prompt_too_long": 400, "bad_request": 400, "internal_error": 500}
 
 
 @dataclass(frozen=True)
@@ -302,6 +302,10 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: HTTPRequest):
         check_key(request)
+        if not getattr(engine.tokenizer, "chat_template", None):  # e.g. T5/BART bases: plain text in, use completions
+            raise APIError(400, f"the base model {config.base_model_id!r} has no chat template, so chat messages cannot "
+                                "be turned into its input: use /v1/completions with a prompt", code="no_chat_template",
+                           param="messages")
         try:
             prompt = engine.tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages],
                                                           tokenize=False, add_generation_prompt=True)

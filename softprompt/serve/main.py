@@ -46,6 +46,8 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
         except Exception:  # a malformed name is as unknown as a missing one
             return None
 
+    if getattr(model.config, "is_encoder_decoder", False):  # T5, BART: seq2seq prompts, batch-at-a-time engine
+        from .seq2seq import Seq2SeqEngine as Engine
     engine = Engine(model, tok, TaskRegistry(tasks, fallback=from_store), max_batch_size=max_batch_size,
                     max_queue=max_queue, prefix_cache_bytes=prefix_cache_mb << 20)
     base_id = EMBEDDED_NAME if base is None else Path(base).name

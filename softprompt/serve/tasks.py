@@ -124,7 +124,7 @@ class PrefixCache:
         return kv
 
     def put(self, name: str, kv: torch.Tensor) -> None:
-        size = kv.numel() * kv.element_size()
+        size = self._nbytes(kv)
         with self._lock:
             if name in self._items:
                 self.bytes -= self._nbytes(self._items.pop(name))
@@ -145,8 +145,11 @@ class PrefixCache:
                 self.bytes -= self._nbytes(self._items.pop(name))
 
     @staticmethod
-    def _nbytes(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size()
+    def _nbytes(t) -> int:
+        """Bytes of a KV tensor, or of the tensors of an object holding several (a Seq2SeqPrefix)."""
+        if isinstance(t, torch.Tensor):
+            return t.numel() * t.element_size()
+        return sum(x.numel() * x.element_size() for x in vars(t).values() if isinstance(x, torch.Tensor))
 
     def stats(self) -> dict:
         return {"tasks": len(self._items), "bytes": self.bytes, "budget_bytes": self.budget_bytes,
@@ -166,6 +169,14 @@ def compile_task(name: str, source, model) -> torch.Tensor:
             prompt = source.open(model)
     except (ArtifactError, PeftFormatError) as e:
         raise TaskRefused(f"task {name!r} cannot be served: {e}") from e
+    family = getattr(prompt, "family", "causal_lm")  # artifacts are checked on load; in-memory prompts here
+    base_family = "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal_lm"
+    if family != base_family:
+        raise TaskRefused(f"task {name!r} cannot be served: it is a prompt for a {family} model, but this server's "
+                          f"base model is {base_family}")
     kv = prompt.to_kv_prefix(model)
     p = next(model.parameters())
+    if not isinstance(kv, torch.Tensor):  # a Seq2SeqPrefix (encoder-decoder bases): its own .to
+        with torch.no_grad():
+            return kv.to(device=p.device, dtype=p.dtype)
     return kv.detach().to(device=p.device, dtype=p.dtype).contiguous()
