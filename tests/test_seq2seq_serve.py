@@ -29,6 +29,17 @@ def tiny_t5():
     return T5ForConditionalGeneration(cfg).float().eval().requires_grad_(False)
 
 
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=16,
+                     init_std=0.2, dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                     decoder_start_token_id=2, forced_eos_token_id=None)
+    return BartForConditionalGeneration(cfg).float().eval().requires_grad_(False)
+
+
 def seq2seq_tasks(model):
     """A prefix at all three sites (3 tokens) and a soft prompt (4 tokens), with non-trivial tensors."""
     torch.manual_seed(1)
@@ -58,8 +69,13 @@ def alone(model, tok, prompt, text, n):
     return generate(model, tok, [text], None if prompt is None else prompt.to_kv_prefix(model), max_new_tokens=n)[0]
 
 
-def test_a_mixed_batch_equals_each_request_alone(stack):
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_a_mixed_batch_equals_each_request_alone(stack, arch, tmp_path):
     model, tok, prompts, tasks = stack
+    if arch == "bart":  # learned positions: decoder rows with different prefix lengths are shifted per row
+        model = tiny_bart()
+        prompts = seq2seq_tasks(model)
+        tasks = {name: save_artifact(p, tmp_path / name, model) for name, p in prompts.items()}
     engine = Seq2SeqEngine(model, tok, tasks, max_batch_size=8)
     reqs = [Request(task="pre", prompt=PROMPTS[0], max_new_tokens=6),
             Request(task="soft", prompt=PROMPTS[1], max_new_tokens=3),  # leaves the batch early
@@ -84,6 +100,10 @@ def test_a_mixed_batch_equals_each_request_alone(stack):
     want_bytes = sum(t.numel() * 4 for p in prompts.values() for t in vars(p.to_kv_prefix(model)).values()
                      if isinstance(t, torch.Tensor))
     assert st["tasks"] == 2 and st["bytes"] == want_bytes and st["misses"] == 2 and st["hits"] == 2
+    if arch == "bart":  # 16 learned positions: a decoder prefix of 3 + 14 new tokens, a soft prompt of 4 + 13 tokens
+        long = engine.generate([Request(task="pre", prompt="ba", max_new_tokens=14),
+                                Request(task="soft", prompt=" ".join(["ba"] * 13), max_new_tokens=2)])
+        assert [o.error_code for o in long] == ["prompt_too_long"] * 2
 
 
 def test_engine_errors_queue_cancel_and_stream(stack):
