@@ -16,122 +16,42 @@ alone: pad slots are masked out, and positions come from each row's own count.
 
 from __future__ import annotations
 
-import threading
-from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from transformers import DynamicCache
 
-from ..generate import SamplingParams, eos_ids, pick_next
 from ..prefix import GrowingCache, prefixed_forward
+from .base import BaseEngine, Row
 from .handle import Completion, Handle, Request
-from .tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
+from .tasks import RequestError, TaskRegistry
 
 
-class _Row:
-    __slots__ = ("handle", "params", "gen", "ids", "pos", "text", "sent", "prompt_tokens", "logits")
+class _Row(Row):
+    __slots__ = ("pos",)
 
-    def __init__(self, handle: Handle, params: SamplingParams, prompt_tokens: int):
-        self.handle, self.params, self.prompt_tokens = handle, params, prompt_tokens
-        self.gen = torch.Generator().manual_seed(params.seed if params.seed is not None
-                                                 else int(torch.randint(0, 2**62, (1,))))
-        self.ids: list[int] = []
+    def __init__(self, handle: Handle, params, prompt_tokens: int):
+        super().__init__(handle, params, prompt_tokens)
         self.pos = 0  # position of the last token fed to the model
-        self.text = ""
-        self.sent = 0  # characters of text already streamed
-        self.logits: list[torch.Tensor] | None = None
 
 
-class Engine:
+class Engine(BaseEngine):
     """Continuous-batching generation over one frozen model and many prompt tasks.
 
     model, tokenizer: from `load_base()`; tasks: a TaskRegistry or a {name: artifact path} map.
-    Limits (all with defaults): `max_batch_size` rows decode together, `max_queue` requests may
-    wait (more are refused with QueueFull), `max_new_tokens_limit` caps a request,
-    `prefix_cache_bytes` bounds the compiled prefixes kept in memory.
+    Limits as in `BaseEngine`; `keep_logits` keeps each row's logits (for tests and scoring).
     """
 
     def __init__(self, model, tokenizer, tasks: TaskRegistry | Mapping | None = None, *, max_batch_size: int = 32,
                  max_queue: int = 1024, max_new_tokens_limit: int = 2048, prefix_cache_bytes: int = 256 * 2**20,
                  keep_logits: bool = False):
-        if max_batch_size < 1 or max_queue < 0:
-            raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
-        self.model, self.tokenizer = model, tokenizer
-        self.tasks = tasks if isinstance(tasks, TaskRegistry) else TaskRegistry(tasks)
-        self.prefixes = PrefixCache(prefix_cache_bytes)
-        self.max_batch_size, self.max_queue, self.max_new_tokens_limit = max_batch_size, max_queue, max_new_tokens_limit
+        super().__init__(model, tokenizer, tasks, max_batch_size=max_batch_size, max_queue=max_queue,
+                         max_new_tokens_limit=max_new_tokens_limit, prefix_cache_bytes=prefix_cache_bytes)
         self.keep_logits = keep_logits
         cfg = model.config
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        self.eos = eos_ids(tokenizer, model)
-        self.device = next(model.parameters()).device
-        self._waiting: deque[tuple[Handle, Request]] = deque()
-        self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (B, S)
-        self._lock = threading.Lock()  # guards _waiting and step()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._stop = False
-        self.stats = {"requests": 0, "completed": 0, "errors": 0, "cancelled": 0, "refused_queue_full": 0,
-                      "generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "batch_rows_sum": 0}
-
-    # ---- public API ---------------------------------------------------------------------
-    def add_task(self, name: str, source) -> None:
-        """Register (or replace) a task; the cache is keyed by source, so a replaced task is never stale."""
-        self.tasks.add(name, source)
-
-    def submit(self, request: Request) -> Handle:
-        """Queue a request; returns its handle at once. Raises QueueFull when the queue is at its limit."""
-        handle = Handle(request, self)
-        with self._lock:
-            if len(self._waiting) >= self.max_queue:
-                self.stats["refused_queue_full"] += 1
-                raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later",
-                                retry_after=1.0)
-            self._waiting.append((handle, request))
-            self.stats["requests"] += 1
-        self._wake.set()
-        return handle
-
-    def generate(self, requests: Iterable[Request]) -> list[Completion]:
-        """Run requests to completion (in this thread unless the engine runs in the background)."""
-        handles = [self.submit(r) for r in requests]
-        return [h.result() for h in handles]
-
-    def stream(self, request: Request):
-        """Iterate over a request's events (token id, text delta) as they are made."""
-        return iter(self.submit(request))
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> "Engine":
-        """Run the step loop in a background thread (for servers and streaming)."""
-        if not self.running:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="softprompt-engine", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def status(self) -> dict:
-        return {"running_rows": len(self._rows), "waiting": len(self._waiting), "max_batch_size": self.max_batch_size,
-                "max_queue": self.max_queue, "prefix_cache": self.prefixes.stats(), **self.stats}
-
-    def _loop(self):
-        while not self._stop:
-            if not self.step():
-                self._wake.wait(0.05)
-                self._wake.clear()
 
     # ---- one iteration ------------------------------------------------------------------
     @torch.no_grad()
@@ -191,20 +111,7 @@ class Engine:
         self._compact()
 
     def _prepare(self, handle: Handle, req: Request):
-        params = req.sampling()
-        if params.max_new_tokens > self.max_new_tokens_limit:
-            raise RequestError(f"max_new_tokens {params.max_new_tokens} is over this engine's limit "
-                               f"{self.max_new_tokens_limit}")
-        kv = None
-        if req.task is not None:
-            source = self.tasks.resolve(req.task)
-            # keyed by what the name resolves to now, so a new version in the store is served at once
-            key = f"{req.task}:{id(source)}" if isinstance(source, torch.nn.Module) else f"{req.task}:{source}"
-            kv = self.prefixes.get(key, lambda: compile_task(req.task, source, self.model))
-        ids = list(req.prompt_ids) if req.prompt_ids is not None else \
-            self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise RequestError("the prompt is empty")
+        params, kv, ids = self._prepare_common(req, add_special_tokens=False)
         P = 0 if kv is None else kv.shape[3]
         if self.max_positions and P + len(ids) + params.max_new_tokens > self.max_positions:
             raise RequestError(f"prompt of {len(ids)} tokens + prefix of {P} + max_new_tokens "
@@ -255,51 +162,7 @@ class Engine:
                 self.stats["cancelled"] += 1
                 r.handle._finish(self._completion(r, "cancelled"))
         self._compact()
-        if any(h.cancelled for h, _ in self._waiting):
-            for h, req in [w for w in self._waiting if w[0].cancelled]:
-                self.stats["cancelled"] += 1
-                h._finish(Completion(request_id=req.request_id, task=req.task, text="", token_ids=[],
-                                     finish_reason="cancelled", prompt_tokens=0))
-            self._waiting = deque(w for w in self._waiting if not w[0].cancelled)
-
-    # ---- tokens out ---------------------------------------------------------------------
-    def _emit(self, rows: list[_Row], logits: torch.Tensor):
-        """Pick each row's next token, stream it, and finish rows that are done. logits: (B, V)."""
-        greedy = logits.argmax(-1).tolist()
-        for i, r in enumerate(rows):
-            if r.logits is not None:
-                r.logits.append(logits[i].detach().clone())
-            tok = greedy[i] if r.params.greedy else int(pick_next(logits[i:i + 1], r.params, r.gen)[0])
-            r.ids.append(tok)
-            self.stats["generated_tokens"] += 1
-            reason = None
-            if not r.params.ignore_eos and tok in self.eos:
-                reason = "stop"
-            text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-            if r.params.stop:
-                hits = [h for h in (text.find(s) for s in r.params.stop) if h >= 0]
-                if hits:
-                    text, reason = text[:min(hits)], "stop"
-            if reason is None and len(r.ids) >= r.params.max_new_tokens:
-                reason = "length"
-            if reason:
-                ready = len(text)
-            else:  # hold back a split multi-byte character and what could begin a stop string
-                ready = len(text.rstrip("\ufffd"))
-                if r.params.stop:
-                    ready = min(ready, len(text) - max(len(s) for s in r.params.stop) + 1)
-            ready = max(ready, r.sent)
-            r.handle._push(tok, text[r.sent:ready])
-            r.sent, r.text = ready, text
-            if reason:
-                r.handle._finish(self._completion(r, reason))
-                self.stats["completed"] += 1
-
-    def _completion(self, r: _Row, reason: str) -> Completion:
-        req = r.handle.request
-        return Completion(request_id=req.request_id, task=req.task, text=r.text, token_ids=list(r.ids),
-                          finish_reason=reason, prompt_tokens=r.prompt_tokens,
-                          logits=torch.stack(r.logits) if r.logits else None)
+        self._cancel_waiting()
 
 
 def _lpad(t: torch.Tensor, S: int) -> torch.Tensor:

@@ -1,0 +1,193 @@
+"""What every serving engine shares, whatever its batching: the queue and its limit, the
+background loop, handles, task prefixes through one cache, and turning logits into streamed text.
+
+A subclass implements `step()` (one unit of work; False when idle) with its own batching:
+`Engine` (decoder-only, continuous batching) and `Seq2SeqEngine` (encoder-decoder, one batch at
+a time). Both call `_prepare_common` for each request and `_emit` after each forward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from ..generate import SamplingParams, eos_ids, pick_next
+from .handle import Completion, Handle, Request
+from .tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
+
+
+class Row:
+    """One request being decoded: its sampling state and what it has streamed."""
+
+    __slots__ = ("handle", "params", "gen", "ids", "text", "sent", "prompt_tokens", "logits")
+
+    def __init__(self, handle: Handle, params: SamplingParams, prompt_tokens: int):
+        self.handle, self.params, self.prompt_tokens = handle, params, prompt_tokens
+        self.gen = torch.Generator().manual_seed(params.seed if params.seed is not None
+                                                 else int(torch.randint(0, 2**62, (1,))))
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of text already streamed
+        self.logits: list[torch.Tensor] | None = None
+
+
+class BaseEngine:
+    """The queue, the loop and the token-out path; see the module docstring.
+
+    Limits (all with defaults): `max_batch_size` rows decode together, `max_queue` requests may
+    wait (more are refused with QueueFull), `max_new_tokens_limit` caps a request,
+    `prefix_cache_bytes` bounds the compiled prefixes kept in memory.
+    """
+
+    thread_name = "softprompt-engine"
+
+    def __init__(self, model, tokenizer, tasks: TaskRegistry | Mapping | None = None, *, max_batch_size: int = 32,
+                 max_queue: int = 1024, max_new_tokens_limit: int = 2048, prefix_cache_bytes: int = 256 * 2**20):
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.tasks = tasks if isinstance(tasks, TaskRegistry) else TaskRegistry(tasks)
+        self.prefixes = PrefixCache(prefix_cache_bytes)
+        self.max_batch_size, self.max_queue, self.max_new_tokens_limit = max_batch_size, max_queue, max_new_tokens_limit
+        self.eos = eos_ids(tokenizer, model)
+        self.device = next(model.parameters()).device
+        self._waiting: deque[tuple[Handle, Request]] = deque()
+        self._rows: list[Row] = []
+        self._lock = threading.Lock()  # guards _waiting (and, in Engine, step())
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.stats = {"requests": 0, "completed": 0, "errors": 0, "cancelled": 0, "refused_queue_full": 0,
+                      "generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "batch_rows_sum": 0}
+
+    # ---- public API ---------------------------------------------------------------------
+    def add_task(self, name: str, source) -> None:
+        """Register (or replace) a task; the cache is keyed by source, so a replaced task is never stale."""
+        self.tasks.add(name, source)
+
+    def submit(self, request: Request) -> Handle:
+        """Queue a request; returns its handle at once. Raises QueueFull when the queue is at its limit."""
+        handle = Handle(request, self)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                self.stats["refused_queue_full"] += 1
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting); retry later", retry_after=1.0)
+            self._waiting.append((handle, request))
+            self.stats["requests"] += 1
+        self._wake.set()
+        return handle
+
+    def generate(self, requests: Iterable[Request]) -> list[Completion]:
+        """Run requests to completion (in this thread unless the engine runs in the background)."""
+        handles = [self.submit(r) for r in requests]
+        return [h.result() for h in handles]
+
+    def stream(self, request: Request):
+        """Iterate over a request's events (token id, text delta) as they are made."""
+        return iter(self.submit(request))
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self):
+        """Run the step loop in a background thread (for servers and streaming)."""
+        if not self.running:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def status(self) -> dict:
+        return {"running_rows": len(self._rows), "waiting": len(self._waiting), "max_batch_size": self.max_batch_size,
+                "max_queue": self.max_queue, "prefix_cache": self.prefixes.stats(), **self.stats}
+
+    def step(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _loop(self):
+        while not self._stop:
+            if not self.step():
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    # ---- requests in ----------------------------------------------------------------------
+    def _prepare_common(self, req: Request, add_special_tokens: bool):
+        """(sampling params, the task's compiled prefix or None, prompt token ids), or RequestError."""
+        params = req.sampling()
+        if params.max_new_tokens > self.max_new_tokens_limit:
+            raise RequestError(f"max_new_tokens {params.max_new_tokens} is over this engine's limit "
+                               f"{self.max_new_tokens_limit}")
+        prefix = None
+        if req.task is not None:
+            source = self.tasks.resolve(req.task)
+            # keyed by what the name resolves to now, so a new version in the store is served at once
+            key = f"{req.task}:{id(source)}" if isinstance(source, torch.nn.Module) else f"{req.task}:{source}"
+            prefix = self.prefixes.get(key, lambda: compile_task(req.task, source, self.model))
+        ids = list(req.prompt_ids) if req.prompt_ids is not None else \
+            self.tokenizer(req.prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        if not ids:
+            raise RequestError("the prompt is empty")
+        return params, prefix, ids
+
+    def _cancel_waiting(self) -> None:
+        """Finish the waiting requests whose clients cancelled them (caller holds _lock)."""
+        if any(h.cancelled for h, _ in self._waiting):
+            for h, req in [w for w in self._waiting if w[0].cancelled]:
+                self.stats["cancelled"] += 1
+                h._finish(Completion(request_id=req.request_id, task=req.task, text="", token_ids=[],
+                                     finish_reason="cancelled", prompt_tokens=0))
+            self._waiting = deque(w for w in self._waiting if not w[0].cancelled)
+
+    # ---- tokens out ---------------------------------------------------------------------
+    def _emit(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        """Pick each row's next token, stream it, and finish rows that are done. logits: (B, V).
+        Returns the picked tokens."""
+        greedy = logits.argmax(-1).tolist()
+        picked = []
+        for i, r in enumerate(rows):
+            if r.logits is not None:
+                r.logits.append(logits[i].detach().clone())
+            tok = greedy[i] if r.params.greedy else int(pick_next(logits[i:i + 1], r.params, r.gen)[0])
+            picked.append(tok)
+            r.ids.append(tok)
+            self.stats["generated_tokens"] += 1
+            reason = None
+            if not r.params.ignore_eos and tok in self.eos:
+                reason = "stop"
+            text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
+            if r.params.stop:
+                hits = [h for h in (text.find(s) for s in r.params.stop) if h >= 0]
+                if hits:
+                    text, reason = text[:min(hits)], "stop"
+            if reason is None and len(r.ids) >= r.params.max_new_tokens:
+                reason = "length"
+            if reason:
+                ready = len(text)
+            else:  # hold back a split multi-byte character and what could begin a stop string
+                ready = len(text.rstrip("\ufffd"))
+                if r.params.stop:
+                    ready = min(ready, len(text) - max(len(s) for s in r.params.stop) + 1)
+            ready = max(ready, r.sent)
+            r.handle._push(tok, text[r.sent:ready])
+            r.sent, r.text = ready, text
+            if reason:
+                r.handle._finish(self._completion(r, reason))
+                self.stats["completed"] += 1
+        return picked
+
+    def _completion(self, r: Row, reason: str) -> Completion:
+        req = r.handle.request
+        return Completion(request_id=req.request_id, task=req.task, text=r.text, token_ids=list(r.ids),
+                          finish_reason=reason, prompt_tokens=r.prompt_tokens,
+                          logits=torch.stack(r.logits) if r.logits else None)
