@@ -104,16 +104,7 @@ def generate_ids(
     done = torch.zeros(B, dtype=torch.bool)
     for step in range(params.max_new_tokens):
         nxt = pick_next(logits, params, gen)  # (B,)
-        for i in range(B):
-            if done[i]:
-                continue
-            tok = int(nxt[i])
-            out[i].append(tok)
-            if not params.ignore_eos and tok in eos_token_ids:
-                done[i] = True
-            elif stop_check is not None and (keep := stop_check(i, out[i])) is not None:
-                del out[i][keep:]
-                done[i] = True
+        append_tokens(out, nxt, done, eos_token_ids, stop_check, params.ignore_eos)
         if bool(done.all()) or step == params.max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
@@ -122,6 +113,22 @@ def generate_ids(
                     use_cache=True, logits_to_keep=1)
         cache, logits = res.past_key_values, res.logits[:, -1]
     return out
+
+
+def append_tokens(out: list[list[int]], nxt: torch.Tensor, done: torch.Tensor, eos_token_ids, stop_check,
+                  ignore_eos: bool) -> None:
+    """Append each unfinished row's next token (nxt: (B,)) and mark rows that end here (EOS, or
+    a stop string: `stop_check(row, ids)` returns how many tokens to keep)."""
+    for i in range(len(out)):
+        if done[i]:
+            continue
+        tok = int(nxt[i])
+        out[i].append(tok)
+        if not ignore_eos and tok in eos_token_ids:
+            done[i] = True
+        elif stop_check is not None and (keep := stop_check(i, out[i])) is not None:
+            del out[i][keep:]
+            done[i] = True
 
 
 class StopStrings:

@@ -236,13 +236,17 @@ class CausalLMObjective:
         ids, mask, tmask = collate([data.ids[i] for i in rows], [data.n_target[i] for i in rows], pad_id)
         return target_loss(prompt, model, ids.to(device), mask.to(device), tmask.to(device))
 
+    def evaluate_groups(self):
+        """The multi-reference generate-and-score function for this model family."""
+        from .evaluate import evaluate_groups
+
+        return evaluate_groups
+
     def metrics(self, trainer: "Trainer", batch_size: int) -> dict:
         cfg = trainer.cfg
         if not (cfg.eval_generate and trainer.eval_groups):
             return {}
-        from .evaluate import evaluate_groups
-
-        scores = evaluate_groups(trainer.model, trainer.tok, trainer.eval_groups[:cfg.eval_generate],
+        scores = self.evaluate_groups()(trainer.model, trainer.tok, trainer.eval_groups[:cfg.eval_generate],
                                  trainer.prompt.to_kv_prefix(trainer.model), max_new_tokens=cfg.eval_max_new_tokens,
                                  batch_size=batch_size)
         return {k: v for k, v in scores.items() if k != "predictions"}

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..generate import SamplingParams, StopStrings, eos_ids, pick_next
+from ..generate import SamplingParams, StopStrings, append_tokens, eos_ids, pick_next
 from ..prefix import GrowingCache
 from .core import Seq2SeqBatchPrefix, Seq2SeqError, Seq2SeqPrefix, decode, encode, make_cache
 
@@ -44,16 +44,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         res = decode(model, bp, hidden, mask, nxt.view(B, 1), cache=cache, use_cache=True)
         cache = res.past_key_values
         nxt = pick_next(res.logits[:, -1], params, gen)  # (B,)
-        for i in range(B):
-            if done[i]:
-                continue
-            tok = int(nxt[i])
-            out[i].append(tok)
-            if not params.ignore_eos and tok in eos_token_ids:
-                done[i] = True
-            elif stop_check is not None and (keep := stop_check(i, out[i])) is not None:
-                del out[i][keep:]
-                done[i] = True
+        append_tokens(out, nxt, done, eos_token_ids, stop_check, params.ignore_eos)
         if bool(done.all()):
             break
     return out

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import BadRows, DataConfig, DataError, Example, TokenizedData
+from ..train import CausalLMObjective
 from .generate import decoder_start_id
 
 
@@ -59,13 +60,9 @@ def seq2seq_batch(rows: list[list[int]], n_target: list[int], pad_id: int, start
     return ids, mask, dec, dmask, labels
 
 
-class Seq2SeqObjective:
-    """The loop's objective for encoder-decoder models (see `CausalLMObjective` in train.py)."""
-
-    no_generation_metrics: frozenset = frozenset()
-
-    def count(self, data: TokenizedData, i: int) -> int:
-        return data.n_target[i]
+class Seq2SeqObjective(CausalLMObjective):
+    """The loop's objective for encoder-decoder models: `CausalLMObjective`'s count and metrics,
+    a teacher-forced loss, and seq2seq generation for the scores."""
 
     def loss(self, prompt, model, data: TokenizedData, rows: list[int], pad_id: int, device):
         batch = seq2seq_batch([data.ids[i] for i in rows], [data.n_target[i] for i in rows], pad_id,
@@ -75,13 +72,7 @@ class Seq2SeqObjective:
         keep = labels != -100
         return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum"), int(keep.sum())
 
-    def metrics(self, trainer, batch_size: int) -> dict:
-        cfg = trainer.cfg
-        if not (cfg.eval_generate and trainer.eval_groups):
-            return {}
+    def evaluate_groups(self):
         from .generate import evaluate_groups
 
-        scores = evaluate_groups(trainer.model, trainer.tok, trainer.eval_groups[:cfg.eval_generate],
-                                 trainer.prompt.to_kv_prefix(trainer.model), max_new_tokens=cfg.eval_max_new_tokens,
-                                 batch_size=batch_size)
-        return {k: v for k, v in scores.items() if k != "predictions"}
+        return evaluate_groups
