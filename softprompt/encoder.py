@@ -76,12 +76,16 @@ def load_encoder(path: str | os.PathLike | None = None, device: str = "cpu"):
         if not source.exists():
             raise BaseModelError(f"encoder directory {path} does not exist")
     hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected, not news
     try:
         tok = AutoTokenizer.from_pretrained(source)
         # add_pooling_layer=False: we pool ourselves (mean or [CLS]); BERT's pooler is unused weight.
         model = AutoModel.from_pretrained(source, dtype=torch.float32, add_pooling_layer=False)
     except (OSError, ValueError, TypeError) as e:
         raise BaseModelError(f"cannot load an encoder from {source}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if not is_encoder_config(model.config):
         raise BaseModelError(f"{source} is a {model.config.model_type} model, not a bidirectional encoder")
     tok.padding_side = "right"

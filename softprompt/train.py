@@ -284,7 +284,10 @@ class Trainer:
         self.params = [p for p in prompt.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the prompt has no trainable parameters")
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # A prompt may split its parameters into groups whose lr is a fixed multiple of the schedule's
+        # (`lr_scale`): a classifier's head learns at the linear probe's rate whatever the prompt's lr.
+        groups = prompt.param_groups(cfg.lr) if hasattr(prompt, "param_groups") else [{"params": self.params}]
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
         self.step = 0
         self.best: dict | None = None
@@ -319,7 +322,7 @@ class Trainer:
         n_global = sum(self.objective.count(self.data, i) for i in batch)
         lr = lr_at(self.step, cfg)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         self.opt.zero_grad(set_to_none=False)
         loss_sum = torch.zeros((), dtype=torch.float64)
         self.prompt.train()

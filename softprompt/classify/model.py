@@ -95,11 +95,20 @@ class EncoderClassifier(Classifier):
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be mean or cls, got {pooling!r}")
         self.pooling = pooling
+        self.head_lr: float | None = None  # None: the head trains at the run's lr
         with torch.random.fork_rng(devices=[]):  # a seeded head without touching the global generator
             torch.manual_seed(seed)
             self.head = nn.Linear(hidden_size, len(labels))
         if head is not None:
             self.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups: the prompt at the run's lr, the head at `head_lr` (when set) through the
+        loop's `lr_scale`, so every method's head learns at the same rate as the linear probe's."""
+        head = [p for p in self.head.parameters() if p.requires_grad]
+        rest = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        scale = self.head_lr / lr if self.head_lr else 1.0
+        return [g for g in ({"params": rest}, {"params": head, "lr_scale": scale}) if g["params"]]
 
     def forward(self, model, input_ids, attention_mask) -> torch.Tensor:
         """Class logits (B, C)."""

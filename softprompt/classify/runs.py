@@ -17,6 +17,7 @@ DECODER_ALIASES = ("smollm2", "SmolLM2-135M-Instruct")
 # Measured on SST-2 (bench/quality_sst2.py): the head and the deep prompt train at the same rate.
 DEFAULT_LR = {"head_only": 1e-2, "prefix_tuning": 5e-3, "prefix_tuning_mlp": 1e-3, "prompt_tuning": 3e-2,
               "p_tuning": 1e-3}
+HEAD_LR = 1e-2  # the head's own rate in every encoder run (the linear probe's best), whatever the prompt's lr
 DEFAULT_DECODER_SUFFIX = "\nAnswer:"
 
 
@@ -143,6 +144,8 @@ def run_train_classify(data, out, labels, method="prefix_tuning", base=None, tem
                            num_virtual_tokens=num_virtual_tokens, init=init, init_text=init_text,
                            projection_dim=projection_dim, pooling=pooling, label_words=words, seed=seed)
     lr = lr if lr is not None else default_lr(clf.method, projection_dim)
+    if encoder:
+        clf.head_lr = HEAD_LR
     metric = metric if eval_tok is not None else "eval_loss"
     cfg = TrainConfig(steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
                       weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule,
