@@ -271,3 +271,33 @@ def test_classify_route_rejects_bad_requests_in_openai_shape(client, body, statu
     # a generation route refuses a head classifier, pointing at /v1/classify
     r = client.post("/v1/completions", json={"model": "sentiment", "prompt": "ba", "max_tokens": 2})
     assert r.status_code == 400 and "classif" in r.json()["error"]["message"]
+
+
+def test_classifiers_live_in_the_store_and_serve_from_it(tmp_path):
+    from softprompt.serve.classify import ClassifyService
+    from softprompt.serve.tasks import TaskRefused, TaskRegistry
+    from softprompt.store import Store
+
+    bert, btok = tiny_bert(), tiny_tokenizer()
+    btok.padding_side = "right"
+    clf = EncoderClassifier(None, 32, ["neg", "pos"], seed=2)
+    save_artifact(clf, tmp_path / "c.safetensors", bert)
+    store = Store(tmp_path / "store")
+    ref = store.add("sst2", tmp_path / "c.safetensors")
+    assert store.ls()[0]["method"] == "head_only" and ref.version == 1
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    service = ClassifyService(model, tok, TaskRegistry(fallback=store.entry).resolve,
+                              encoder_loader=lambda card: (bert, btok))
+    out = service.classify("sst2@1", ["ba be", "fa"])
+    want = classify_texts_ref(clf, bert, btok, ["ba be", "fa"])
+    assert [o["label"] for o in out] == [clf.labels[i] for i in want.argmax(-1).tolist()]
+    assert out[1]["probabilities"]["pos"] == pytest.approx(float(want[1, 1]), abs=1e-6)
+    with pytest.raises(TaskRefused, match="fingerprint"):  # other encoder weights
+        ClassifyService(model, tok, TaskRegistry(fallback=store.entry).resolve,
+                        encoder_loader=lambda card: (tiny_bert(seed=5), btok)).classify("sst2", ["ba"])
+
+
+def classify_texts_ref(clf, model, tok, texts):
+    from softprompt.classify import classify_texts
+
+    return classify_texts(clf.eval(), model, tok, texts)
