@@ -42,9 +42,11 @@ def right_padded(rows, pad=0):
 ROWS = [[5, 9, 14, 22, 30, 7], [5, 40, 41], [5, 60, 61, 62, 63]]
 
 
-def test_deep_prompt_matches_peft_p_tuning_v2_on_bert():
+@pytest.mark.parametrize("shift", [True, False])
+def test_deep_prompt_matches_peft_p_tuning_v2_on_bert(shift):
     """PEFT's prefix tuning for SEQ_CLS (P-tuning v2) on BertForSequenceClassification: same prefix and
-    tokens in, same logits out, with padding in the batch."""
+    tokens in, same logits out, with padding in the batch. PEFT shifts real tokens to positions P, P+1...;
+    our default keeps the encoder's own positions (PEFT ignores position_ids: its prompt through BERT then)."""
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
     bert = tiny_bert(num_labels=3)
@@ -55,12 +57,18 @@ def test_deep_prompt_matches_peft_p_tuning_v2_on_bert():
         cache = pm.get_prompt(1)
         kv = torch.stack([torch.stack([lay.keys[0], lay.values[0]]) for lay in cache.layers])  # (L, 2, H, P, D)
         ids, mask = right_padded(ROWS)
-        want = pm(input_ids=ids, attention_mask=mask).logits
-        h = encode(bert.bert, ids, mask, prefix=kv)
+        if shift:
+            want = pm(input_ids=ids, attention_mask=mask).logits
+        else:  # PEFT drops position_ids: its prompt cache through transformers' own path, positions 0, 1, ...
+            full = torch.cat([torch.ones(len(ids), 4, dtype=torch.long), mask], 1)
+            want = bert(input_ids=ids, attention_mask=full, past_key_values=pm.get_prompt(len(ids)),
+                        position_ids=torch.arange(ids.shape[1]).expand_as(ids)).logits
+        h = encode(bert.bert, ids, mask, prefix=kv, shift_positions=shift)
         got = bert.classifier(bert.bert.pooler(h))
     assert kv.shape == geometry(bert).prefix_shape(4)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-    assert (got - bert(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3  # the prefix matters
+    bare = bert.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (h - bare).abs().max() > 1e-2  # the prefix matters
 
 
 @pytest.mark.parametrize("kind", ["prefix", "prompt", "head"])

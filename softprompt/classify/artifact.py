@@ -79,7 +79,8 @@ def load_classifier(path: str | os.PathLike, model, *, allow_other_base: bool = 
         if {k: tuple(v.shape) for k, v in head.items()} != want:
             raise ArtifactError(f"{path}: the head's shapes do not fit {len(labels)} labels on hidden size "
                                 f"{geo.hidden_size}")
-        clf: Classifier = EncoderClassifier(prompt, geo.hidden_size, labels, spec.get("pooling", "mean"), template, head)
+        clf: Classifier = EncoderClassifier(prompt, geo.hidden_size, labels, spec.get("pooling", "mean"), template, head,
+                                            shift_positions=bool(spec.get("shift_positions", False)))
     elif kind == "verbalizer":
         clf = VerbalizerClassifier(prompt, labels, spec["label_words"], spec["label_token_ids"], template)
         bad = [t for ids in clf.label_token_ids for t in ids if not 0 <= t < geo.vocab_size]

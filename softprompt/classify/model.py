@@ -90,8 +90,10 @@ class EncoderClassifier(Classifier):
     padding_side = "right"
 
     def __init__(self, prompt: PromptMethod | None, hidden_size: int, labels: list[str], pooling: str = "mean",
-                 template: str = "{text}", head: dict[str, torch.Tensor] | None = None, seed: int = 0):
+                 template: str = "{text}", head: dict[str, torch.Tensor] | None = None, seed: int = 0,
+                 shift_positions: bool = False):
         super().__init__(prompt, labels, template)
+        self.shift_positions = shift_positions  # deep prompt: PEFT's positions P, P+1, ... (see encoder.encode)
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be mean or cls, got {pooling!r}")
         self.pooling = pooling
@@ -117,7 +119,8 @@ class EncoderClassifier(Classifier):
         elif isinstance(self.prompt, InputPromptMethod):
             h = encode(model, input_ids, attention_mask, soft_prompt=self.prompt.virtual_embeddings())
         else:
-            h = encode(model, input_ids, attention_mask, prefix=self.prompt.kv())  # (B, T, d)
+            h = encode(model, input_ids, attention_mask, prefix=self.prompt.kv(),
+                       shift_positions=self.shift_positions)  # (B, T, d)
         return self.head(pool(h, attention_mask, self.pooling))  # (B, C)
 
     def export_tensors(self):
@@ -125,7 +128,7 @@ class EncoderClassifier(Classifier):
         return self.prompt_tensors() | head
 
     def card_section(self):
-        return super().card_section() | {"pooling": self.pooling}
+        return super().card_section() | {"pooling": self.pooling, "shift_positions": self.shift_positions}
 
 
 class VerbalizerClassifier(Classifier):

@@ -59,7 +59,9 @@ def build_classifier(model, tokenizer, encoder: bool, method: str, labels: list[
     from ..runs import DEFAULT_INIT_TEXT, method_options
     from .model import HEAD_ONLY, EncoderClassifier, VerbalizerClassifier
 
-    if method == HEAD_ONLY:
+    method = method.replace("-", "_")
+    if method in (HEAD_ONLY, "head", "linear_probe"):
+        method = HEAD_ONLY
         if not encoder:
             raise ValueError("head_only needs an encoder (a decoder classifies through label words, with a prompt)")
         prompt = None
