@@ -210,9 +210,7 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
         progress: show a progress bar
         lora: train on top of this PEFT LoRA adapter (directory, safetensors); the artifact is then refused on the bare base
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
-        task: generate, or classify (--labels; --template renders the text, --target names the label column;
-            the default base is then the embedded encoder all-MiniLM-L6-v2 with a head; --base smollm2 or a
-            decoder directory classifies through label words; --method head_only is the linear probe)
+        task: generate, or classify (needs --labels; --template renders the text, --target names the label column; default base: the embedded encoder all-MiniLM-L6-v2 with a head; --base smollm2 or a decoder directory: label words; --method head_only: the linear probe)
         labels: classify: the class names, comma-separated (data labels are names or 0-based indices)
         label_words: classify on a decoder: the word the model predicts per class (default: the label names)
         pooling: classify on an encoder: mean or cls
