@@ -37,7 +37,10 @@ sys.path.insert(0, str(ROOT))
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 LABELS = ["negative", "positive"]
 ENCODER_RUNS = ("prefix", "prompt", "head", "lora")
-LR = {"prefix": 1e-2, "prompt": 3e-2, "head": 1e-2, "lora": 1e-3, "prefix_decoder": 3e-3}
+# Encoder prefix and LoRA rates picked on 500 held-out *training* rows (never dev), 400 steps:
+# prefix 1e-2: 85.8, 2e-2: 85.4; LoRA 1e-3: 85.6, 2e-3: 86.4 (accuracy %). The rest: the project's defaults.
+LR = {"prefix": 1e-2, "prompt": 3e-2, "head": 1e-2, "lora": 2e-3, "prefix_decoder": 1e-3, "zero_shot_decoder": 0.0}
+LR_SWEEP = {"prefix@0.01": 85.8, "prefix@0.02": 85.4, "lora@0.001": 85.6, "lora@0.002": 86.4}
 HEAD_LR = 1e-2  # every encoder run's head learns at the linear probe's rate (its own optimizer group)
 DECODER_TEMPLATE = "Review: {sentence}\nSentiment:"
 
@@ -99,6 +102,16 @@ def run_one(name, model, tok, encoder, train, dev, args):
     from softprompt.train import TrainConfig, Trainer
 
     torch.manual_seed(args.seed)
+    if name == "zero_shot_decoder":  # the bare decoder through the same label words: no training
+        from softprompt.classify import VerbalizerClassifier
+
+        words = [" negative", " positive"]
+        clf = VerbalizerClassifier(None, LABELS, words, VerbalizerClassifier.label_tokens(tok, DECODER_TEMPLATE, words),
+                                   DECODER_TEMPLATE)
+        scores = accuracy_f1(predict(clf, model, dev, 32, tok.pad_token_id or 0).argmax(-1).tolist(), dev.labels, 2)
+        print(f"  {name:<15} acc {scores['accuracy']:.2f}  F1 {scores['f1']:.2f}", flush=True)
+        return {"method": name, "lr": 0.0, "steps": 0, "trainable_parameters": 0, "train_seconds": 0.0,
+                "accuracy": scores["accuracy"], "f1": scores["f1"], "n_dev": scores["n"]}
     if name == "lora":
         clf = LoraClassifier.build(model, 8, args.seed)
     else:
@@ -136,11 +149,12 @@ def chart(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = {"prefix": "prefix tuning\n(encoder)", "prompt": "prompt tuning\n(encoder)", "head": "head only\n(encoder)",
-             "lora": "LoRA r=8 + head\n(encoder)", "prefix_decoder": "prefix tuning\n(decoder, label words)"}
+             "lora": "LoRA r=8 + head\n(encoder)", "prefix_decoder": "prefix tuning\n(decoder, label words)",
+             "zero_shot_decoder": "no training\n(decoder, label words)"}
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = range(len(results))
     bars = ax.bar(xs, [r["accuracy"] for r in results], color=["tab:blue", "tab:cyan", "tab:gray", "tab:orange",
-                                                                "tab:green"][:len(results)])
+                                                                "tab:olive", "tab:green"][:len(results)])
     for b, r in zip(bars, results):
         ax.text(b.get_x() + b.get_width() / 2, r["accuracy"] + 0.5, f"{r['accuracy']:.1f}", ha="center")
     ax.set_xticks(list(xs), [names[r["method"]] for r in results], fontsize=8)
@@ -165,7 +179,8 @@ def main(argv=None):
     ap.add_argument("--p", type=int, default=20, help="virtual tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (more than the free cores slows a shared machine ~10x)")
-    ap.add_argument("--only", default="", help="comma-separated subset of prefix,prompt,head,lora,prefix_decoder")
+    ap.add_argument("--only", default="", help="rerun a comma-separated subset of prefix,prompt,head,lora,"
+                    "zero_shot_decoder,prefix_decoder (the other results are kept from the last run's JSON)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -188,26 +203,36 @@ def main(argv=None):
     for name in ENCODER_RUNS:
         if only is None or name in only:
             results.append(run_one(name, encoder, etok, True, train, dev, args))
-    if only is None or "prefix_decoder" in only:
+    if only is None or only & {"prefix_decoder", "zero_shot_decoder"}:
         model, tok = load_base()
         train, dev = (tokenized(train_rows, tok, False, DECODER_TEMPLATE),
                       tokenized(dev_rows, tok, False, DECODER_TEMPLATE))
-        results.append(run_one("prefix_decoder", model, tok, False, train, dev, args))
+        for name in ("zero_shot_decoder", "prefix_decoder"):
+            if only is None or name in only:
+                results.append(run_one(name, model, tok, False, train, dev, args))
     total = time.perf_counter() - t_all
+    out = Path(args.out)
+    suffix = "_quick" if args.quick else ""
+    previous = out / f"quality_sst2{suffix}.json"
+    if only is not None and previous.is_file():  # --only reruns some methods: keep the others' results
+        old = json.loads(previous.read_text())
+        mine = {r["method"] for r in results}
+        results = [r for r in old["results"] if r["method"] not in mine] + results
+        order = [*ENCODER_RUNS, "zero_shot_decoder", "prefix_decoder"]
+        results.sort(key=lambda r: order.index(r["method"]))
+        total += old.get("total_seconds", 0.0)
     by = {r["method"]: r for r in results}
     print("\n| method | model | trainable params | SST-2 dev accuracy | macro-F1 | train s |")
     print("|---|---|---:|---:|---:|---:|")
     for r in results:
-        m = "SmolLM2-135M, label words" if r["method"] == "prefix_decoder" else "all-MiniLM-L6-v2 + head"
+        m = "SmolLM2-135M, label words" if r["method"].endswith("decoder") else "all-MiniLM-L6-v2 + head"
         print(f"| {r['method']} | {m} | {r['trainable_parameters']:,} | {r['accuracy']:.2f} | {r['f1']:.2f} | "
               f"{r['train_seconds']:.0f} |")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
     (out / f"quality_sst2{suffix}.json").write_text(json.dumps({
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {"n_train": len(train_rows),
                                                                           "n_dev": len(dev_rows)},
-        "results": results, "total_seconds": total,
+        "results": results, "total_seconds": total, "lr_sweep_on_heldout_train_rows": LR_SWEEP,
         "goal": "prefix above head-only and within 2 points of LoRA"}, indent=2))
     if results:
         chart(results, out / f"quality_sst2{suffix}.png")
