@@ -6,7 +6,7 @@ references (BLEU, ROUGE-L), greedy decoding.
 Also measures our prefix tuning's two initializations (init=text, the default, and init=random,
 both through the MLP) at the same learning rate: the evidence for the default.
 
-    python bench/quality_e2e.py            # 80 steps of 8 rows, one lr each, 200 dev MRs (~30 min, 2 CPU cores)
+    python bench/quality_e2e.py            # 150 steps of 8 rows, one lr each, 200 dev MRs (~40 min, 2 CPU cores)
     python bench/quality_e2e.py --quick    # 20 steps, 1 learning rate, 24 dev MRs
     python bench/quality_e2e.py --steps 600 --dev-mrs 547 --full-sweep   # the full run for a GPU
 
@@ -33,7 +33,7 @@ E2E = ROOT.parent / "shared" / "data" / "e2e"
 P = 20
 # PEFT's learning rates come from the sweep in DESIGN.md (prefix + MLP: 1e-3 best; LoRA: 1e-3 best);
 # --full-sweep tries two for every method.
-# The default run (sized for ~30 min on 2 shared CPU cores) takes one learning rate per method.
+# The default run (sized for ~40 min on 2 CPU cores) takes one learning rate per method.
 SWEEP = {"prefix": [1e-3], "prompt": [3e-2], "peft_prefix": [1e-3], "lora": [1e-3]}
 FULL_SWEEP = {"prefix": [1e-3, 3e-3], "prompt": [3e-2, 1e-1], "peft_prefix": [1e-3, 3e-3], "lora": [1e-3, 3e-3]}
 ORDER = ("prefix", "peft_prefix", "lora", "prompt")
@@ -151,7 +151,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--full-sweep", action="store_true", help="two learning rates for every method")
     a = ap.parse_args()
-    steps = a.steps or (20 if a.quick else 80)
+    steps = a.steps or (20 if a.quick else 150)
     n_dev = a.dev_mrs or (24 if a.quick else 200)
     sweep = QUICK if a.quick else FULL_SWEEP if a.full_sweep else SWEEP
     import torch
