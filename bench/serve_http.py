@@ -94,9 +94,11 @@ def main():
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--tasks", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0, help="the server's torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.quick:
         args.seconds = 8
+    load_before = os.getloadavg()[0]  # figures taken on a busy CPU mean little: record how busy it was
     rng = random.Random(0)
     work = Path(tempfile.mkdtemp(prefix="serve_http_"))
     names = make_store(work / "store", args.tasks)
@@ -105,7 +107,7 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--store", str(work / "store"),
-                               "--port", str(port), "--max-batch-size", "32"], cwd=ROOT,
+                               "--port", str(port), "--max-batch-size", "32", "--threads", str(args.threads)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "w"))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -131,7 +133,8 @@ def main():
     mean_batch = next((line.split()[-1] for line in metrics.splitlines() if line.startswith("softprompt_mean_batch_rows")),
                       None)
     result = {"levels": levels, "tasks": args.tasks, "max_tokens": args.tokens, "seconds_per_level": args.seconds,
-              "mean_batch_rows": mean_batch, "quick": args.quick}
+              "mean_batch_rows": mean_batch, "quick": args.quick, "threads": args.threads,
+              "load_average_before": load_before}
     out = ROOT / "bench" / "results" / "serve_http.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
