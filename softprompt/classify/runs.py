@@ -42,7 +42,9 @@ def load_classification_base(base: str | None, device: str = "cpu"):
     return (*load_base(base, device=device), False)
 
 
-def default_lr(method: str, projection_dim: int) -> float:
+def default_lr(method: str, projection_dim: int, encoder: bool = True) -> float:
+    if not encoder and method == "prefix_tuning":  # label words: 1e-3 (generation's rate) collapsed to one class
+        return 1e-4
     if method == "prefix_tuning" and projection_dim:
         return DEFAULT_LR["prefix_tuning_mlp"]
     return DEFAULT_LR[method]
@@ -145,7 +147,7 @@ def run_train_classify(data, out, labels, method="prefix_tuning", base=None, tem
     clf = build_classifier(model, tokenizer, encoder, method, labels, template=tmpl,
                            num_virtual_tokens=num_virtual_tokens, init=init, init_text=init_text,
                            projection_dim=projection_dim, pooling=pooling, label_words=words, seed=seed)
-    lr = lr if lr is not None else default_lr(clf.method, projection_dim)
+    lr = lr if lr is not None else default_lr(clf.method, projection_dim, encoder)
     if encoder:
         clf.head_lr = HEAD_LR
     metric = metric if eval_tok is not None else "eval_loss"
