@@ -140,6 +140,36 @@ def run_one(name, lr, init, model, tok, train, held, steps, batch, seed, device=
     return held_loss, outputs, seconds
 
 
+LABELS = {"prefix": "ours prefix (MLP, init text)", "prefix_random": "ours prefix (MLP, init random)",
+          "prompt": "ours prompt tuning", "peft_prefix": "PEFT prefix (MLP)", "lora": "PEFT LoRA r=8"}
+
+
+def chart(results: dict, path: Path) -> None:
+    """BLEU and ROUGE-L bars of each method's best run (needs matplotlib; skipped without it)."""
+    labels = LABELS
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = [k for k in labels if k in results["best"]]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        x = range(len(keys))
+        ax.bar([i - 0.2 for i in x], [results["best"][k]["bleu"] for k in keys], 0.4, label="BLEU")
+        ax.bar([i + 0.2 for i in x], [results["best"][k]["rouge_l"] for k in keys], 0.4, label="ROUGE-L")
+        ax.set_xticks(list(x), [labels[k] for k in keys], rotation=15, fontsize=8)
+        ax.set_title(f"E2E dev ({results['dev_mrs']} MRs), {results['steps']} steps x {results['batch_size']} rows, "
+                     "SmolLM2-135M")
+        ax.set_ylim(0, 80)
+        ax.legend(loc="upper right", ncols=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    except ImportError:
+        pass
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -191,26 +221,8 @@ def main():
         (out / "quality_e2e.json").write_text(json.dumps(results, indent=1))
     results["minutes"] = (time.time() - t_start) / 60
     (out / "quality_e2e.json").write_text(json.dumps(results, indent=1))
-    labels = {"prefix": "ours prefix (MLP, init text)", "prefix_random": "ours prefix (MLP, init random)",
-              "prompt": "ours prompt tuning", "peft_prefix": "PEFT prefix (MLP)", "lora": "PEFT LoRA r=8"}
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        keys = [k for k in labels if k in results["best"]]
-        fig, ax = plt.subplots(figsize=(8, 4))
-        x = range(len(keys))
-        ax.bar([i - 0.2 for i in x], [results["best"][k]["bleu"] for k in keys], 0.4, label="BLEU")
-        ax.bar([i + 0.2 for i in x], [results["best"][k]["rouge_l"] for k in keys], 0.4, label="ROUGE-L")
-        ax.set_xticks(list(x), [labels[k] for k in keys], rotation=15, fontsize=8)
-        ax.set_title(f"E2E dev ({len(groups)} MRs), {steps} steps x {a.batch_size} rows, SmolLM2-135M")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "quality_e2e.png", dpi=100)
-    except ImportError:
-        pass
+    labels = LABELS
+    chart(results, out / "quality_e2e.png")
     print(f"\n{'method':<34}{'lr':>8}{'held-out loss':>15}{'BLEU':>8}{'ROUGE-L':>9}")
     for k in labels:
         if k in results["best"]:

@@ -150,9 +150,9 @@ def chart(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = {"prefix": "prefix tuning\n(encoder)", "prompt": "prompt tuning\n(encoder)", "head": "head only\n(encoder)",
-             "lora": "LoRA r=8 + head\n(encoder)", "prefix_decoder": "prefix tuning\n(decoder, label words)",
-             "zero_shot_decoder": "no training\n(decoder, label words)"}
-    fig, ax = plt.subplots(figsize=(8, 4))
+             "lora": "LoRA r=8 + head\n(encoder)", "prefix_decoder": "prefix tuning\n(decoder,\nlabel words)",
+             "zero_shot_decoder": "no training\n(decoder,\nlabel words)"}
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     xs = range(len(results))
     bars = ax.bar(xs, [r["accuracy"] for r in results], color=["tab:blue", "tab:cyan", "tab:gray", "tab:orange",
                                                                 "tab:olive", "tab:green"][:len(results)])
