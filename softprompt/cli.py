@@ -160,7 +160,7 @@ def export_peft(adapter: str, out: str, base: str | None = None):
 def train(data: str, out: str, method: str = "prefix_tuning", base: str | None = None, template: str | None = None,
           target: str | None = None, chat_template: bool = False, eval_data: str | None = None,
           eval_fraction: float = 0.0, num_virtual_tokens: int = 20, init: str | None = None,
-          init_text: str | None = None, projection_dim: int = 512, steps: int = 200, batch_size: int = 8,
+          init_text: str | None = None, projection_dim: int | None = None, steps: int = 200, batch_size: int = 8,
           micro_batch_size: int = 0, lr: float | None = None, weight_decay: float = 0.0, warmup_steps: int = 0,
           schedule: str = "linear", max_grad_norm: float = 1.0, seed: int = 0, eval_every: int = 0,
           eval_generate: int = 0, metric: str = "eval_loss", patience: int = 0, checkpoint_every: int = 50,
@@ -186,7 +186,7 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
         num_virtual_tokens: prompt length P
         init: prompt tuning: vocab, random, text, tokens; prefix tuning: text or random (default: the method's best, see README)
         init_text: the text for init=text (default: a generic task description)
-        projection_dim: prefix tuning's reparameterization MLP width (0: optimize the prefix directly)
+        projection_dim: prefix tuning's reparameterization MLP width (0: optimize the prefix directly; default 512, and 0 for an encoder classifier)
         steps: optimizer steps
         batch_size: rows per optimizer step, over all processes
         micro_batch_size: rows per forward pass (gradient accumulation when smaller; 0: the whole batch)
@@ -222,6 +222,8 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
         return train_from_cli(args)
     for key in ("task", "labels", "label_words", "pooling"):
         args.pop(key)
+    if args["projection_dim"] is None:
+        args["projection_dim"] = 512
     from .runs import run_train
 
     if args.pop("lora") is not None:  # load the adapted model here; run_train then uses it

@@ -15,7 +15,7 @@ from pathlib import Path
 
 DECODER_ALIASES = ("smollm2", "SmolLM2-135M-Instruct")
 # Measured on SST-2 (bench/quality_sst2.py): the head and the deep prompt train at the same rate.
-DEFAULT_LR = {"head_only": 1e-2, "prefix_tuning": 5e-3, "prefix_tuning_mlp": 1e-3, "prompt_tuning": 3e-2,
+DEFAULT_LR = {"head_only": 1e-2, "prefix_tuning": 1e-2, "prefix_tuning_mlp": 1e-3, "prompt_tuning": 3e-2,
               "p_tuning": 1e-3}
 HEAD_LR = 1e-2  # the head's own rate in every encoder run (the linear probe's best), whatever the prompt's lr
 DEFAULT_DECODER_SUFFIX = "\nAnswer:"
@@ -103,7 +103,7 @@ def build_classifier(model, tokenizer, encoder: bool, method: str, labels: list[
 
 def run_train_classify(data, out, labels, method="prefix_tuning", base=None, template=None, label_field=None,
                        label_words=None, pooling="mean", eval_data=None, eval_fraction=0.0, num_virtual_tokens=20,
-                       init=None, init_text=None, projection_dim=0, steps=200, batch_size=8, micro_batch_size=0,
+                       init=None, init_text=None, projection_dim=None, steps=200, batch_size=8, micro_batch_size=0,
                        lr=None, weight_decay=0.0, warmup_steps=0, schedule="linear", max_grad_norm=1.0, seed=0,
                        eval_every=0, metric="accuracy", patience=0, checkpoint_every=50, keep_checkpoints=2,
                        resume=False, max_length=256, max_rows=0, skip_bad_rows=False, progress=True, model=None,
@@ -144,6 +144,8 @@ def run_train_classify(data, out, labels, method="prefix_tuning", base=None, tem
     train_tok = tokenize_classification(train_ex, tokenizer, encoder, max_length, skip_bad_rows, bad)
     eval_tok = tokenize_classification(eval_ex, tokenizer, encoder, max_length, skip_bad_rows, bad) if eval_ex else None
     _say(f"data: {len(train_tok)} training rows, {len(eval_tok) if eval_tok else 0} held-out rows; {bad.report()}")
+    if projection_dim is None:  # what bench/quality_sst2.py measured: a direct deep prompt on an encoder
+        projection_dim = 0 if encoder else 512
     clf = build_classifier(model, tokenizer, encoder, method, labels, template=tmpl,
                            num_virtual_tokens=num_virtual_tokens, init=init, init_text=init_text,
                            projection_dim=projection_dim, pooling=pooling, label_words=words, seed=seed)
