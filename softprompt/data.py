@@ -261,6 +261,13 @@ class TokenizedData:
         return [len(x) for x in self.ids]
 
 
+def bad_row(where: str, reason: str, skip_bad_rows: bool, bad: BadRows | None) -> None:
+    """Stop at a bad row (its file and line in the message), or count it when skipping is on."""
+    if bad is None or not skip_bad_rows:
+        raise DataError(f"{where}: {reason} (pass --skip-bad-rows to skip such rows)")
+    bad.add(where, reason)
+
+
 def tokenize(examples: list[Example], tokenizer, cfg: DataConfig = DataConfig(), bad: BadRows | None = None) -> TokenizedData:
     eos = tokenizer.eos_token_id
     ids, n_target, kept = [], [], []
@@ -272,9 +279,7 @@ def tokenize(examples: list[Example], tokenizer, cfg: DataConfig = DataConfig(),
         if len(p) + len(t) > cfg.max_length or not p:
             reason = (f"longer than the limit: {len(p) + len(t)} tokens > max_length {cfg.max_length}"
                       if p else "empty text: the prompt has no tokens")
-            if bad is None or not cfg.skip_bad_rows:
-                raise DataError(f"{ex.where}: {reason} (pass --skip-bad-rows to skip such rows)")
-            bad.add(ex.where, reason)
+            bad_row(ex.where, reason, cfg.skip_bad_rows, bad)
             continue
         ids.append(p + t)
         n_target.append(len(t))

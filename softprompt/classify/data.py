@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import BadRows, DataConfig, DataError, Example, _csv_rows, _hf_rows, _jsonl_rows, read_examples
+from ..data import BadRows, DataConfig, DataError, Example, _csv_rows, _hf_rows, _jsonl_rows, bad_row, read_examples
 
 TEXT_FIELDS = ("text", "sentence", "input", "prompt", "content")
 
@@ -101,9 +101,7 @@ def tokenize_classification(examples: list[Example], tokenizer, encoder: bool, m
         t = tokenizer(ex.prompt, add_special_tokens=encoder)["input_ids"]
         if len(t) > max_length or not t:
             reason = f"longer than the limit: {len(t)} tokens > max_length {max_length}" if t else "empty text"
-            if bad is None or not skip_bad_rows:
-                raise DataError(f"{ex.where}: {reason} (pass --skip-bad-rows to skip such rows)")
-            bad.add(ex.where, reason)
+            bad_row(ex.where, reason, skip_bad_rows, bad)
             continue
         ids.append(t)
         labels.append(int(ex.target))

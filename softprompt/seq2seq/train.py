@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data import BadRows, DataConfig, DataError, Example, TokenizedData
+from ..data import BadRows, DataConfig, DataError, Example, TokenizedData, bad_row
 from ..train import CausalLMObjective
 from .generate import decoder_start_id
 
@@ -29,9 +29,7 @@ def tokenize_seq2seq(examples: list[Example], tokenizer, cfg: DataConfig = DataC
         tgt = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
         if len(src) + len(tgt) > cfg.max_length or not src:
             reason = f"longer than the limit: {len(src) + len(tgt)} tokens > max_length {cfg.max_length}"
-            if bad is None or not cfg.skip_bad_rows:
-                raise DataError(f"{ex.where}: {reason} (pass --skip-bad-rows to skip such rows)")
-            bad.add(ex.where, reason)
+            bad_row(ex.where, reason, cfg.skip_bad_rows, bad)
             continue
         ids.append(src + tgt)
         n_target.append(len(tgt))
