@@ -29,7 +29,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .methods import METHODS, PromptMethod
-from .models import fingerprint, geometry
+from .models import fingerprint, geometry, model_family
 
 FORMAT = "softprompt-artifact"
 FORMAT_VERSION = 1
@@ -202,6 +202,31 @@ def _check_card(card: dict, path: Path) -> None:
                             f"{', '.join(sorted(METHODS))}: upgrade softprompt or check the card")
 
 
+def verified_tensors(path: Path, card: dict, blob: bytes, model, allow_other_base: bool = False) -> dict:
+    """The tensors of an artifact read by `_read`, once its checksum holds and its base-model
+    fingerprint is `model`'s (unless `allow_other_base`); every loader of an artifact goes through here."""
+    try:
+        data = _data_section(blob)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}; restore it or re-export it") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card.get("tensor_sha256"):
+        raise ArtifactError(f"{path}: the tensor file is truncated or altered (sha256 {digest[:12]}... does not "
+                            f"match the card's {str(card.get('tensor_sha256'))[:12]}...); restore it or re-export it")
+    try:
+        tensors = st_load(blob)
+    except Exception as e:
+        raise ArtifactError(f"{path}: the tensor file does not parse ({e}); restore it or re-export it") from e
+    base = card.get("base_model") or {}
+    fp = model_fingerprint(model)
+    if base.get("fingerprint") and base["fingerprint"] != fp and not allow_other_base:
+        raise ArtifactError(
+            f"{path} was made for base model {base.get('name')!r} (fingerprint {base['fingerprint']}), "
+            f"but the loaded model {getattr(model, 'name_or_path', '')!r} has fingerprint {fp}. Load it with the "
+            "base model it was trained on (--base PATH), or pass allow_other_base=True if you know the weights fit")
+    return tensors
+
+
 def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = False) -> PromptMethod:
     """Load an artifact (ours, either form, or a PEFT adapter directory) for `model`.
 
@@ -222,30 +247,13 @@ def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = Fa
                             f"{card['classifier'].get('labels')}), not a prompt for generation: use `softprompt eval "
                             "--adapter` on classification data, POST /v1/classify, or softprompt.classify.load_classifier")
     family = card.get("model_family", "causal_lm")  # cards before seq2seq support are all decoder prompts
-    model_family = "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal_lm"
-    if family != model_family:
+    base_family = model_family(model)
+    if family != base_family:
         raise ArtifactError(f"{path} is a prompt for a {family} model ({(card.get('base_model') or {}).get('name')!r}), "
-                            f"but the loaded base {getattr(model, 'name_or_path', '')!r} is {model_family}: load it "
+                            f"but the loaded base {getattr(model, 'name_or_path', '')!r} is {base_family}: load it "
                             "with the base model it was trained on (--base PATH)")
-    try:
-        data = _data_section(blob)
-    except ArtifactError as e:
-        raise ArtifactError(f"{path}: {e}; restore it or re-export it") from e
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != card.get("tensor_sha256"):
-        raise ArtifactError(f"{path}: the tensor file is truncated or altered (sha256 {digest[:12]}... does not "
-                            f"match the card's {str(card.get('tensor_sha256'))[:12]}...); restore it or re-export it")
-    try:
-        tensors = st_load(blob)
-    except Exception as e:
-        raise ArtifactError(f"{path}: the tensor file does not parse ({e}); restore it or re-export it") from e
+    tensors = verified_tensors(path, card, blob, model, allow_other_base)
     base = card.get("base_model") or {}
-    fp = model_fingerprint(model)
-    if base.get("fingerprint") and base["fingerprint"] != fp and not allow_other_base:
-        raise ArtifactError(
-            f"{path} was made for base model {base.get('name')!r} (fingerprint {base['fingerprint']}), "
-            f"but the loaded model {getattr(model, 'name_or_path', '')!r} has fingerprint {fp}. Load it with the "
-            "base model it was trained on (--base PATH), or pass allow_other_base=True if you know the weights fit")
     cls, geo, shape_opts = METHODS[card["method"]], geometry(model), {}
     if family == "seq2seq":
         from .seq2seq import METHODS as SEQ2SEQ_METHODS, seq2seq_geometry

@@ -126,6 +126,7 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
     from .generate import SamplingParams
     from .generate import generate as run
     from .lora import load_prompt
+    from .models import is_seq2seq
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=tuple(stop or ()))
@@ -136,7 +137,7 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
     if chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
-    if getattr(model.config, "is_encoder_decoder", False):
+    if is_seq2seq(model):
         from .seq2seq.generate import generate as run
     print(run(model, tok, [prompt], kv, params)[0])
 

@@ -62,6 +62,17 @@ def _cfg(config, *names, default=None):
     return default
 
 
+def is_seq2seq(model_or_config) -> bool:
+    """True for encoder-decoder models (T5, BART), from a model or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def model_family(model_or_config) -> str:
+    """'seq2seq' for encoder-decoder models, 'causal_lm' otherwise (recorded on artifact cards)."""
+    return "seq2seq" if is_seq2seq(model_or_config) else "causal_lm"
+
+
 def geometry(model_or_config) -> Geometry:
     """Read the attention geometry from a HF model or config (Llama, Qwen2, GPT-2, ...)."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -195,7 +206,7 @@ def load_base(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.
     try:
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-        seq2seq = bool(getattr(AutoConfig.from_pretrained(source), "is_encoder_decoder", False))  # T5, BART
+        seq2seq = is_seq2seq(AutoConfig.from_pretrained(source))  # T5, BART
         tok = AutoTokenizer.from_pretrained(source)
         model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as e:

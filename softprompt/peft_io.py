@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .methods import PrefixTuning, PromptMethod, PromptTuning, PTuning
-from .models import geometry
+from .models import geometry, is_seq2seq
 
 PEFT_TYPES = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}
 
@@ -56,7 +56,7 @@ def import_peft(path: str | os.PathLike, model) -> PromptMethod:
     if peft_type not in PEFT_TYPES:
         raise PeftFormatError(f"{path}: PEFT type {peft_type!r} is not a prompt-learning method we import "
                               f"(supported: {', '.join(PEFT_TYPES)})")
-    s2s_model = bool(getattr(model.config, "is_encoder_decoder", False))
+    s2s_model = is_seq2seq(model)
     if cfg.get("task_type") != "SEQ_2_SEQ_LM" and s2s_model:
         raise PeftFormatError(f"{path}: a {cfg.get('task_type') or 'CAUSAL_LM'} adapter cannot be used with an "
                               "encoder-decoder base model; load it with the decoder-only base it was made for")

@@ -51,6 +51,7 @@ def run_train(data, out, method="prefix_tuning", base=None, template=None, targe
     """Train and save; returns the `TrainResult`. `model`/`tokenizer` skip loading (tests, demo)."""
     from . import methods
     from .data import BadRows, DataConfig, group_references, read_examples, split_heldout, tokenize
+    from .models import is_seq2seq
     from .train import TrainConfig, Trainer, init_distributed
 
     dist = init_distributed()
@@ -89,7 +90,7 @@ def run_train(data, out, method="prefix_tuning", base=None, template=None, targe
             torch.cuda.set_device(dist.rank % torch.cuda.device_count())
             model.to(f"cuda:{dist.rank % torch.cuda.device_count()}")
     objective, create = None, methods.create
-    if getattr(model.config, "is_encoder_decoder", False):  # T5/BART: source -> target, seq2seq prompts
+    if is_seq2seq(model):  # T5/BART: source -> target, seq2seq prompts
         from .seq2seq import create
         from .seq2seq.train import Seq2SeqObjective, tokenize_seq2seq as tokenize
 
@@ -159,6 +160,7 @@ def run_eval(adapter=None, data=None, base=None, template=None, target=None, cha
     if max_inputs:
         groups = groups[:max_inputs]
     from .lora import apply_lora, load_base_with_lora, load_prompt
+    from .models import is_seq2seq
 
     if model is None:
         if base is None:
@@ -170,7 +172,7 @@ def run_eval(adapter=None, data=None, base=None, template=None, target=None, cha
     if adapter and adapter != "none":
         kv = load_prompt(adapter, model, lora, merge_lora, allow_other_base).to_kv_prefix(model)
     t0 = time.perf_counter()
-    if getattr(model.config, "is_encoder_decoder", False):
+    if is_seq2seq(model):
         from .seq2seq.generate import evaluate_groups
     res = evaluate_groups(model, tokenizer, groups, kv, chat_template=chat_template, max_new_tokens=max_new_tokens,
                           num_beams=num_beams, batch_size=batch_size)

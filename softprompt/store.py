@@ -86,6 +86,11 @@ class StoreEntry:
     def open(self, model, *, allow_other_base: bool = False) -> PromptMethod:
         return self.store._load(self, model, allow_other_base)
 
+    def verify(self) -> None:
+        """Raise StoreError unless the file is there and matches the index's sha256 (`open` does this
+        too; other loaders of the file, e.g. classifiers, call it first)."""
+        self.store._check_file(self)
+
     def __str__(self):
         return str(self.path)
 
@@ -322,18 +327,22 @@ class Store:
                           allow_other_base)
 
     def _load(self, e: StoreEntry, model, allow_other_base: bool) -> PromptMethod:
+        self._check_file(e)
+        prompt = load_artifact(e.path, model, allow_other_base=allow_other_base)
+        prompt.card = dict(prompt.card, store={"name": e.name, "version": e.version})
+        return prompt
+
+    def _check_file(self, e: StoreEntry) -> None:
         try:
             blob = e.path.read_bytes()
         except FileNotFoundError:
             raise StoreError(f"task {e.name}@{e.version}: its file {e.path} is missing (removed behind the "
                              "index's back, or by a concurrent rm); re-add the task") from None
-        if _sha(blob) != e.sha256:
+        digest = _sha(blob)
+        if digest != e.sha256:
             raise StoreError(f"task {e.name}@{e.version}: the store file {e.path} changed on disk behind "
-                             f"the index's back (sha256 {_sha(blob)[:12]}... != indexed {e.sha256[:12]}...); "
+                             f"the index's back (sha256 {digest[:12]}... != indexed {e.sha256[:12]}...); "
                              "refusing it: restore the file or `softprompt store rm` and re-add the task")
-        prompt = load_artifact(e.path, model, allow_other_base=allow_other_base)
-        prompt.card = dict(prompt.card, store={"name": e.name, "version": e.version})
-        return prompt
 
     def ls(self, tag: str | None = None, base_fingerprint: str | None = None, all_versions: bool = False) -> list[dict]:
         """Index rows (no file is read), newest version per name unless `all_versions`, sorted by name."""

@@ -7,14 +7,12 @@ fingerprint, and shapes that fit the model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 
-from ..artifact import ArtifactError, _check_card, _data_section, _read, model_fingerprint, save_artifact
+from ..artifact import ArtifactError, _check_card, _read, save_artifact, verified_tensors
 from ..methods import METHODS
 from ..models import geometry
 from .model import HEAD_ONLY, Classifier, EncoderClassifier, VerbalizerClassifier
@@ -43,17 +41,7 @@ def load_classifier(path: str | os.PathLike, model, *, allow_other_base: bool = 
     if not is_classifier_card(card):
         raise ArtifactError(f"{path} is a {card.get('method')} prompt for generation, not a classifier (its card has "
                             "no labels); train one with `softprompt train --task classify --labels ...`")
-    data = _data_section(blob)
-    if hashlib.sha256(data).hexdigest() != card.get("tensor_sha256"):
-        raise ArtifactError(f"{path}: the tensor file is truncated or altered (sha256 does not match the card); "
-                            "restore it or re-export it")
-    tensors = st_load(blob)
-    base = card.get("base_model") or {}
-    fp = model_fingerprint(model)
-    if base.get("fingerprint") and base["fingerprint"] != fp and not allow_other_base:
-        raise ArtifactError(f"{path} was made for base model {base.get('name')!r} (fingerprint {base['fingerprint']}), "
-                            f"not the loaded {getattr(model, 'name_or_path', '')!r} ({fp}); load it with its base "
-                            "model (--base)")
+    tensors = verified_tensors(path, card, blob, model, allow_other_base)
     spec = card["classifier"]
     kind, labels = spec.get("kind"), list(spec.get("labels") or [])
     from ..encoder import is_encoder_config

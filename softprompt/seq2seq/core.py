@@ -30,13 +30,13 @@ softprompt/prefix.py; the mask hides the pad slots):
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
+from ..models import is_seq2seq, model_family  # noqa: F401  (re-exported by softprompt.seq2seq)
 from ..prefix import stack_prefixes
 
 PARTS = ("encoder", "decoder", "cross")
@@ -44,16 +44,6 @@ PARTS = ("encoder", "decoder", "cross")
 
 class Seq2SeqError(ValueError):
     """A seq2seq model or prompt cannot be used as asked; the message says why."""
-
-
-def is_seq2seq(model_or_config) -> bool:
-    config = getattr(model_or_config, "config", model_or_config)
-    return bool(getattr(config, "is_encoder_decoder", False))
-
-
-def model_family(model) -> str:
-    """'seq2seq' for encoder-decoder models, 'causal_lm' otherwise (recorded on artifact cards)."""
-    return "seq2seq" if is_seq2seq(model) else "causal_lm"
 
 
 @dataclass(frozen=True)

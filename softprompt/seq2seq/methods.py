@@ -50,8 +50,7 @@ class Seq2SeqPrefixConfig:
 
 class Seq2SeqPrefixTuning(PromptMethod):
     method = "prefix_tuning"
-    family = "seq2seq"
-    card_extra = {"model_family": "seq2seq"}  # artifact cards record it; loading checks the base's family
+    family = "seq2seq"  # artifact cards record it as model_family; loading checks the base's family
 
     def __init__(self, geometry: Seq2SeqGeometry, num_virtual_tokens: int, parts=PARTS, projection_dim: int = 0,
                  prefixes: dict[str, torch.Tensor] | None = None, config: dict | None = None):
@@ -133,7 +132,6 @@ class Seq2SeqPromptTuning(PromptTuning):
     """P embeddings before the encoder's input; creation and storage as for decoders."""
 
     family = "seq2seq"
-    card_extra = {"model_family": "seq2seq"}
 
     @classmethod
     def create(cls, model, tokenizer=None, config=None, **options):

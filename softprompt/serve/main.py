@@ -31,7 +31,7 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     `apply_lora` drops any fingerprint cached for the bare weights), so prompts trained with that
     adapter are served and prompts trained on the bare base are refused per request (400)."""
     from ..lora import load_base_with_lora
-    from ..models import EMBEDDED_NAME
+    from ..models import EMBEDDED_NAME, is_seq2seq
     from ..store import Store
     from .engine import Engine
     from .http import ServerConfig, create_app
@@ -46,7 +46,7 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
         except Exception:  # a malformed name is as unknown as a missing one
             return None
 
-    if getattr(model.config, "is_encoder_decoder", False):  # T5, BART: seq2seq prompts, batch-at-a-time engine
+    if is_seq2seq(model):  # T5, BART: seq2seq prompts, batch-at-a-time engine
         from .seq2seq import Seq2SeqEngine as Engine
     engine = Engine(model, tok, TaskRegistry(tasks, fallback=from_store), max_batch_size=max_batch_size,
                     max_queue=max_queue, prefix_cache_bytes=prefix_cache_mb << 20)

@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
 from ..generate import SamplingParams
+from ..models import is_seq2seq
 from ..prefix import GrowingCache
 from ..seq2seq.core import Seq2SeqBatchPrefix, Seq2SeqPrefix, decode, encode, make_cache
 from ..seq2seq.generate import decoder_start_id
@@ -55,7 +56,7 @@ class Seq2SeqEngine(BaseEngine):
 
     def __init__(self, model, tokenizer, tasks: TaskRegistry | Mapping | None = None, *, max_batch_size: int = 32,
                  max_queue: int = 1024, max_new_tokens_limit: int = 2048, prefix_cache_bytes: int = 256 * 2**20):
-        if not getattr(model.config, "is_encoder_decoder", False):
+        if not is_seq2seq(model):
             raise ValueError(f"{type(model).__name__} is not an encoder-decoder model: use softprompt.serve.Engine")
         super().__init__(model, tokenizer, tasks, max_batch_size=max_batch_size, max_queue=max_queue,
                          max_new_tokens_limit=max_new_tokens_limit, prefix_cache_bytes=prefix_cache_bytes)

@@ -18,6 +18,7 @@ import torch
 
 from ..artifact import ArtifactError, load_artifact
 from ..methods import PromptMethod
+from ..models import model_family
 from ..peft_io import PeftFormatError
 
 
@@ -170,7 +171,7 @@ def compile_task(name: str, source, model) -> torch.Tensor:
     except (ArtifactError, PeftFormatError) as e:
         raise TaskRefused(f"task {name!r} cannot be served: {e}") from e
     family = getattr(prompt, "family", "causal_lm")  # artifacts are checked on load; in-memory prompts here
-    base_family = "seq2seq" if getattr(model.config, "is_encoder_decoder", False) else "causal_lm"
+    base_family = model_family(model)
     if family != base_family:
         raise TaskRefused(f"task {name!r} cannot be served: it is a prompt for a {family} model, but this server's "
                           f"base model is {base_family}")
