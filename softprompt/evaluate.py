@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from .generate import StopStrings, SamplingParams, eos_ids, generate_ids
+from . import hf
 from .prefix import prefixed_forward
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -67,8 +68,8 @@ def beam_search(model, tokenizer, prompt: str, prefix: torch.Tensor | None, num_
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=dev)
     mask = torch.ones_like(ids)
     res = prefixed_forward(model, ids, mask, [prefix], use_cache=True, logits_to_keep=1)
-    cache = res.past_key_values
-    cache.batch_repeat_interleave(num_beams)
+    cache = res.cache
+    hf.repeat_rows(cache, num_beams)
     full_mask = res.attention_mask.repeat(num_beams, 1)
     pos = res.position_ids[:, -1:].repeat(num_beams, 1)
     logp = res.logits[:, -1].float().log_softmax(-1).repeat(num_beams, 1)  # (K, V)
@@ -96,19 +97,19 @@ def beam_search(model, tokenizer, prompt: str, prefix: torch.Tensor | None, num_
         seqs = new_seqs
         scores = torch.tensor(new_scores, device=dev)
         bi = torch.tensor(beam_idx, device=dev)
-        cache.reorder_cache(bi)
+        hf.reorder_rows(cache, bi)
         full_mask = torch.cat([full_mask[bi], torch.ones(len(bi), 1, dtype=full_mask.dtype, device=dev)], 1)
         pos = pos[bi] + 1
-        out = model(input_ids=torch.tensor(tokens, device=dev).view(-1, 1), attention_mask=full_mask,
-                    position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = hf.forward(model, cache, input_ids=torch.tensor(tokens, device=dev).view(-1, 1), attention_mask=full_mask,
+                         position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = out.cache
         logp = out.logits[:, -1].float().log_softmax(-1)
         if len(tokens) < num_beams:  # fewer live beams: keep the shapes, park the rest at -inf
             pad = num_beams - len(tokens)
             scores = torch.cat([scores, torch.full((pad,), float("-inf"), device=dev)])
             seqs += [[]] * pad
             keep = torch.cat([torch.arange(len(tokens)), torch.zeros(pad, dtype=torch.long)]).to(dev)
-            cache.reorder_cache(keep)
+            hf.reorder_rows(cache, keep)
             full_mask, pos, logp = full_mask[keep], pos[keep], logp[keep]
     if not finished:
         finished = [(float(scores[b]) / max(len(seqs[b]), 1) ** length_penalty, seqs[b]) for b in range(len(seqs))]

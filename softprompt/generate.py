@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .prefix import GrowingCache, prefixed_forward
+from . import hf
+from .prefix import prefixed_forward
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,8 @@ def generate_ids(
     if params.max_new_tokens == 0:
         return out
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    res = prefixed_forward(model, input_ids, attention_mask, prefixes, use_cache=True, logits_to_keep=1,
-                           cache_cls=GrowingCache)
-    cache, mask = res.past_key_values, res.attention_mask  # mask (B, Pmax + T)
+    res = prefixed_forward(model, input_ids, attention_mask, prefixes, use_cache=True, logits_to_keep=1, growing=True)
+    cache, mask = res.cache, res.attention_mask  # mask (B, Pmax + T)
     pos = res.position_ids[:, -1:]  # (B, 1), last real position of each row
     logits = res.logits[:, -1]
     done = torch.zeros(B, dtype=torch.bool)
@@ -109,9 +109,9 @@ def generate_ids(
             break
         mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
         pos = pos + 1
-        res = model(input_ids=nxt.view(B, 1), attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
-        cache, logits = res.past_key_values, res.logits[:, -1]
+        res = hf.forward(model, cache, input_ids=nxt.view(B, 1), attention_mask=mask, position_ids=pos,
+                         use_cache=True, logits_to_keep=1)
+        cache, logits = res.cache, res.logits[:, -1]
     return out
 
 

@@ -11,12 +11,12 @@ real tokens attend to them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import torch
 
+from .hf import eager_attention  # noqa: F401  (public here)
 from .methods.base import InputPromptMethod
 
 
@@ -60,20 +60,6 @@ def kv_norms(kv: torch.Tensor) -> dict:
     kv: (L, 2, H_kv, P, D)."""
     n = kv.detach().float().norm(dim=-1)  # (L, 2, H, P)
     return {"key": n[:, 0].mean(dim=(1, 2)).tolist(), "value": n[:, 1].mean(dim=(1, 2)).tolist()}
-
-
-@contextlib.contextmanager
-def eager_attention(model):
-    """Temporarily switch `model` to eager attention (the only one that returns attention weights)."""
-    old = getattr(model.config, "_attn_implementation", None)
-    if old == "eager" or not hasattr(model, "set_attn_implementation"):
-        yield model
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield model
-    finally:
-        model.set_attn_implementation(old)
 
 
 @torch.no_grad()

@@ -22,45 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
 
-
-class GrowingLayer(DynamicLayer):
-    """A cache layer with spare capacity: appending writes in place (amortized O(1) per token)
-    where DynamicLayer's `torch.cat` copies the whole cache at every decoding step, which for a
-    batch of 32 rows of ~100 slots is ~150 MB of copying per step on the 30-layer default model."""
-
-    def lazy_initialization(self, key_states, value_states):
-        super().lazy_initialization(key_states, value_states)
-        self._k = self._v = None
-        self._n = 0
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n_new = key_states.shape[-2]
-        if self._k is None or self._n + n_new > self._k.shape[-2] or self._k.shape[0] != key_states.shape[0]:
-            cap = max(64, 2 * (self._n + n_new))
-            B, H, _, D = key_states.shape
-            k = key_states.new_empty(B, H, cap, D)
-            v = value_states.new_empty(B, H, cap, value_states.shape[-1])
-            if self._n:
-                k[:, :, : self._n] = self._k[:, :, : self._n]
-                v[:, :, : self._n] = self._v[:, :, : self._n]
-            self._k, self._v = k, v
-        self._k[:, :, self._n: self._n + n_new] = key_states
-        self._v[:, :, self._n: self._n + n_new] = value_states
-        self._n += n_new
-        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
-        return self.keys, self.values
-
-
-class GrowingCache(DynamicCache):
-    """A DynamicCache whose layers grow in place (see GrowingLayer); for inference only."""
-
-    def __init__(self):
-        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+from . import hf
 
 
 def stack_prefixes(
@@ -97,19 +60,6 @@ def stack_prefixes(
     return kv, mask
 
 
-def make_cache(kv: torch.Tensor | None, cache_cls: type[DynamicCache] = DynamicCache) -> DynamicCache:
-    """A DynamicCache already holding the prefix: kv `(L, 2, B, H, P, D)` or None for an empty one.
-
-    `update` concatenates new keys onto the prefix (never writes into it), so a shared prefix
-    tensor is safe to pass, and gradients flow back into it during training.
-    """
-    cache = cache_cls()
-    if kv is not None:
-        for layer in range(kv.shape[0]):
-            cache.update(kv[layer, 0], kv[layer, 1], layer)
-    return cache
-
-
 def positions_after_prefix(attention_mask: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
     """Positions of real tokens: `P_i + (number of real tokens before them)`.
 
@@ -128,31 +78,27 @@ def prefixed_forward(
     prefixes: Sequence[torch.Tensor | None],
     *,
     use_cache: bool = True,
-    cache_cls: type[DynamicCache] = DynamicCache,
+    growing: bool = False,
     **kwargs,
-):
+) -> hf.Output:
     """One forward pass of a frozen causal LM over a left-padded batch where row `i` carries
     `prefixes[i]` (or `prefixes = [p]` for one prefix shared by all rows).
 
-    input_ids, attention_mask: (B, T). Returns the HF output; `.past_key_values` holds prefix +
-    prompt and `.prefix_mask` (B, Pmax) is attached so a decoding loop can extend the mask.
+    input_ids, attention_mask: (B, T). Returns an `hf.Output`: logits, `.cache` (prefix + prompt,
+    an opaque handle; `growing` for one that decoding appends to in place), `.attention_mask`
+    (B, Pmax + T) and `.position_ids` (B, T) for a decoding loop to extend, `.prefix_mask` (B, Pmax).
+    The first call on a model runs the self-check (`check_prefix_support`).
     """
+    hf.once(model, check_prefix_support)
     B = input_ids.shape[0]
     kv, pmask = stack_prefixes(prefixes, batch_size=B)
     pmask = pmask.to(attention_mask.device)
     full_mask = torch.cat([pmask, attention_mask.long()], dim=1)  # (B, Pmax + T)
     position_ids = positions_after_prefix(attention_mask, pmask.sum(-1))
-    out = model(
-        input_ids=input_ids,
-        attention_mask=full_mask,
-        position_ids=position_ids,
-        past_key_values=make_cache(kv, cache_cls) if (kv is not None or use_cache) else None,
-        use_cache=use_cache,
-        **kwargs,
-    )
-    out.prefix_mask = pmask
-    out.attention_mask = full_mask
-    out.position_ids = position_ids
+    cache = hf.new_cache(kv, growing=growing) if (kv is not None or use_cache) else None
+    out = hf.forward(model, cache, input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+                     use_cache=use_cache, **kwargs)
+    out.prefix_mask, out.attention_mask, out.position_ids = pmask, full_mask, position_ids
     return out
 
 
@@ -167,20 +113,42 @@ def compile_embeddings(model, embeddings: torch.Tensor) -> torch.Tensor:
     P = embeddings.shape[0]
     dev = next(model.parameters()).device
     emb = embeddings.to(device=dev, dtype=next(model.parameters()).dtype).unsqueeze(0)  # (1, P, d)
-    out = model(
-        inputs_embeds=emb,
-        attention_mask=torch.ones(1, P, dtype=torch.long, device=dev),
-        position_ids=torch.arange(P, device=dev).unsqueeze(0),
-        past_key_values=DynamicCache(),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return cache_to_prefix(out.past_key_values, row=0)
+    out = hf.forward(model, hf.new_cache(), inputs_embeds=emb, attention_mask=torch.ones(1, P, dtype=torch.long, device=dev),
+                     position_ids=torch.arange(P, device=dev).unsqueeze(0), use_cache=True, logits_to_keep=1)
+    return hf.to_prefix(out.cache, row=0)
 
 
-def cache_to_prefix(cache, row: int = 0) -> torch.Tensor:
-    """Read one row of a filled DynamicCache back as a `(L, 2, H, P, D)` prefix."""
-    layers = []
-    for layer in cache.layers:
-        layers.append(torch.stack([layer.keys[row], layer.values[row]]))  # (2, H, P, D)
-    return torch.stack(layers).contiguous()
+@torch.no_grad()
+def check_prefix_support(model) -> None:
+    """Raise `hf.PrefixIgnored` unless `model` honours a KV prefix exactly (see softprompt/hf/check.py):
+    a prefix compiled from 4 random tokens must give the logits of those tokens written out."""
+    from .hf.check import versions
+
+    try:
+        _check(model)
+    except hf.UnsupportedModel:
+        raise
+    except Exception as e:  # a shape error from a cache the model handles differently, say
+        raise hf.PrefixIgnored(f"{type(model).__name__} fails the prefix self-check under {versions()}: "
+                               f"{type(e).__name__}: {e}") from e
+
+
+def _check(model) -> None:
+    from .hf.check import compare, versions
+
+    dev = next(model.parameters()).device
+    V = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, V, (1, 4), generator=g).to(dev)  # skip the low ids, often special tokens
+    y = torch.randint(3, V, (1, 3), generator=g).to(dev)
+    ones = torch.ones(1, 7, dtype=torch.long, device=dev)
+    cache = hf.forward(model, hf.new_cache(), input_ids=x, attention_mask=ones[:, :4],
+                       position_ids=torch.arange(4, device=dev)[None], use_cache=True).cache
+    if cache is None or hf.length(cache) != 4:
+        raise hf.PrefixIgnored(f"{type(model).__name__} did not fill the cache it was given "
+                               f"(under {versions()}); a KV prefix cannot be read back")
+    kv = hf.to_prefix(cache)  # (L, 2, H, 4, D)
+    ours = prefixed_forward(model, y, ones[:, :3], [kv], use_cache=False).logits
+    want = model(input_ids=torch.cat([x, y], 1), attention_mask=ones, use_cache=False).logits[:, 4:]
+    bare = model(input_ids=y, attention_mask=ones[:, :3], use_cache=False).logits
+    compare(ours, want, bare, "4 tokens compiled into a prefix", model)

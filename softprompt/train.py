@@ -17,7 +17,6 @@ at the positions that predict a target token, and batches group rows of similar 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -31,7 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import hf
 from .data import TokenizedData, collate, length_grouped_batches
+from .hf import gradient_checkpointing, lm_head_at  # noqa: F401  (gradient_checkpointing: public here)
+from .prefix import check_prefix_support
 
 SCHEDULES = ("linear", "cosine", "constant")
 HIGHER_IS_BETTER = {"bleu", "rouge_l", "exact_match", "accuracy", "f1"}
@@ -89,18 +91,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # The loss, computed at target positions only
 
 
-@contextlib.contextmanager
-def _lm_head_at(model, sel: torch.Tensor):
-    """Within this block the LM head sees only the hidden states where `sel` (B, K) is True
-    (of the last K positions), so logits come out as (N, V) for N selected positions."""
-    head = model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda mod, args: (args[0][sel],))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def target_loss(prompt, model, input_ids, attention_mask, target_mask) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over target tokens and their count.
 
@@ -117,53 +107,10 @@ def target_loss(prompt, model, input_ids, attention_mask, target_mask) -> tuple[
     K = T - int(cols[0])
     sel = pred[:, T - K:]  # (B, K)
     labels = torch.roll(input_ids, -1, dims=1)[:, T - K:][sel]  # (N,)
-    with _lm_head_at(model, sel.to(input_ids.device)):
+    hf.once(model, check_prefix_support)  # before the head is hooked: the check needs whole logits
+    with lm_head_at(model, sel.to(input_ids.device)):
         logits = prompt(model, input_ids, attention_mask, logits_to_keep=K).logits  # (N, V)
     return F.cross_entropy(logits.float(), labels, reduction="sum"), int(labels.numel())
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(model, enabled: bool = True):
-    """Recompute each decoder layer in the backward pass instead of storing its activations.
-
-    Works with a KV prefix too (transformers' own checkpointing drops `past_key_values`, which is
-    why PEFT refuses prefix tuning with it): the cache a layer appends to is restored after each
-    call, so the recompute sees the same prefix and gradients still reach it.
-    """
-    if not enabled:
-        yield
-        return
-    from torch.utils.checkpoint import checkpoint
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise TrainingError(f"gradient checkpointing: found no decoder layers in {type(model).__name__}")
-
-    def wrap(layer):
-        inner = layer.forward
-
-        def run(*args, **kwargs):
-            found = (getattr(a, "self_attention_cache", a) for a in (*args, *kwargs.values()))  # seq2seq: its self half
-            cache = next((a for a in found if hasattr(a, "layers") and hasattr(a, "update")), None)
-            saved = [(c.keys, c.values, getattr(c, "is_initialized", True)) for c in getattr(cache, "layers", [])]
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                for c, (k, v, init) in zip(getattr(cache, "layers", []), saved):
-                    c.keys, c.values = k, v
-                    if hasattr(c, "is_initialized"):
-                        c.is_initialized = init
-
-        return lambda *a, **kw: checkpoint(run, *a, use_reentrant=False, **kw)
-
-    for layer in layers:
-        layer.forward = wrap(layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tiny randomly initialized decoders (Llama with GQA, GPT-2, Qwen2) for exact CPU tests."""
+"""Tiny randomly initialized decoders (Llama with GQA, GPT-2, Qwen2; and every common family in
+`FAMILIES`) for exact CPU tests."""
 
 import os
 
@@ -30,6 +31,12 @@ def tiny_model(arch: str, seed: int = 0):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
         model = Qwen2ForCausalLM(cfg)
+    elif arch in FAMILY_CONFIGS:
+        import transformers
+
+        cfg_name, model_name, opts = FAMILY_CONFIGS[arch]
+        common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**common, **opts))
     else:
         raise ValueError(arch)
     model.float().eval().requires_grad_(False)
@@ -37,6 +44,28 @@ def tiny_model(arch: str, seed: int = 0):
 
 
 ARCHS = ["llama", "gpt2", "qwen2"]
+
+# The other common decoder families, tiny: (config class, model class, options). What each brings:
+# OPT learned positions with an offset of 2; Mistral a sliding window; Qwen3 q/k norms; Gemma 2
+# logit soft-capping, alternating sliding layers and a query scale of its own; Gemma 3 q/k norms
+# and local/global RoPE; Phi-3 fused QKV; GPT-NeoX fused QKV and partial rotary.
+_DEC = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256)
+FAMILY_CONFIGS = {
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=48, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 max_position_embeddings=256, word_embed_proj_dim=48)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_DEC, sliding_window=64)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DEC, head_dim=16)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_DEC, head_dim=16, sliding_window=64, query_pre_attn_scalar=16,
+                                                          attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_DEC, head_dim=16, sliding_window=64,
+                                                              query_pre_attn_scalar=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DEC, original_max_position_embeddings=256)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                                             num_attention_heads=4, max_position_embeddings=256,
+                                                             rotary_pct=0.5)),
+}
+FAMILIES = ARCHS + list(FAMILY_CONFIGS)
 
 
 @pytest.fixture(params=ARCHS)

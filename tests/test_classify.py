@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import left_padded, tiny_model
 from tiny_tokenizer import tiny_tokenizer, word_id
 
-from softprompt import methods
+from softprompt import hf, methods
 from softprompt.artifact import ArtifactError, load_artifact, save_artifact
 from softprompt.classify import (ClassificationData, ClassificationObjective, EncoderClassifier, VerbalizerClassifier,
                                  accuracy_f1, load_classifier, predict)
@@ -54,15 +54,21 @@ def test_deep_prompt_matches_peft_p_tuning_v2_on_bert(shift):
     with torch.no_grad():
         for p in pm.prompt_encoder.parameters():
             p.normal_()
-        cache = pm.get_prompt(1)
-        kv = torch.stack([torch.stack([lay.keys[0], lay.values[0]]) for lay in cache.layers])  # (L, 2, H, P, D)
+        kv = hf.to_prefix(pm.get_prompt(1))  # (L, 2, H, P, D)
         ids, mask = right_padded(ROWS)
         if shift:
-            want = pm(input_ids=ids, attention_mask=mask).logits
+            try:
+                want = pm(input_ids=ids, attention_mask=mask).logits
+            except ValueError as e:  # PEFT 0.21.2 under transformers 5.24 no longer sees BERT's cache keyword
+                import peft
+                import transformers
+
+                pytest.skip(f"PEFT {peft.__version__} refuses BERT prefix tuning under transformers "
+                            f"{transformers.__version__}: {e}")
         else:  # PEFT drops position_ids: its prompt cache through transformers' own path, positions 0, 1, ...
             full = torch.cat([torch.ones(len(ids), 4, dtype=torch.long), mask], 1)
-            want = bert(input_ids=ids, attention_mask=full, past_key_values=pm.get_prompt(len(ids)),
-                        position_ids=torch.arange(ids.shape[1]).expand_as(ids)).logits
+            want = hf.call(bert, pm.get_prompt(len(ids)), input_ids=ids, attention_mask=full,
+                           position_ids=torch.arange(ids.shape[1]).expand_as(ids)).logits
         h = encode(bert.bert, ids, mask, prefix=kv, shift_positions=shift)
         got = bert.classifier(bert.bert.pooler(h))
     assert kv.shape == geometry(bert).prefix_shape(4)

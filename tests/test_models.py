@@ -14,6 +14,7 @@ import torch
 from conftest import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
+from softprompt import hf
 from softprompt.models import BaseModelError, fingerprint, geometry, load_base
 
 EXPECTED = {  # arch: (model_type, layers, query heads, kv heads, head_dim, hidden)
@@ -39,10 +40,10 @@ def test_geometry_matches_the_real_cache(model):
     """The shapes a forward pass actually caches agree with the geometry."""
     geo = geometry(model)
     with torch.no_grad():
-        cache = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
-    assert len(cache.layers) == geo.num_layers
-    for layer in cache.layers:
-        assert tuple(layer.keys.shape) == tuple(layer.values.shape) == (1, geo.num_key_value_heads, 3, geo.head_dim)
+        cache = hf.cache_of(model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True))
+    assert len(hf.layers(cache)) == geo.num_layers
+    for keys, values in hf.layers(cache):
+        assert tuple(keys.shape) == tuple(values.shape) == (1, geo.num_key_value_heads, 3, geo.head_dim)
 
 
 def test_fingerprint_is_stable(arch, model):

@@ -9,6 +9,7 @@ from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import (BartConfig, BartForConditionalGeneration, DynamicCache, EncoderDecoderCache, T5Config,
                           T5ForConditionalGeneration)
 
+from softprompt import hf
 from softprompt.artifact import ArtifactError, load_artifact, read_card, save_artifact
 from softprompt.data import Example, TokenizedData
 from softprompt.generate import SamplingParams
@@ -187,9 +188,8 @@ def test_all_three_prefixes_match_an_independent_computation(arch):
         for layer in range(dec_kv.shape[0]):
             cache.self_attention_cache.update(dec_kv[layer, 0][None], dec_kv[layer, 1][None], layer)
         states = torch.cat([extra, hidden], dim=1)
-        ref = model(encoder_outputs=(states,), attention_mask=torch.ones(1, states.shape[1], dtype=torch.long),
-                    decoder_input_ids=dec, decoder_attention_mask=torch.ones(1, 3 + dec.shape[1], dtype=torch.long),
-                    past_key_values=cache).logits
+        ref = hf.call(model, cache, encoder_outputs=(states,), attention_mask=torch.ones(1, states.shape[1], dtype=torch.long),
+                      decoder_input_ids=dec, decoder_attention_mask=torch.ones(1, 3 + dec.shape[1], dtype=torch.long)).logits
         no_enc = seq2seq_forward(model, [Seq2SeqPrefix(decoder=dec_kv, cross=cross)], ids, torch.ones_like(ids), dec).logits
     assert (ours - ref).abs().max().item() < TOL
     assert (ours - no_enc).abs().max().item() > 1e-2  # the encoder prefix matters

@@ -29,13 +29,12 @@ softprompt/prefix.py; the mask hides the pad slots):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import DynamicCache, EncoderDecoderCache
 
+from .. import hf
 from ..models import is_seq2seq, model_family  # noqa: F401  (re-exported by softprompt.seq2seq)
 from ..prefix import stack_prefixes
 
@@ -111,130 +110,14 @@ class Seq2SeqPrefix:
                                for t in (self.embeds, self.encoder, self.decoder, self.cross)))
 
 
-# --------------------------------------------------------------------------------------------
-# Where the hooks go
-
-
-def _layers(stack):
-    return getattr(stack, "block", None) or stack.layers
-
-
-def _attn(layer, names: tuple[str, ...]):
-    for name in names:
-        mod = layer
-        try:
-            for part in name.split("."):
-                mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
-            return mod
-        except (AttributeError, IndexError):
-            continue
-    raise Seq2SeqError(f"cannot find the attention module ({' or '.join(names)}) in {type(layer).__name__}")
-
-
-def cross_attentions(model) -> list:
-    return [_attn(layer, ("layer.1.EncDecAttention", "encoder_attn")) for layer in _layers(model.get_decoder())]
-
-
-def additive_mask(keep: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """keep (B, K) 0/1 -> additive mask (B, 1, q_len, K): 0 where kept, the dtype's min elsewhere
-    (a float mask works for both the eager and the SDPA attention of T5 and BART)."""
-    m = (1.0 - keep.to(dtype))[:, None, None, :] * torch.finfo(dtype).min
-    return m.expand(-1, 1, q_len, -1)
-
-
-class _PrefixKV:
-    """The smallest cache an attention module accepts: `update` puts one layer's prefix before
-    the new keys/values and keeps nothing, so a recompute gets the same answer."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v  # (B, H, P, D)
-
-    def get_seq_length(self, layer_idx=0) -> int:
-        return self.k.shape[-2]
-
-    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        return (torch.cat([self.k.to(key_states.dtype), key_states], dim=-2),
-                torch.cat([self.v.to(value_states.dtype), value_states], dim=-2))
-
-
-@contextlib.contextmanager
-def _hooks(pairs, **kw):
-    handles = [mod.register_forward_pre_hook(fn, with_kwargs=True, **kw) for mod, fn in pairs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _encoder_hooks(model, kv: torch.Tensor | None, pmask: torch.Tensor, enc_mask: torch.Tensor):
-    """kv (L, 2, B, H, P, D), pmask (B, P), enc_mask (B, S): encoder self-attention over [prefix | tokens].
-    T5 blocks and BART encoder layers both take (hidden_states, attention_mask, ...) and pass
-    `past_key_values` on to their self-attention."""
-    if kv is None:
-        return contextlib.nullcontext()
-    keep = torch.cat([pmask.to(enc_mask.device), enc_mask.long()], dim=1)  # (B, P + S)
-
-    def hook_for(layer: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            mask = additive_mask(keep, hidden.shape[1], hidden.dtype)  # (B, 1, S, P + S)
-            if len(args) > 1:
-                args = (args[0], mask, *args[2:])
-            else:
-                kwargs["attention_mask"] = mask
-            kwargs["past_key_values"] = _PrefixKV(kv[layer, 0], kv[layer, 1])
-            return args, kwargs
-
-        return hook
-
-    return _hooks([(m, hook_for(i)) for i, m in enumerate(_layers(model.get_encoder()))])
-
-
-def _kv_proj(attn):
-    return (attn.k, attn.v) if hasattr(attn, "k") else (attn.k_proj, attn.v_proj)
-
-
 def cross_kv(model, hidden: torch.Tensor, bp: "Seq2SeqBatchPrefix") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per decoder layer, the cross-attention keys and values [prefix | encoder states]: (B, H, Pc + S, D)."""
     kv, _ = bp.cross
-    out = []
-    for layer, attn in enumerate(cross_attentions(model)):
-        B, S, _ = hidden.shape
-        k, v = (proj(hidden).view(B, S, -1, attn.key_value_proj_dim if hasattr(attn, "key_value_proj_dim")
-                                  else attn.head_dim).transpose(1, 2) for proj in _kv_proj(attn))
-        if kv is not None:
-            k, v = torch.cat([kv[layer, 0].to(k.dtype), k], dim=2), torch.cat([kv[layer, 1].to(v.dtype), v], dim=2)
-        out.append((k, v))
-    return out
-
-
-def _position_hook(model, shift: torch.Tensor | None):
-    """Learned absolute decoder positions (BART family) count from each row's own prefix length:
-    the decoder numbers tokens from the cache length Pmax, so row i is moved back by Pmax - P_i."""
-    emb = getattr(model.get_decoder(), "embed_positions", None)
-    if emb is None or shift is None or not bool((shift != 0).any()):
-        return contextlib.nullcontext()
-
-    def hook(module, args, kwargs, out):  # out (1 or B, T, d)
-        ids = kwargs.get("position_ids")
-        if ids is None:
-            return out
-        rows = []
-        for s in shift.tolist():
-            rows.append(module.forward(*args, **dict(kwargs, position_ids=ids - s)).reshape(-1, out.shape[-2], out.shape[-1]))
-        return torch.cat(rows, dim=0)  # (B, T, d)
-
-    return _forward_hook(emb, hook)
-
-
-@contextlib.contextmanager
-def _forward_hook(module, fn):
-    handle = module.register_forward_hook(fn, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+    out = hf.cross_attention_kv(model, hidden)
+    if kv is None:
+        return out
+    return [(torch.cat([kv[i, 0].to(k.dtype), k], dim=2), torch.cat([kv[i, 1].to(v.dtype), v], dim=2))
+            for i, (k, v) in enumerate(out)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,36 +169,34 @@ def encode(model, input_ids, attention_mask, bp: Seq2SeqBatchPrefix):
     """Encoder states `(B, S, d)` and their mask `(B, S)` with the soft prompt and encoder prefix."""
     emb, mask = encoder_inputs(model, input_ids, attention_mask, bp.embeds)
     kv, pmask = bp.encoder
-    with _encoder_hooks(model, kv, pmask, mask):
+    keep = torch.cat([pmask.to(mask.device), mask.long()], dim=1)  # (B, P + S)
+    with hf.encoder_prefix(model, kv, keep):
         hidden = model.get_encoder()(inputs_embeds=emb, attention_mask=mask).last_hidden_state
     return hidden, mask
 
 
-def make_cache(model, bp: Seq2SeqBatchPrefix, hidden: torch.Tensor, self_cls=DynamicCache) -> EncoderDecoderCache:
-    """An EncoderDecoderCache holding the decoder self-attention prefix and the full cross-attention
-    keys/values [prefix | encoder states] (marked computed: the model reuses them, also in a recompute)."""
-    self_cache, cross_cache = self_cls(), DynamicCache()
+def make_cache(model, bp: Seq2SeqBatchPrefix, hidden: torch.Tensor, growing: bool = False):
+    """An encoder-decoder cache (opaque) holding the decoder self-attention prefix and the full
+    cross-attention keys/values [prefix | encoder states], which the model reuses (also in a recompute)."""
     kv, _ = bp.decoder
-    for layer, (k, v) in enumerate(cross_kv(model, hidden, bp)):
-        cross_cache.update(k, v, layer)
-        # Without a decoder prefix, still create each layer (empty): gradient checkpointing can only
-        # restore a layer that existed before the call.
-        pk, pv = (kv[layer, 0], kv[layer, 1]) if kv is not None else (k[:, :, :0], v[:, :, :0])
-        self_cache.update(pk, pv, layer)
-    return EncoderDecoderCache(self_cache, cross_cache)
+    cross = cross_kv(model, hidden, bp)
+    # Without a decoder prefix, still create each layer (empty): gradient checkpointing can only
+    # restore a layer that existed before the call.
+    own = [(kv[i, 0], kv[i, 1]) if kv is not None else (k[:, :, :0], v[:, :, :0]) for i, (k, v) in enumerate(cross)]
+    return hf.encdec_cache(own, cross, growing=growing)
 
 
 def decode(model, bp: Seq2SeqBatchPrefix, enc_hidden, enc_mask, decoder_input_ids, decoder_attention_mask=None,
-           cache: EncoderDecoderCache | None = None, self_cls=DynamicCache, **kwargs):
+           cache=None, growing: bool = False, **kwargs) -> hf.Output:
     """Decoder pass over `decoder_input_ids` (B, T), right-padded, after whatever `cache` holds
-    (a fresh one with the prefixes when None). Returns the HF output (logits (B, T, V))."""
+    (a fresh one with the prefixes when None). Returns an `hf.Output` (logits (B, T, V), cache)."""
     B, T = decoder_input_ids.shape
     dev = decoder_input_ids.device
     dkv, dmask = bp.decoder
     cmask = bp.cross[1].to(dev)
     if cache is None:
-        cache = make_cache(model, bp, enc_hidden, self_cls)
-    past = cache.get_seq_length()
+        cache = make_cache(model, bp, enc_hidden, growing)
+    past = hf.length(cache)
     if decoder_attention_mask is None:
         decoder_attention_mask = torch.ones(B, T, dtype=torch.long, device=dev)
     if decoder_attention_mask.shape[1] == T:  # prepend the prefix slots and any earlier steps
@@ -326,9 +207,9 @@ def decode(model, bp: Seq2SeqBatchPrefix, enc_hidden, enc_mask, decoder_input_id
     stand_in = torch.cat([enc_hidden.new_zeros(B, cmask.shape[1], enc_hidden.shape[-1]), enc_hidden], dim=1)
     keep = torch.cat([cmask, enc_mask.long()], dim=1)  # (B, Pc + S)
     shift = (dmask.shape[1] - dmask.sum(-1)).to(dev) if dkv is not None else None
-    with _position_hook(model, shift):
-        return model(encoder_outputs=(stand_in,), attention_mask=keep, decoder_input_ids=decoder_input_ids,
-                     decoder_attention_mask=decoder_attention_mask, past_key_values=cache, **kwargs)
+    with hf.decoder_position_shift(model, shift):
+        return hf.forward(model, cache, encoder_outputs=(stand_in,), attention_mask=keep,
+                          decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask, **kwargs)
 
 
 def seq2seq_forward(model, prefixes, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,

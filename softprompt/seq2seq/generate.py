@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import torch
 
 from ..generate import SamplingParams, StopStrings, append_tokens, eos_ids, pick_next
-from ..prefix import GrowingCache
 from .core import Seq2SeqBatchPrefix, Seq2SeqError, Seq2SeqPrefix, decode, encode, make_cache
 
 
@@ -37,12 +36,12 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     bp = Seq2SeqBatchPrefix.build(list(prefixes), B)
     hidden, mask = encode(model, input_ids, attention_mask, bp)  # (B, S, d), (B, S)
-    cache = make_cache(model, bp, hidden, GrowingCache)
+    cache = make_cache(model, bp, hidden, growing=True)
     nxt = torch.full((B,), decoder_start_id(model), dtype=torch.long, device=input_ids.device)
     done = torch.zeros(B, dtype=torch.bool)
     for step in range(params.max_new_tokens):
         res = decode(model, bp, hidden, mask, nxt.view(B, 1), cache=cache, use_cache=True)
-        cache = res.past_key_values
+        cache = res.cache
         nxt = pick_next(res.logits[:, -1], params, gen)  # (B,)
         append_tokens(out, nxt, done, eos_token_ids, stop_check, params.ignore_eos)
         if bool(done.all()):

@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from transformers import DynamicCache
-
-from ..prefix import GrowingCache, prefixed_forward
+from .. import hf
+from ..prefix import prefixed_forward
 from .base import BaseEngine, Row
 from .handle import Completion, Handle, Request
 from .tasks import RequestError, TaskRegistry
@@ -50,7 +49,7 @@ class Engine(BaseEngine):
         self.keep_logits = keep_logits
         cfg = model.config
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        self._cache: DynamicCache | None = None
+        self._cache = None  # the running batch's cache (an opaque hf handle)
         self._mask: torch.Tensor | None = None  # (B, S)
 
     # ---- one iteration ------------------------------------------------------------------
@@ -74,9 +73,9 @@ class Engine(BaseEngine):
         last = torch.tensor([r.ids[-1] for r in rows], device=self.device).view(B, 1)
         pos = torch.tensor([r.pos + 1 for r in rows], device=self.device).view(B, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(B, 1)], dim=1)
-        out = self.model(input_ids=last, attention_mask=self._mask, position_ids=pos, past_key_values=self._cache,
+        out = hf.forward(self.model, self._cache, input_ids=last, attention_mask=self._mask, position_ids=pos,
                          use_cache=True, logits_to_keep=1)
-        self._cache = out.past_key_values
+        self._cache = out.cache
         for r in rows:
             r.pos += 1
         self._emit(rows, out.logits[:, -1])
@@ -102,11 +101,11 @@ class Engine(BaseEngine):
             ids[i, T - len(row_ids):] = torch.tensor(row_ids)
             mask[i, T - len(row_ids):] = 1
         out = prefixed_forward(self.model, ids, mask, [kv for _, _, kv in new], use_cache=True, logits_to_keep=1,
-                              cache_cls=GrowingCache)
+                               growing=True)
         rows = [r for r, _, _ in new]
         for r, p in zip(rows, out.position_ids[:, -1].tolist()):
             r.pos = p
-        self._merge(rows, out.past_key_values, out.attention_mask)
+        self._merge(rows, out.cache, out.attention_mask)
         self._emit(rows, out.logits[:, -1])
         self._compact()
 
@@ -124,19 +123,13 @@ class Engine(BaseEngine):
         return row, ids, kv
 
     # ---- batch bookkeeping --------------------------------------------------------------
-    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor):
+    def _merge(self, rows: list[_Row], cache, mask: torch.Tensor):
         """Append prefilled rows to the running batch, left-padding the shorter cache."""
         if not self._rows:
             self._rows, self._cache, self._mask = rows, cache, mask
             return
-        S_old, S_new = self._mask.shape[1], mask.shape[1]
-        S = max(S_old, S_new)
-        layers = []
-        for old, new in zip(self._cache.layers, cache.layers):
-            k = torch.cat([_lpad(old.keys, S), _lpad(new.keys, S)], dim=0)  # (B, H, S, D)
-            v = torch.cat([_lpad(old.values, S), _lpad(new.values, S)], dim=0)
-            layers.append((k, v))
-        self._cache = _cache_from(layers)
+        S = max(self._mask.shape[1], mask.shape[1])
+        self._cache = hf.concat(self._cache, cache)
         self._mask = torch.cat([_lpad_mask(self._mask, S), _lpad_mask(mask, S)], dim=0)
         self._rows = self._rows + rows
 
@@ -152,8 +145,7 @@ class Engine(BaseEngine):
         mask = self._mask.index_select(0, idx)
         first = int(mask.any(0).float().argmax())  # first column any remaining row uses
         self._mask = mask[:, first:]
-        self._cache = _cache_from([(l.keys.index_select(0, idx)[:, :, first:], l.values.index_select(0, idx)[:, :, first:])
-                                   for l in self._cache.layers])
+        self._cache = hf.select(self._cache, idx, first)
         self._rows = [self._rows[i] for i in keep]
 
     def _drop_cancelled(self):
@@ -165,20 +157,5 @@ class Engine(BaseEngine):
         self._cancel_waiting()
 
 
-def _lpad(t: torch.Tensor, S: int) -> torch.Tensor:
-    """Left-pad a (B, H, s, D) cache tensor with zeros to S slots."""
-    s = t.shape[2]
-    if s == S:
-        return t
-    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], S - s, t.shape[3]), t], dim=2)
-
-
 def _lpad_mask(m: torch.Tensor, S: int) -> torch.Tensor:
     return m if m.shape[1] == S else torch.cat([m.new_zeros(m.shape[0], S - m.shape[1]), m], dim=1)
-
-
-def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    cache = GrowingCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
-    return cache

@@ -24,11 +24,9 @@ import threading
 from collections.abc import Mapping
 
 import torch
-from transformers import DynamicCache, EncoderDecoderCache
-
 from ..generate import SamplingParams
 from ..models import is_seq2seq
-from ..prefix import GrowingCache
+from .. import hf
 from ..seq2seq.core import Seq2SeqBatchPrefix, Seq2SeqPrefix, decode, encode, make_cache
 from ..seq2seq.generate import decoder_start_id
 from .base import BaseEngine, Row
@@ -126,7 +124,7 @@ class Seq2SeqEngine(BaseEngine):
             mask[i, : len(r.src)] = 1
         bp = Seq2SeqBatchPrefix.build([r.prefix for r in rows], B)
         hidden, mask = encode(self.model, ids, mask, bp)
-        cache = make_cache(self.model, bp, hidden, GrowingCache)
+        cache = make_cache(self.model, bp, hidden, growing=True)
         nxt = [self.start_id] * B
         while rows:
             if self._stop:
@@ -146,13 +144,13 @@ class Seq2SeqEngine(BaseEngine):
             B = len(rows)
             out = decode(self.model, bp, hidden, mask, torch.tensor(nxt, device=self.device).view(B, 1), cache=cache,
                          use_cache=True)
-            cache = out.past_key_values
+            cache = out.cache
             self.stats["steps"] += 1
             self.stats["batch_rows_sum"] += B
             nxt = self._emit(rows, out.logits[:, -1])
 
 
-def _select(keep: list[int], bp: Seq2SeqBatchPrefix, hidden, mask, cache: EncoderDecoderCache):
+def _select(keep: list[int], bp: Seq2SeqBatchPrefix, hidden, mask, cache):
     """The batch cut down to rows `keep`: encoder states, prefixes (decoder and cross; the encoder's
     and the soft prompts are spent) and both halves of the cache."""
     idx = torch.tensor(keep, device=hidden.device)
@@ -163,8 +161,4 @@ def _select(keep: list[int], bp: Seq2SeqBatchPrefix, hidden, mask, cache: Encode
 
     bp = Seq2SeqBatchPrefix(embeds=[bp.embeds[i] for i in keep], encoder=(None, bp.encoder[1][keep]),
                             decoder=part(bp.decoder), cross=part(bp.cross))
-    self_cache, cross_cache = GrowingCache(), DynamicCache()
-    for new, old in ((self_cache, cache.self_attention_cache), (cross_cache, cache.cross_attention_cache)):
-        for layer, lay in enumerate(old.layers):
-            new.update(lay.keys.index_select(0, idx), lay.values.index_select(0, idx), layer)
-    return bp, hidden.index_select(0, idx), mask.index_select(0, idx), EncoderDecoderCache(self_cache, cross_cache)
+    return bp, hidden.index_select(0, idx), mask.index_select(0, idx), hf.encdec_select(cache, idx)
