@@ -44,3 +44,36 @@ def test_generates_and_compiled_prompt_equals_soft_prompt(smol):
                 logits = prompt(model, ids, torch.ones_like(ids)).logits[0, -1]
                 ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
         assert got[i] == ids[0, -6:].tolist()
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_cli_generate_with_a_peft_adapter_equals_peft(smol, kind, tmp_path, capsys):
+    """`softprompt generate --adapter PEFT_DIR` on the embedded model prints PEFT's own greedy output
+    (on the locked versions; where PEFT disagrees with itself the oracle skips, naming them)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
+    from test_peft_oracle import peft_greedy
+
+    from softprompt.cli import main
+
+    model, tok = smol
+    if kind == "prefix":
+        cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6)
+    else:
+        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prompt_tuning_init=PromptTuningInit.TEXT,
+                                 prompt_tuning_init_text="9 8 7 6 5 4", tokenizer_name_or_path=str(tmp_path))
+        tok.save_pretrained(tmp_path)  # PEFT reads the init text's tokenizer from a path
+    torch.manual_seed(0)
+    peft = get_peft_model(model, cfg).eval()
+    if kind == "prefix":  # PEFT's N(0, 1) init is far larger than real keys: scale it to look like a trained prefix
+        with torch.no_grad():
+            peft.prompt_encoder["default"].embedding.weight.mul_(0.3)
+    peft.save_pretrained(tmp_path / "adapter")
+    prompt = "The capital of France is" if kind == "prefix" else "The next number is"
+    want = tok.decode(peft_greedy(peft, tok(prompt)["input_ids"], 8), skip_special_tokens=True)
+    capsys.readouterr()
+    assert main(["generate", prompt, "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "8"]) == 0
+    got = capsys.readouterr().out.rstrip("\n")
+    assert main(["generate", prompt, "--max-new-tokens", "8"]) == 0
+    bare = capsys.readouterr().out.rstrip("\n")
+    print(f"{kind}: bare {bare!r}, adapter {got!r}")
+    assert got == want and got != bare  # the adapter's output, and one the bare model does not give
