@@ -85,14 +85,14 @@ class Engine(BaseEngine):
     def _admit(self):
         free = self.max_batch_size - len(self._rows)
         new: list[tuple[_Row, list[int], torch.Tensor | None]] = []
-        while free > 0 and self._waiting:
-            handle, req = self._waiting.popleft()
-            try:
-                new.append(self._prepare(handle, req))
-                free -= 1
-            except RequestError as e:
-                self.stats["errors"] += 1
-                handle._finish(Completion.failed(req, e))
+        while free > 0 and (ready := self._take_ready(free)):  # a task still loading waits (base.py)
+            for handle, req in ready:
+                try:
+                    new.append(self._prepare(handle, req))
+                    free -= 1
+                except RequestError as e:
+                    self.stats["errors"] += 1
+                    handle._finish(Completion.failed(req, e))
         if not new:
             return
         T = max(len(ids) for _, ids, _ in new)
