@@ -230,9 +230,11 @@ class Store:
                              "card's tensor_sha256); restore or re-export it before adding it")
         return card, blob
 
-    def add(self, name: str, source, model=None, *, tags=(), metrics: dict | None = None) -> TaskRef:
+    def add(self, name: str, source, model=None, *, tags=(), metrics: dict | None = None,
+            compile: bool = True) -> TaskRef:
         """Add `source` (artifact path, PEFT adapter directory, or PromptMethod + `model`) as the next
-        version of `name`. Atomic: afterwards the task is fully there, or not at all."""
+        version of `name`. Atomic: afterwards the task is fully there, or not at all. With `model`
+        (and `compile`), the task's serving form for that model is compiled and stored too."""
         check_name(name)
         tags = sorted({str(t) for t in tags})
         card, blob = self._blob(source, model)
@@ -258,7 +260,7 @@ class Store:
                        (name, version, card["method"], card.get("num_virtual_tokens"), base["fingerprint"],
                         base.get("name"), len(blob), sha, json.dumps(card["metrics"]), json.dumps(tags), time.time()))
             db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
-        if model is not None:  # the model is at hand: compile the serving form now, not on first serve
+        if model is not None and compile:  # the model is at hand: compile the serving form now, not on first serve
             self._compile_if_fits(TaskRef(name, version), card, model)
         return TaskRef(name, version)
 

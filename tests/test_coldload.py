@@ -134,3 +134,17 @@ def test_load_times_are_kept_for_a_window_only():
     for i in range(3000):
         cache.get(f"t{i}", lambda: torch.zeros(1))
     assert len(cache.load_ms) == 1024 and cache.stats()["load_ms_p99"] is not None
+
+
+def test_a_full_batch_still_starts_the_loads_of_waiting_requests(model):
+    tasks = make_tasks(model)
+    cold = Gated(tasks["prompt_tuning-7"])
+    engine = Engine(model, WordTok(), {"warm": tasks["p_tuning-5"], "cold": cold}, max_batch_size=1)
+    run = engine.submit(Request(prompt=text(ROWS[0]), task="warm", max_new_tokens=4, ignore_eos=True))
+    engine.step()
+    late = engine.submit(Request(prompt=text(ROWS[1]), task="cold", max_new_tokens=2, ignore_eos=True))
+    engine.step()  # no free slot, but the load starts now (a prefetch), so the task is ready when one frees
+    assert cold.started.wait(30) and not run.done
+    cold.release.set()
+    assert late.result(timeout=30).token_ids == alone(model, tasks["prompt_tuning-7"], ROWS[1], 2)[0]
+    assert run.result().token_ids == alone(model, tasks["p_tuning-5"], ROWS[0], 4)[0]
