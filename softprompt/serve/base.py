@@ -156,32 +156,32 @@ class BaseEngine:
 
         While rows are running, a request whose task prefix is not in memory stays queued while the
         loader thread reads it, and later requests pass it: a cold task never stalls a running row.
-        The loads of the first `n + max_batch_size` waiting requests start here (a prefetch), so a
-        task is usually ready by the time a slot frees. With no row running there is nothing to
+        Only the first `n + max_batch_size` waiting requests are looked at; their loads start here,
+        even with no free slot (a prefetch), so a task is usually ready by the time a slot frees. With no row running there is nothing to
         stall, and requests are taken in order, their tasks loaded in `_prepare_common`."""
         if not self._rows:
             taken = [self._waiting.popleft() for _ in range(min(n, len(self._waiting)))]
         else:
-            taken, keep = [], deque()
-            for i, (handle, req) in enumerate(self._waiting):
-                fut = None if req.task is None else self._load_of(req, start=i < n + self.max_batch_size)
-                if len(taken) < n and (req.task is None or (fut is not None and fut.done())):
+            taken, keep, window = [], deque(), n + self.max_batch_size
+            while self._waiting and len(taken) + len(keep) < window:
+                handle, req = self._waiting.popleft()
+                fut = None if req.task is None else self._load_of(req)
+                if len(taken) < n and (fut is None or fut.done()):
                     taken.append((handle, req))
                 else:
                     keep.append((handle, req))
+            keep.extend(self._waiting)  # the rest, untouched: a long queue costs no scan per step
             self._waiting = keep
         if len(self._loads) > len(self._waiting) + len(taken):  # drop loads of requests cancelled meanwhile
             live = {id(req): req for _, req in (*self._waiting, *taken)}
             self._loads = {k: v for k, v in self._loads.items() if live.get(k) is v[0]}
         return taken
 
-    def _load_of(self, req: Request, start: bool) -> Future | None:
-        """The future of a waiting request's task prefix; with `start`, its load is started if need be."""
+    def _load_of(self, req: Request) -> Future:
+        """The future of a waiting request's task prefix, its load started if need be."""
         slot = self._loads.get(id(req))
         if slot is not None and slot[0] is req:
             return slot[1]
-        if not start:
-            return None
         try:
             fut = self._load_task(req.task, background=True)
         except Exception as e:  # noqa: BLE001 - an unknown task: the request's own error, raised when taken
