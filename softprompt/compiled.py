@@ -17,9 +17,11 @@ write to still serves (from the in-memory compile), it only recompiles after a r
 Trust: the compiled file is checked like every artifact, against the sha256 the index holds for it,
 and so is the artifact it came from (a task whose artifact was altered is refused, as before),
 but once per file version (inode, size, mtime) per process, not on every load: a later load costs
-two stat calls. A compiled file that fails the check is never served: it is recompiled from the artifact (itself checked against the
-index) and replaced; `Store.verify()` reports it meanwhile. The key holds the artifact's hash and
-the base's fingerprint, so a new version or another base never meets a stale prefix.
+two stat calls. (A change that keeps inode, size and mtime, e.g. bit rot, is caught by the next
+process or by `store verify`.) A compiled file that fails the check is never served: it is
+recompiled from the artifact (itself checked against the index) and replaced; `Store.verify()`
+reports it meanwhile. The key holds the artifact's hash and the base's fingerprint, so a new
+version or another base never meets a stale prefix.
 """
 
 from __future__ import annotations

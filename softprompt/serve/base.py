@@ -157,8 +157,9 @@ class BaseEngine:
         While rows are running, a request whose task prefix is not in memory stays queued while the
         loader thread reads it, and later requests pass it: a cold task never stalls a running row.
         Only the first `n + max_batch_size` waiting requests are looked at; their loads start here,
-        even with no free slot (a prefetch), so a task is usually ready by the time a slot frees. With no row running there is nothing to
-        stall, and requests are taken in order, their tasks loaded in `_prepare_common`."""
+        even with no free slot (a prefetch), so a task is usually ready by the time a slot frees.
+        With no row running there is nothing to stall, and requests are taken in order, their tasks
+        loaded in `_prepare_common`."""
         if not self._rows:
             taken = [self._waiting.popleft() for _ in range(min(n, len(self._waiting)))]
         else:
