@@ -10,14 +10,14 @@ both through the MLP) at the same learning rate: the evidence for the default.
     python bench/quality_e2e.py --quick    # 20 steps, 1 learning rate, 24 dev MRs
     python bench/quality_e2e.py --steps 600 --dev-mrs 547 --full-sweep   # the full run for a GPU
 
-Writes bench/results/quality_e2e.json and quality_e2e.png; the last line is key=value figures.
+Writes bench/results/quality_e2e.json and quality_e2e.png (--quick: quality_e2e_quick.*); the last
+line is key=value figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import random
 import sys
@@ -187,8 +187,12 @@ def main():
     import torch
 
     torch.set_num_threads(a.threads)
+    from record import Record
+
     from softprompt.evaluate import score
     from softprompt.models import load_base
+
+    rec = Record("quality_e2e", quick=a.quick)
 
     t_start = time.time()
     model, tok = load_base(device=a.device)
@@ -200,8 +204,6 @@ def main():
                "best": {}}
     configs = [(n, lr, "text" if n in ("prefix", "prompt") else "-") for n in ORDER for lr in sweep[n]]
     configs.append(("prefix", sweep["prefix"][0], "random"))  # the init comparison
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     for name, lr, init in configs:  # train, then score at once: a cut-short run still reports
         held_loss, outputs, secs = run_one(name, lr, init, model, tok, train, held, steps, a.batch_size, a.seed,
                                            a.device)
@@ -218,17 +220,18 @@ def main():
         print(f"  {key:<14} lr={lr:<7g} held-out loss {held_loss:.4f} BLEU {run.get('bleu', float('nan')):.2f} "
               f"ROUGE-L {run.get('rouge_l', float('nan')):.2f} ({secs:.0f} s training)", file=sys.stderr, flush=True)
         results["minutes"] = (time.time() - t_start) / 60
-        (out / "quality_e2e.json").write_text(json.dumps(results, indent=1))
+        rec.save(results, headline={})  # a run cut short still leaves what it measured
     results["minutes"] = (time.time() - t_start) / 60
-    (out / "quality_e2e.json").write_text(json.dumps(results, indent=1))
+    b = results["best"]
+    rec.save(results, headline={f"bleu_{k}": round(r["bleu"], 2) for k, r in b.items()},
+             threads=a.threads if a.device == "cpu" else a.device)
     labels = LABELS
-    chart(results, out / "quality_e2e.png")
+    chart(results, rec.path.with_suffix(".png"))
     print(f"\n{'method':<34}{'lr':>8}{'held-out loss':>15}{'BLEU':>8}{'ROUGE-L':>9}")
     for k in labels:
         if k in results["best"]:
             r = results["best"][k]
             print(f"{labels[k]:<34}{r['lr']:>8g}{r['heldout_loss']:>15.4f}{r['bleu']:>8.2f}{r['rouge_l']:>9.2f}")
-    b = results["best"]
     print(f"bleu_prefix={b['prefix']['bleu']:.2f} bleu_prompt={b['prompt']['bleu']:.2f} "
           f"bleu_peft_prefix={b['peft_prefix']['bleu']:.2f} bleu_lora={b['lora']['bleu']:.2f} "
           f"bleu_prefix_random_init={b['prefix_random']['bleu']:.2f} steps={steps} dev_mrs={len(groups)} "

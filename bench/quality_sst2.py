@@ -191,7 +191,11 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
+    from record import Record
+
     from softprompt.encoder import load_encoder
+
+    rec = Record("quality_sst2", quick=args.quick, results=Path(args.out))
     from softprompt.models import load_base
 
     train_rows = read_tsv(SST2 / "train.tsv", args.train_rows, args.seed)
@@ -214,9 +218,7 @@ def main(argv=None):
             if only is None or name in only:
                 results.append(run_one(name, model, tok, False, train, dev, args))
     total = time.perf_counter() - t_all
-    out = Path(args.out)
-    suffix = "_quick" if args.quick else ""
-    previous = out / f"quality_sst2{suffix}.json"
+    previous = rec.path
     if only is not None and previous.is_file():  # --only reruns some methods: keep the others' results
         old = json.loads(previous.read_text())
         mine = {r["method"] for r in results}
@@ -231,14 +233,14 @@ def main(argv=None):
         m = "SmolLM2-135M, label words" if r["method"].endswith("decoder") else "all-MiniLM-L6-v2 + head"
         print(f"| {r['method']} | {m} | {r['trainable_parameters']:,} | {r['accuracy']:.2f} | {r['f1']:.2f} | "
               f"{r['train_seconds']:.0f} |")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"quality_sst2{suffix}.json").write_text(json.dumps({
+    rec.save({
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {"n_train": len(train_rows),
                                                                           "n_dev": len(dev_rows)},
         "results": results, "total_seconds": total, "lr_sweep_on_heldout_train_rows": LR_SWEEP,
-        "goal": "prefix above head-only and within 2 points of LoRA"}, indent=2))
+        "goal": "prefix above head-only and within 2 points of LoRA"},
+        headline={f"acc_{r['method']}": round(r["accuracy"], 2) for r in results})
     if results:
-        chart(results, out / f"quality_sst2{suffix}.png")
+        chart(results, rec.path.with_suffix(".png"))
     keys = [("acc_prefix_encoder", "prefix"), ("acc_prompt_encoder", "prompt"), ("acc_head_only", "head"),
             ("acc_lora", "lora"), ("acc_prefix_decoder", "prefix_decoder")]
     print(f"\ntotal {total:.0f} s")

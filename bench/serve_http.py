@@ -11,7 +11,6 @@ sends completions for a random task and an E2E prompt (16 new tokens, greedy) ba
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import socket
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+from record import Record  # noqa: E402
 
 E2E = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
 
@@ -99,6 +99,7 @@ def main():
     if args.quick:
         args.seconds = 8
     load_before = os.getloadavg()[0]  # figures taken on a busy CPU mean little: record how busy it was
+    rec = Record("serve_http", quick=args.quick)
     rng = random.Random(0)
     work = Path(tempfile.mkdtemp(prefix="serve_http_"))
     names = make_store(work / "store", args.tasks)
@@ -135,10 +136,9 @@ def main():
     result = {"levels": levels, "tasks": args.tasks, "max_tokens": args.tokens, "seconds_per_level": args.seconds,
               "mean_batch_rows": mean_batch, "quick": args.quick, "threads": args.threads,
               "load_average_before": load_before}
-    out = ROOT / "bench" / "results" / "serve_http.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     by = {lv["clients"]: lv for lv in levels}
+    rec.save(result, headline={f"{k}_{c}": by[c][k] for c in (32, 8, 1) for k in ("rps", "p99_ms", "p50_ms")},
+             threads=args.threads or "torch default (server)")
     print(" ".join([f"rps_32={by[32]['rps']}", f"p99_ms_32={by[32]['p99_ms']}", f"p50_ms_32={by[32]['p50_ms']}",
                     f"rps_8={by[8]['rps']}", f"p99_ms_8={by[8]['p99_ms']}", f"rps_1={by[1]['rps']}",
                     f"p99_ms_1={by[1]['p99_ms']}", f"errors={sum(lv['errors'] for lv in levels)}"]))

@@ -15,7 +15,8 @@ optimizer state).
 
     python bench/train_throughput.py [--quick] [--steps 20] [--batch-size 8]
 
-Writes bench/results/train_throughput.json; the last line is key=value figures.
+Writes bench/results/train_throughput.json (--quick: train_throughput_quick.json); the last line is
+key=value figures.
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ def main():
     from softprompt.data import DataConfig, tokenize
     from softprompt.models import load_base
 
+    from record import Record
+
+    rec = Record("train_throughput", quick=a.quick)
     model, tok = load_base()
     data = tokenize(load_rows(a.rows, a.seed), tok, DataConfig(max_length=256, skip_bad_rows=True))
     results = {"steps": steps, "batch_size": a.batch_size, "num_virtual_tokens": P, "rows": len(data),
@@ -193,16 +197,18 @@ def main():
         r["memory_vs_peft"] = r["ours_same_batches"]["peak_memory_mb"] / r["peft"]["peak_memory_mb"]
         results["methods"][method] = r
     results["seconds"] = time.time() - t_start
-    out = ROOT / "bench" / "results" / "train_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    pre, pro = results["methods"]["prefix_tuning"], results["methods"]["prompt_tuning"]
+    rec.save(results, headline={"speedup_vs_peft": round(pre["speedup_vs_peft"], 2),
+                                "memory_vs_peft": round(pre["memory_vs_peft"], 2),
+                                "speedup_same_batches": round(pre["speedup_same_batches"], 2),
+                                "prompt_speedup_vs_peft": round(pro["speedup_vs_peft"], 2),
+                                "prompt_memory_vs_peft": round(pro["memory_vs_peft"], 2)})
     print(f"\n{'method':<15}{'side':<20}{'target tok/s':>14}{'peak MB':>10}{'loss (last)':>13}")
     for m, r in results["methods"].items():
         for kind in ("peft", "ours", "ours_same_batches"):
             s = r[kind]
             print(f"{m:<15}{kind:<20}{s['target_tokens_per_s']:>14.1f}{s['peak_memory_mb']:>10.0f}"
                   f"{s['mean_loss_last']:>13.3f}")
-    pre, pro = results["methods"]["prefix_tuning"], results["methods"]["prompt_tuning"]
     print(f"speedup_vs_peft={pre['speedup_vs_peft']:.2f} memory_vs_peft={pre['memory_vs_peft']:.2f} "
           f"speedup_same_batches={pre['speedup_same_batches']:.2f} "
           f"prompt_speedup_vs_peft={pro['speedup_vs_peft']:.2f} prompt_memory_vs_peft={pro['memory_vs_peft']:.2f} "

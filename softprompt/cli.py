@@ -309,10 +309,11 @@ def _metrics(items) -> dict:
 
 
 def _model_for(src, base):
-    """The base model, loaded only when a PEFT adapter directory has to be converted."""
+    """The base model, loaded only when a PEFT adapter directory has to be converted or `--base` names
+    it (then the store also compiles the task's serving form for it at once)."""
     from .peft_io import is_peft_dir
 
-    return _load(base)[0] if is_peft_dir(src) else None
+    return _load(base)[0] if is_peft_dir(src) or base is not None else None
 
 
 def store_add(name: str, artifact: str, tag: list[str] | None = None, metric: list[str] | None = None,
@@ -324,7 +325,7 @@ def store_add(name: str, artifact: str, tag: list[str] | None = None, metric: li
         artifact: our artifact (directory or .safetensors) or a PEFT adapter directory
         tag: a tag for the task (repeatable)
         metric: a metric KEY=VALUE recorded with the task (repeatable)
-        base: base model for converting a PEFT adapter (default: the embedded model)
+        base: base model for a PEFT adapter (default: the embedded model); given, the task is compiled for it
         store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
     """
     ref = _store(store).add(name, artifact, _model_for(artifact, base), tags=tag or (), metrics=_metrics(metric))
@@ -422,10 +423,37 @@ def store_verify(store: str | None = None):
     print("ok")
 
 
+def store_compile(task: list[str] | None = None, base: str | None = None, store: str | None = None):
+    """Compile tasks' serving form (the KV prefix) for a base model and keep it in the store, so their
+    first serve is a file read, not a forward pass. Tasks published without a model are otherwise
+    compiled on their first serve; tasks made for another base are skipped.
+
+    Args:
+        task: NAME or NAME@VERSION to compile (repeatable; default: the latest version of every task)
+        base: the base model that will serve them (default: the embedded model)
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    from .artifact import ArtifactError, model_fingerprint
+
+    s, model = _store(store), _load(base)[0]
+    fp = model_fingerprint(model)
+    for ref in task or [f"{r['name']}@{r['version']}" for r in s.ls()]:
+        row = s.show(ref)
+        if row["base_fingerprint"] != fp:
+            print(f"skipped {ref}: made for another base model ({row['base_name']})")
+            continue
+        try:
+            s.compile(ref, model)
+        except ArtifactError as e:  # a classifier, or a prompt for another model family
+            print(f"skipped {ref}: {e}")
+            continue
+        print(f"compiled {row['name']}@{row['version']}")
+
+
 from .serve.main import serve  # noqa: E402  (its flags come from its signature, like every command)
 
 STORE_COMMANDS = {"add": store_add, "ls": store_ls, "show": store_show, "rm": store_rm, "export": store_export,
-                  "import": store_import, "gc": store_gc, "verify": store_verify}
+                  "import": store_import, "gc": store_gc, "verify": store_verify, "compile": store_compile}
 
 COMMANDS = {"info": info, "init": init, "generate": generate, "export-peft": export_peft, "train": train,
             "eval": eval, "demo": demo, "store": STORE_COMMANDS, "serve": serve}

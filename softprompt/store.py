@@ -12,6 +12,10 @@ most an orphan file (never a row without its file); `gc()` removes orphans. Beca
 only written under the write lock, `gc()`, holding that lock, knows every temp file is dead.
 Readers never block on the writer (WAL) and only see a row once its file is complete.
 
+Beside each artifact the store keeps its serving form, the KV prefix compiled for a base model
+(ROOT/compiled/, see softprompt/compiled.py): `StoreEntry.kv_prefix(model)` reads it with no
+forward pass, compiling and storing it on first use; `add(..., model)` compiles at publish time.
+
 Why files are checked against the index: a file replaced behind the index's back (a manual copy,
 disk damage) would otherwise load as a different task under the same name; `open()` compares the
 file's sha256 with the index's and refuses with a message saying so.
@@ -35,8 +39,9 @@ from pathlib import Path
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from . import compiled
 from .artifact import (CARD_FILE, META_KEY, TENSOR_FILE, ArtifactError, _check_card, _data_section, _read,
-                       load_artifact, make_card)
+                       load_artifact, make_card, model_fingerprint)
 from .methods import PromptMethod
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -86,6 +91,13 @@ class StoreEntry:
     def open(self, model, *, allow_other_base: bool = False) -> PromptMethod:
         return self.store._load(self, model, allow_other_base)
 
+    def kv_prefix(self, model, *, allow_other_base: bool = False):
+        """The task's KV prefix `(L, 2, H_kv, P, D)` for `model`, on CPU in the model's dtype, from the
+        store's compiled form (a memory map and a copy), compiled and stored first if there is none."""
+        from .compiled import load_or_compile
+
+        return load_or_compile(self, model, allow_other_base=allow_other_base)
+
     def verify(self) -> None:
         """Raise StoreError unless the file is there and matches the index's sha256 (`open` does this
         too; other loaders of the file, e.g. classifiers, call it first)."""
@@ -132,6 +144,9 @@ def _sha(data: bytes) -> str:
 class Store:
     """A directory of artifacts and their index; safe for many reading processes and threads while
     one or more processes write (writes serialize on SQLite's lock)."""
+
+    compiled_repairs = 0  # compiled files found damaged and recompiled (never served)
+    compiled_write_errors = 0  # compiles that could not be stored (a read-only store), served anyway
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root is not None else default_root()
@@ -215,9 +230,11 @@ class Store:
                              "card's tensor_sha256); restore or re-export it before adding it")
         return card, blob
 
-    def add(self, name: str, source, model=None, *, tags=(), metrics: dict | None = None) -> TaskRef:
+    def add(self, name: str, source, model=None, *, tags=(), metrics: dict | None = None,
+            compile: bool = True) -> TaskRef:
         """Add `source` (artifact path, PEFT adapter directory, or PromptMethod + `model`) as the next
-        version of `name`. Atomic: afterwards the task is fully there, or not at all."""
+        version of `name`. Atomic: afterwards the task is fully there, or not at all. With `model`
+        (and `compile`), the task's serving form for that model is compiled and stored too."""
         check_name(name)
         tags = sorted({str(t) for t in tags})
         card, blob = self._blob(source, model)
@@ -243,7 +260,26 @@ class Store:
                        (name, version, card["method"], card.get("num_virtual_tokens"), base["fingerprint"],
                         base.get("name"), len(blob), sha, json.dumps(card["metrics"]), json.dumps(tags), time.time()))
             db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+        if model is not None and compile:  # the model is at hand: compile the serving form now, not on first serve
+            self._compile_if_fits(TaskRef(name, version), card, model)
         return TaskRef(name, version)
+
+    def _compile_if_fits(self, ref: TaskRef, card: dict, model) -> None:
+        from .models import model_family
+
+        # only a decoder prompt made for this very base has a compiled form for it; others compile
+        # on first serve by the base that serves them (or are refused there)
+        if card.get("base_model", {}).get("fingerprint") == model_fingerprint(model) \
+                and card.get("model_family", "causal_lm") == model_family(model) == "causal_lm" \
+                and card.get("method") != "head_only" and not card.get("classifier"):
+            self.compile(str(ref), model)
+
+    def compile(self, ref: str, model, *, allow_other_base: bool = False) -> Path:
+        """Compile a task's serving form for `model` and store it (again, if it was there); its path."""
+        row = self._row(ref)
+        e = StoreEntry(self, row["name"], row["version"], row["sha256"], Path(row["path"]))
+        kv = compiled.compile_entry(e, model, allow_other_base=allow_other_base)
+        return compiled.publish(self, e.sha256, model_fingerprint(model), kv)
 
     def _put(self, obj: Path, blob: bytes) -> None:
         obj.parent.mkdir(exist_ok=True)
@@ -292,6 +328,7 @@ class Store:
                     if p.exists():
                         p.unlink()
                         removed.append(p)
+            removed += compiled.collect(self, db)  # serving forms of artifacts no row names any more
         return removed
 
     def gc(self) -> list[Path]:
@@ -301,7 +338,10 @@ class Store:
             for p in removed:
                 p.unlink()
         found = {p.name.removesuffix(".safetensors") for p in (self.root / "objects").glob("*/*.safetensors")}
-        return removed + self._collect(found)
+        removed += self._collect(found)
+        with self._write() as db:
+            removed += compiled.collect(self, db, files=True)
+        return removed
 
     # --- reading ---------------------------------------------------------------------------------
     def resolve(self, ref: str) -> Path | None:
@@ -399,7 +439,7 @@ class Store:
                 problems.append(f"{row['name']}@{row['version']}: file {p} is missing")
             elif _sha(p.read_bytes()) != row["sha256"]:
                 problems.append(f"{row['name']}@{row['version']}: file {p} changed behind the index's back")
-        return problems
+        return problems + compiled.verify(self)
 
     def version_token(self) -> int:
         """A number that changes whenever any process adds or removes a task (one indexed read)."""

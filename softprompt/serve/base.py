@@ -11,11 +11,13 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 
 import torch
 
 from ..generate import SamplingParams, eos_ids, pick_next
 from .handle import Completion, Handle, Request
+from .loader import TaskLoader, done_future
 from .tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
 
 
@@ -58,6 +60,9 @@ class BaseEngine:
         self._rows: list[Row] = []
         self._lock = threading.Lock()  # guards _waiting (and, in Engine, step())
         self._wake = threading.Event()
+        self.loader = TaskLoader(self.prefixes, on_done=self._wake.set)
+        # waiting request (by id; the request itself kept to rule out a reused id) -> its task's prefix
+        self._loads: dict[int, tuple[Request, Future]] = {}
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "cancelled": 0, "refused_queue_full": 0,
@@ -130,15 +135,60 @@ class BaseEngine:
                                f"{self.max_new_tokens_limit}")
         prefix = None
         if req.task is not None:
-            source = self.tasks.resolve(req.task)
-            # keyed by what the name resolves to now, so a new version in the store is served at once
-            key = f"{req.task}:{id(source)}" if isinstance(source, torch.nn.Module) else f"{req.task}:{source}"
-            prefix = self.prefixes.get(key, lambda: compile_task(req.task, source, self.model))
+            slot = self._loads.pop(id(req), None)
+            fut = slot[1] if slot is not None and slot[0] is req else self._load_task(req.task, background=False)
+            prefix = fut.result()  # loaded beside the loop (see _take_ready), or here; a failed load raises
         ids = list(req.prompt_ids) if req.prompt_ids is not None else \
             self.tokenizer(req.prompt, add_special_tokens=add_special_tokens)["input_ids"]
         if not ids:
             raise RequestError("the prompt is empty")
         return params, prefix, ids
+
+    # ---- task prefixes, loaded beside the loop --------------------------------------------
+    def _load_task(self, task: str, background: bool) -> Future:
+        source = self.tasks.resolve(task)
+        # keyed by what the name resolves to now, so a new version in the store is served at once
+        key = f"{task}:{id(source)}" if isinstance(source, torch.nn.Module) else f"{task}:{source}"
+        return self.loader.load(key, lambda: compile_task(task, source, self.model), background=background)
+
+    def _take_ready(self, n: int) -> list[tuple[Handle, Request]]:
+        """Pop up to `n` waiting requests that can join the batch now, oldest first (caller holds _lock).
+
+        While rows are running, a request whose task prefix is not in memory stays queued while the
+        loader thread reads it, and later requests pass it: a cold task never stalls a running row.
+        Only the first `n + max_batch_size` waiting requests are looked at; their loads start here,
+        even with no free slot (a prefetch), so a task is usually ready by the time a slot frees.
+        With no row running there is nothing to stall, and requests are taken in order, their tasks
+        loaded in `_prepare_common`."""
+        if not self._rows:
+            taken = [self._waiting.popleft() for _ in range(min(n, len(self._waiting)))]
+        else:
+            taken, keep, window = [], deque(), n + self.max_batch_size
+            while self._waiting and len(taken) + len(keep) < window:
+                handle, req = self._waiting.popleft()
+                fut = None if req.task is None else self._load_of(req)
+                if len(taken) < n and (fut is None or fut.done()):
+                    taken.append((handle, req))
+                else:
+                    keep.append((handle, req))
+            keep.extend(self._waiting)  # the rest, untouched: a long queue costs no scan per step
+            self._waiting = keep
+        if len(self._loads) > len(self._waiting) + len(taken):  # drop loads of requests cancelled meanwhile
+            live = {id(req): req for _, req in (*self._waiting, *taken)}
+            self._loads = {k: v for k, v in self._loads.items() if live.get(k) is v[0]}
+        return taken
+
+    def _load_of(self, req: Request) -> Future:
+        """The future of a waiting request's task prefix, its load started if need be."""
+        slot = self._loads.get(id(req))
+        if slot is not None and slot[0] is req:
+            return slot[1]
+        try:
+            fut = self._load_task(req.task, background=True)
+        except Exception as e:  # noqa: BLE001 - an unknown task: the request's own error, raised when taken
+            fut = done_future(error=e)
+        self._loads[id(req)] = (req, fut)
+        return fut
 
     def _cancel_waiting(self) -> None:
         """Finish the waiting requests whose clients cancelled them (caller holds _lock)."""

@@ -84,14 +84,16 @@ class Engine(BaseEngine):
     def _admit(self):
         free = self.max_batch_size - len(self._rows)
         new: list[tuple[_Row, list[int], torch.Tensor | None]] = []
-        while free > 0 and self._waiting:
-            handle, req = self._waiting.popleft()
-            try:
-                new.append(self._prepare(handle, req))
-                free -= 1
-            except RequestError as e:
-                self.stats["errors"] += 1
-                handle._finish(Completion.failed(req, e))
+        ready = self._take_ready(free)  # a task still loading waits; loads start even with no free slot
+        while ready:
+            for handle, req in ready:
+                try:
+                    new.append(self._prepare(handle, req))
+                    free -= 1
+                except RequestError as e:
+                    self.stats["errors"] += 1
+                    handle._finish(Completion.failed(req, e))
+            ready = self._take_ready(free) if free > 0 else []
         if not new:
             return
         T = max(len(ids) for _, ids, _ in new)

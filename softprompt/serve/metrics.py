@@ -39,11 +39,18 @@ class _EngineCollector:
             "prefix_cache_tasks": ("task prefixes cached", cache["tasks"]),
             "prefix_cache_bytes": ("bytes of cached task prefixes", cache["bytes"]),
             "mean_batch_rows": ("mean rows per step so far", st["batch_rows_sum"] / max(1, st["steps"])),
+            # over the latest 1024 loads (NaN before the first); loads run beside the decode loop
+            "prefix_load_p50_ms": ("task prefix load time, p50 (ms)", _or_nan(cache.get("load_ms_p50"))),
+            "prefix_load_p99_ms": ("task prefix load time, p99 (ms)", _or_nan(cache.get("load_ms_p99"))),
         }
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(f"softprompt_{name}", doc)
             g.add_metric([], value)
             yield g
+
+
+def _or_nan(x) -> float:
+    return float("nan") if x is None else float(x)
 
 
 def render(engine) -> str:

@@ -1,8 +1,10 @@
 """Tasks for the engine: where a task name's artifact is, and an LRU cache of compiled KV prefixes.
 
-A task resolves to a KV prefix `(L, 2, H_kv, P, D)` once, when first used: prefix tuning is read
-as is, prompt tuning and P-tuning are compiled by one pass of the frozen model. The cache holds
-recently used prefixes under a byte budget; loading a task never copies or reloads the model.
+A task resolves to a KV prefix `(L, 2, H_kv, P, D)` once, when first used. A store task reads the
+serving form the store keeps compiled for this base (softprompt/compiled.py: a memory map and a
+copy); an artifact path or an in-memory prompt is compiled here (prompt tuning and P-tuning by one
+pass of the frozen model). The cache holds recently used prefixes under a byte budget; loading a
+task never copies or reloads the model. The engine loads beside its loop (serve/loader.py).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -101,7 +103,7 @@ class PrefixCache:
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
-        self.load_ms: list[float] = []
+        self.load_ms: deque[float] = deque(maxlen=1024)  # the latest loads' times, for stats: bounded
         self._lock = threading.Lock()
 
     def __len__(self):
@@ -109,6 +111,15 @@ class PrefixCache:
 
     def __contains__(self, name):
         return name in self._items
+
+    def lookup(self, name: str) -> torch.Tensor | None:
+        """The cached prefix (counted as a hit) or None (not counted: a `get` that loads counts the miss)."""
+        with self._lock:
+            kv = self._items.get(name)
+            if kv is not None:
+                self._items.move_to_end(name)
+                self.hits += 1
+            return kv
 
     def get(self, name: str, load: Callable[[], torch.Tensor]) -> torch.Tensor:
         with self._lock:
@@ -153,15 +164,21 @@ class PrefixCache:
         return sum(x.numel() * x.element_size() for x in vars(t).values() if isinstance(x, torch.Tensor))
 
     def stats(self) -> dict:
+        ms = sorted(self.load_ms)
+        pct = (lambda q: round(ms[min(len(ms) - 1, int(q * len(ms)))], 3)) if ms else (lambda q: None)
         return {"tasks": len(self._items), "bytes": self.bytes, "budget_bytes": self.budget_bytes,
-                "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+                "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                "load_ms_p50": pct(0.5), "load_ms_p99": pct(0.99)}
 
 
 def compile_task(name: str, source, model) -> torch.Tensor:
     """The KV prefix of a task's source, refusing what does not fit. A source is a PromptMethod, an
     artifact path, or an object with `open(model) -> PromptMethod` (a store entry, which also checks
-    the file against the store's index)."""
+    the file against the store's index, and whose `kv_prefix(model)` reads its compiled form)."""
+    p = next(model.parameters())
     try:
+        if hasattr(source, "kv_prefix") and model_family(model) == "causal_lm":  # no forward pass, no module
+            return source.kv_prefix(model).to(device=p.device, dtype=p.dtype)
         if isinstance(source, PromptMethod):
             prompt = source
         elif isinstance(source, (str, os.PathLike)):
@@ -176,7 +193,6 @@ def compile_task(name: str, source, model) -> torch.Tensor:
         raise TaskRefused(f"task {name!r} cannot be served: it is a prompt for a {family} model, but this server's "
                           f"base model is {base_family}")
     kv = prompt.to_kv_prefix(model)
-    p = next(model.parameters())
     if not isinstance(kv, torch.Tensor):  # a Seq2SeqPrefix (encoder-decoder bases): its own .to
         with torch.no_grad():
             return kv.to(device=p.device, dtype=p.dtype)
