@@ -358,3 +358,23 @@ def test_cli_train_generate_eval_on_a_t5_directory(tmp_path, capsys):
     assert main(["eval", "--adapter", str(out / "best"), "--data", str(data), "--base", str(base),
                  "--max-new-tokens", "3", "--json"]) == 0
     assert "bleu" in capsys.readouterr().out
+
+
+def test_cli_eval_refuses_beams_on_an_encoder_decoder(tmp_path, capsys):
+    """`eval --num-beams 4` on a T5 base once decoded greedily and printed "beam 4"; now it refuses
+    in one line (exit 2) before any decoding."""
+    from tiny_tokenizer import WORDS, tiny_tokenizer
+
+    from softprompt.cli import main
+
+    base = tmp_path / "t5"
+    model = tiny("t5")
+    model.save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    art = save_artifact(create("prefix_tuning", model, num_virtual_tokens=2, init="random"), tmp_path / "p", model)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"input": f"{WORDS[0]} {WORDS[1]}", "output": WORDS[2]}) + "\n")
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(art), "--data", str(data), "--base", str(base), "--num-beams", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "beam search (num_beams=4) is not implemented for encoder-decoder" in err and len(err.strip().splitlines()) == 1

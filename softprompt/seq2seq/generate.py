@@ -67,9 +67,18 @@ def generate(model, tokenizer, prompts: Sequence[str], prefix=None, params: Samp
             for i, row in enumerate(ids)]
 
 
-def evaluate_groups(model, tokenizer, groups, prefix, *, max_new_tokens: int = 64, batch_size: int = 16, **_) -> dict:
-    """Score `groups` = [(prompt, [references])] with greedy outputs; adds `predictions`."""
+def evaluate_groups(model, tokenizer, groups, prefix, *, chat_template: bool = False, max_new_tokens: int = 64,
+                    num_beams: int = 1, batch_size: int = 16) -> dict:
+    """Score `groups` = [(prompt, [references])] with greedy outputs; adds `predictions`. Same
+    signature as the decoder's `softprompt.evaluate.evaluate_groups`; what an encoder-decoder cannot
+    do yet (beam search, chat templates) is refused rather than silently ignored."""
     from ..evaluate import score
+
+    if chat_template:
+        raise Seq2SeqError("chat templates are for decoder-only chat models; an encoder-decoder base takes plain inputs")
+    if num_beams != 1:
+        raise Seq2SeqError(f"beam search (num_beams={num_beams}) is not implemented for encoder-decoder bases yet; "
+                           "use --num-beams 1 (greedy)")
 
     prompts = [p if isinstance(p, str) else p[1] for p, _ in groups]
     hyps = []
