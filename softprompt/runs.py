@@ -11,26 +11,18 @@ import sys
 import time
 from pathlib import Path
 
-# Defaults measured on E2E with the embedded model (see README, "Benchmarks").
-DEFAULT_LR = {"prefix_tuning": 1e-3, "prefix_tuning_direct": 5e-3, "prompt_tuning": 3e-2, "p_tuning": 1e-3}
-DEFAULT_INIT = {"prefix_tuning": "text", "prompt_tuning": "text", "p_tuning": None}
-DEFAULT_INIT_TEXT = "Read the input and write the answer in the same style as the examples."
-
-
-def default_lr(method: str, projection_dim: int) -> float:
-    if method == "prefix_tuning" and not projection_dim:
-        return DEFAULT_LR["prefix_tuning_direct"]
-    return DEFAULT_LR[method]
+from .config import INIT_TEXT as DEFAULT_INIT_TEXT  # noqa: F401  (the one source: softprompt/config.py)
+from .config import default_lr  # noqa: F401
 
 
 def method_options(method: str, num_virtual_tokens: int, init: str | None, init_text: str | None,
                    projection_dim: int, seed: int) -> dict:
+    """Options for `methods.create`; what is left None takes the config's default (config.py)."""
     opts: dict = {"num_virtual_tokens": num_virtual_tokens, "seed": seed}
-    init = init if init is not None else DEFAULT_INIT.get(method)
     if init is not None:
         opts["init"] = init
-    if init in ("text",):
-        opts["init_text"] = init_text or DEFAULT_INIT_TEXT
+    if init_text is not None:
+        opts["init_text"] = init_text
     if method == "prefix_tuning":
         opts["projection_dim"] = projection_dim
     return opts

@@ -168,14 +168,14 @@ def test_prompt_init_vocab_rows_are_table_rows(model):
 
 @pytest.mark.parametrize("method,options,message", [
     ("prompt", dict(init="bogus"), "init must be one of"),
-    ("prompt", dict(init="text"), "needs init_text"),
+    ("prompt", dict(init="text", init_text=""), "init_text must be a non-empty string"),
     ("prompt", dict(init="tokens"), "needs init_tokens"),
     ("prompt", dict(init="tokens", init_tokens=(5, 96)), r"\[96\] are outside the vocabulary \(size 96\)"),
     ("prompt", dict(init="tokens", init_tokens=(-1,)), r"\[-1\] are outside the vocabulary"),
     ("prompt", dict(init="text", init_text="ba be", tokenizer=None), "needs the tokenizer"),
     ("prompt", dict(init="text", init_text="   "), "empty token list"),
     ("prefix", dict(init="bogus"), "init must be one of"),
-    ("prefix", dict(init="text"), "needs init_text"),
+    ("prefix", dict(init="text", init_text=""), "init_text must be a non-empty string"),
     ("prefix", dict(projection_dim=-1), "projection_dim must be >= 0"),
     ("ptuning", dict(encoder="gru"), "encoder must be one of"),
 ])

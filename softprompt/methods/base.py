@@ -19,6 +19,17 @@ from ..models import Geometry
 from ..prefix import positions_after_prefix
 
 
+def resolved(cfg, method: str, tokenizer):
+    """The config with its open defaults filled from softprompt/config.py (the one source): the init
+    a method starts from when none was named, and the text a text init reads."""
+    from dataclasses import replace
+
+    from .. import config
+
+    init = cfg.init if cfg.init is not None else config.default_init(method, tokenizer is not None)
+    return replace(cfg, init=init, init_text=cfg.init_text or (config.INIT_TEXT if init == "text" else None))
+
+
 def check_num_virtual_tokens(n) -> None:
     """Validated once, at the config boundary, before any tensor is sized by it."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

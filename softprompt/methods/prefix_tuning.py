@@ -26,7 +26,7 @@ from torch import nn
 
 from ..models import Geometry, geometry
 from ..prefix import compile_embeddings, prefixed_forward
-from .base import PromptMethod, check_num_virtual_tokens
+from .base import PromptMethod, check_num_virtual_tokens, resolved
 from .prompt_tuning import repeat_to
 
 INITS = ("random", "text")
@@ -36,16 +36,16 @@ INITS = ("random", "text")
 class PrefixTuningConfig:
     num_virtual_tokens: int = 20
     projection_dim: int = 512  # 0: direct optimization of the prefix
-    init: str = "random"
-    init_text: str | None = None
+    init: str | None = None  # None: "text" when create() is given a tokenizer, else "random" (config.py)
+    init_text: str | None = None  # None: config.INIT_TEXT
     seed: int = 0
 
     def __post_init__(self):
         check_num_virtual_tokens(self.num_virtual_tokens)
-        if self.init not in INITS:
+        if self.init is not None and self.init not in INITS:
             raise ValueError(f"prefix tuning init must be one of {INITS}, got {self.init!r}")
-        if self.init == "text" and not self.init_text:
-            raise ValueError("init='text' needs init_text (a non-empty string)")
+        if self.init_text is not None and not self.init_text:
+            raise ValueError("init_text must be a non-empty string")
         if self.projection_dim < 0:
             raise ValueError(f"projection_dim must be >= 0 (0 = no MLP), got {self.projection_dim}")
 
@@ -83,7 +83,7 @@ class PrefixTuning(PromptMethod):
     @classmethod
     @torch.no_grad()
     def create(cls, model, tokenizer=None, config: PrefixTuningConfig | None = None, **options) -> "PrefixTuning":
-        cfg = config or PrefixTuningConfig(**options)
+        cfg = resolved(config or PrefixTuningConfig(**options), "prefix_tuning", tokenizer)
         geo, P = geometry(model), cfg.num_virtual_tokens
         g = torch.Generator().manual_seed(cfg.seed)
         if cfg.init == "text":

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..models import Geometry, geometry
-from .base import InputPromptMethod, check_num_virtual_tokens
+from .base import InputPromptMethod, check_num_virtual_tokens, resolved
 
 INITS = ("random", "vocab", "text", "tokens")
 
@@ -26,17 +26,17 @@ INITS = ("random", "vocab", "text", "tokens")
 @dataclass(frozen=True)
 class PromptTuningConfig:
     num_virtual_tokens: int = 20
-    init: str = "vocab"
-    init_text: str | None = None
+    init: str | None = None  # None: "text" when create() is given a tokenizer, else "vocab" (config.py)
+    init_text: str | None = None  # None: config.INIT_TEXT
     init_tokens: tuple[int, ...] | None = None
     seed: int = 0
 
     def __post_init__(self):
         check_num_virtual_tokens(self.num_virtual_tokens)
-        if self.init not in INITS:
+        if self.init is not None and self.init not in INITS:
             raise ValueError(f"prompt tuning init must be one of {INITS}, got {self.init!r}")
-        if self.init == "text" and not self.init_text:
-            raise ValueError("init='text' needs init_text (a non-empty string)")
+        if self.init_text is not None and not self.init_text:
+            raise ValueError("init_text must be a non-empty string")
         if self.init == "tokens" and not self.init_tokens:
             raise ValueError("init='tokens' needs init_tokens (a non-empty list of token ids)")
 
@@ -59,7 +59,7 @@ class PromptTuning(InputPromptMethod):
     @classmethod
     @torch.no_grad()
     def create(cls, model, tokenizer=None, config: PromptTuningConfig | None = None, **options) -> "PromptTuning":
-        cfg = config or PromptTuningConfig(**options)
+        cfg = resolved(config or PromptTuningConfig(**options), "prompt_tuning", tokenizer)
         P = cfg.num_virtual_tokens
         table = model.get_input_embeddings().weight  # (V, d)
         g = torch.Generator().manual_seed(cfg.seed)
