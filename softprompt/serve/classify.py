@@ -95,6 +95,11 @@ class ClassifyService:
                 raise RequestError("every input must be a non-empty string")
             if len(t) > MAX_CHARS:
                 raise RequestError(f"an input is longer than {MAX_CHARS} characters")
+            if not t.isascii():
+                try:  # a lone surrogate (a JSON "\\ud800" escape) makes the tokenizer raise
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise RequestError("an input is not valid Unicode text (it holds a lone surrogate)") from None
         with self._lock:
             clf, model, tok = self._load(task)
             probs = classify_texts(clf, model, tok, texts)

@@ -22,8 +22,8 @@ import torch
 from transformers import DynamicCache
 
 from ..prefix import GrowingCache, prefixed_forward
-from .base import BaseEngine, Row
-from .handle import Completion, Handle, Request
+from .base import BaseEngine, Row, fault
+from .handle import Handle, Request
 from .tasks import RequestError, TaskRegistry
 
 
@@ -91,8 +91,9 @@ class Engine(BaseEngine):
                 new.append(self._prepare(handle, req))
                 free -= 1
             except RequestError as e:
-                self.stats["errors"] += 1
-                handle._finish(Completion.failed(req, e))
+                self._fail(handle, e)
+            except Exception as e:  # e.g. a task whose artifact breaks its loader: this request alone ends
+                self._fail(handle, fault("preparing the request", e))
         if not new:
             return
         T = max(len(ids) for _, ids, _ in new)
@@ -101,9 +102,14 @@ class Engine(BaseEngine):
         for i, (_, row_ids, _) in enumerate(new):
             ids[i, T - len(row_ids):] = torch.tensor(row_ids)
             mask[i, T - len(row_ids):] = 1
-        out = prefixed_forward(self.model, ids, mask, [kv for _, _, kv in new], use_cache=True, logits_to_keep=1,
-                              cache_cls=GrowingCache)
         rows = [r for r, _, _ in new]
+        try:
+            out = prefixed_forward(self.model, ids, mask, [kv for _, _, kv in new], use_cache=True,
+                                   logits_to_keep=1, cache_cls=GrowingCache)
+        except Exception as e:  # the prefill of these rows failed before they joined the batch: they alone end
+            for r in rows:
+                self._fail(r.handle, fault("the prefill", e))
+            return
         for r, p in zip(rows, out.position_ids[:, -1].tolist()):
             r.pos = p
         self._merge(rows, out.past_key_values, out.attention_mask)
@@ -124,6 +130,9 @@ class Engine(BaseEngine):
         return row, ids, kv
 
     # ---- batch bookkeeping --------------------------------------------------------------
+    def _reset_batch(self) -> None:
+        self._rows, self._cache, self._mask = [], None, None
+
     def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor):
         """Append prefilled rows to the running batch, left-padding the shorter cache."""
         if not self._rows:
