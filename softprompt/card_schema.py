@@ -80,3 +80,29 @@ def check_card_fields(card: dict) -> None:
 def _show(v) -> str:
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def card_file_path(artifact, value) -> "Path | None":
+    """The file a card's `plot`/`inspection` value names, if it is one the artifact may name: a file
+    beside the artifact, never elsewhere (a card naming /root/x.json must not make anyone read it).
+
+    An artifact F.safetensors or DIR may name files beside it whose name starts with `F.` or `DIR.`
+    (what `softprompt inspect` writes); DIR also files inside DIR, and a training run's OUT/best or
+    OUT/last also files inside OUT (where `softprompt train` draws plot.png).
+    Relative values are relative to the artifact's folder. Symlinks are resolved before the check.
+    """
+    from pathlib import Path
+
+    if not isinstance(value, str) or not value or "\0" in value:
+        return None
+    artifact = Path(artifact)
+    try:
+        real = (artifact.parent / value).resolve(strict=True)  # an absolute value stays itself
+        folder, stem = artifact.parent.resolve(), artifact.name.removesuffix(".safetensors")
+        ok = real.parent == folder and real.name.startswith(stem + ".")  # F.inspect.json, DIR.inspect.json
+        if artifact.is_dir():
+            ok = ok or real.is_relative_to(artifact.resolve()) or (
+                artifact.name in ("best", "last") and real.is_relative_to(folder))
+    except (OSError, RuntimeError, ValueError):  # missing, a symlink loop
+        return None
+    return real if ok and real.is_file() else None

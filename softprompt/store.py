@@ -39,6 +39,7 @@ from safetensors.torch import save as st_save
 
 from .artifact import (CARD_FILE, META_KEY, TENSOR_FILE, ArtifactError, _check_card, _data_section, _read,
                        load_artifact, make_card)
+from .card_schema import card_file_path
 from .methods import PromptMethod
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -264,20 +265,20 @@ class Store:
         return TaskRef(name, version)
 
     def _attachments(self, card: dict, source) -> tuple[dict, list[tuple[Path, bytes]]]:
-        """(card, files to write): the `plot` and `inspection` files a card names, when they exist
-        beside the source (relative) or where named (absolute), become store files `files/<sha>.ext`
-        and the card names those instead; a name that is not such a file is dropped from the card."""
+        """(card, files to write): the `plot` and `inspection` files a card names, when they are files
+        beside the source artifact, become store files `files/<sha>.ext` and the card names those
+        instead; any other name is dropped from the card."""
         out, files = dict(card), []
-        base = None if isinstance(source, PromptMethod) else Path(source).parent
         for key, suffix in (("plot", ".png"), ("inspection", ".json")):
             value = out.get(key)
             if not isinstance(value, str):
                 continue
-            path = Path(value) if Path(value).is_absolute() or base is None else base / value
+            # only a file beside the source artifact (card_file_path): never what a card names elsewhere
+            path = None if isinstance(source, PromptMethod) else card_file_path(source, value)
             try:
-                ok = path.suffix.lower() == suffix and path.is_file() and path.stat().st_size <= MAX_ATTACHMENT_BYTES
+                ok = path is not None and path.suffix.lower() == suffix and path.stat().st_size <= MAX_ATTACHMENT_BYTES
                 data = path.read_bytes() if ok else None
-            except (OSError, ValueError):
+            except OSError:
                 data = None
             if data is None:
                 del out[key]

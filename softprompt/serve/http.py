@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..card_schema import card_file_path
 from .classify import ClassifyRequest, ClassifyService
 from .engine import Engine
 from .guard import Auth, BodyGuard, error_body, error_bytes
@@ -104,6 +105,11 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
         errs = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errs):
             return ErrorJSON(error_body("the body is not valid JSON", "invalid_request_error", "invalid_json"), 400)
+        bad_text = next((e for e in errs if e.get("type") == "string_unicode"), None)
+        if bad_text is not None:  # a lone surrogate: text no tokenizer can encode, refused as the engine does
+            param = ".".join(str(x) for x in bad_text.get("loc", ())[1:]) or None
+            return ErrorJSON(error_body(f"{param} is not valid Unicode text (it holds a lone surrogate)",
+                                        "invalid_request_error", "invalid_text", param), 400)
         first = errs[0] if errs else {}
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:])}: {e.get('msg')}" for e in errs[:5])
@@ -203,30 +209,25 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
     async def task_card(ref: str, request: HTTPRequest):
         return public(task_row(ref))
 
-    def card_root(row: dict) -> Path | None:
-        """The one directory a task's card may name files in: the store's root for a store task (its
-        attachments, copied in by `store add`), else the folder holding the artifact (a training run's
-        OUT for OUT/best). A card is client data: it never makes the server read anywhere else."""
-        if row.get("sha256") and store is not None:
-            return Path(store.root)
-        return Path(row["path"]).parent if row.get("path") else None
-
-    def confined(path: Path, row: dict) -> Path | None:
-        root = card_root(row)
-        if root is None:
-            return None
-        try:
-            real, top = (root / path).resolve(strict=True), root.resolve()  # root / an absolute path = that path
-        except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, a NUL byte
-            return None
-        return real if real.is_relative_to(top) and real.is_file() else None
-
     def card_file(row: dict, key: str) -> Path | None:
-        """A file named by the card's optional `key` (relative to card_root, or absolute within it)."""
+        """A file named by the card's optional `key`. A card is client data: it never makes the server
+        read outside the store's `files/` (where `store add` copies a task's plot and inspection) or,
+        for a task registered by path, beside the artifact (card_schema.card_file_path)."""
         value = (row.get("card") or {}).get(key)
+        return confined(value, row)
+
+    def confined(value, row: dict) -> Path | None:
         if not isinstance(value, str) or not value:
             return None
-        return confined(Path(value), row)
+        if row.get("sha256") and store is not None:  # a store task: its attachments
+            files = (Path(store.root) / "files").resolve()
+            try:
+                real = (files.parent / value).resolve(strict=True)
+            except (OSError, RuntimeError, ValueError):
+                real = None
+            if real is not None and real.parent == files and real.is_file():
+                return real
+        return card_file_path(row["path"], value) if row.get("path") else None
 
     @app.get("/v1/tasks/{ref}/plot")
     async def task_plot(ref: str, request: HTTPRequest):
@@ -244,7 +245,7 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
             return value
         path = card_file(row, "inspection")
         if path is None and row.get("path"):  # what `softprompt inspect ADAPTER` writes: ADAPTER.inspect.json
-            path = confined(Path(str(row["path"]).rstrip("/").removesuffix(".safetensors") + ".inspect.json"), row)
+            path = confined(str(row["path"]).rstrip("/").removesuffix(".safetensors") + ".inspect.json", row)
         if path is not None and path.suffix.lower() == ".json":
             try:
                 return json.loads(path.read_text(encoding="utf-8"))

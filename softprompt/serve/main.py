@@ -38,7 +38,7 @@ def read_api_keys(api_keys_file: str | None) -> frozenset[str]:
 def build_app(store_dir: str | None = None, base: str | None = None, api_keys_file: str | None = None,
               max_batch_size: int = 32, max_queue: int = 256, max_body_bytes: int = 1 << 20,
               request_timeout_s: float = 120.0, prefix_cache_mb: int = 256, tasks: dict | None = None,
-              lora: str | None = None, merge_lora: bool = True):
+              lora: str | None = None, merge_lora: bool = True, body_timeout_s: float = 30.0):
     """(app, config). With `lora`, the engine's model is the LoRA-adapted base: every task is checked
     against *its* fingerprint when loaded (`load_artifact` hashes the model it is given, and
     `apply_lora` drops any fingerprint cached for the bare weights), so prompts trained with that
@@ -73,14 +73,15 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     if lora is not None:  # another model than the bare base: clients must not mistake one for the other
         base_id += f"+lora:{Path(lora).name}"
     config = ServerConfig(base_model_id=base_id, api_keys=keys,
-                          max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
+                          max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
+                          body_timeout_s=body_timeout_s)
     return create_app(engine, store, config), config
 
 
 def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, base: str | None = None,
           api_keys_file: str | None = None, max_batch_size: int = 32, max_queue: int = 256,
           max_body_bytes: int = 1 << 20, request_timeout_s: float = 120.0, prefix_cache_mb: int = 256,
-          lora: str | None = None, merge_lora: bool = True, threads: int = 0):
+          lora: str | None = None, merge_lora: bool = True, threads: int = 0, body_timeout_s: float = 30.0):
     """Serve every task in a prompt store over an OpenAI-compatible HTTP API (and the base model).
 
     Args:
@@ -97,6 +98,7 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
         lora: a PEFT LoRA adapter directory (safetensors) applied to the base first: serves prompts trained with --lora
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
         threads: torch CPU threads (0: torch's default, one per core); on a CPU shared with busy processes use 1
+        body_timeout_s: a request body not fully received within this many seconds gets 408
     """
     import socket
 
@@ -114,7 +116,8 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in 0..65535, got {port}")
     for name, value in (("max_batch_size", max_batch_size), ("max_body_bytes", max_body_bytes),
-                        ("prefix_cache_mb", prefix_cache_mb), ("request_timeout_s", request_timeout_s)):
+                        ("prefix_cache_mb", prefix_cache_mb), ("request_timeout_s", request_timeout_s),
+                        ("body_timeout_s", body_timeout_s)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     if max_queue < 0:
@@ -126,7 +129,8 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
         raise ValueError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
     with sock:
         app, config = build_app(store, base, api_keys_file, max_batch_size, max_queue, max_body_bytes,
-                                request_timeout_s, prefix_cache_mb, lora=lora, merge_lora=merge_lora)
+                                request_timeout_s, prefix_cache_mb, lora=lora, merge_lora=merge_lora,
+                                body_timeout_s=body_timeout_s)
         port = sock.getsockname()[1]
         auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
         print(f"softprompt serving {config.base_model_id} and the tasks of the store on http://{host}:{port} "
