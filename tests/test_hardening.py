@@ -56,7 +56,7 @@ def base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(base_dir, tmp_path_factory):
-    """`softprompt serve`'s app over a store holding task `pfx`, an API key file and a short body timeout."""
+    """`softprompt serve`'s app over a store holding task `pfx` and an API key file."""
     from softprompt.serve.main import build_app
 
     root = tmp_path_factory.mktemp("live")
@@ -65,7 +65,7 @@ def live(base_dir, tmp_path_factory):
     store.add("pfx", methods.create("prefix_tuning", model, num_virtual_tokens=3, projection_dim=0, seed=1), model)
     (root / "keys").write_text(f"# keys\n  # an indented comment is no key\n{KEY}\n")
     app, config = build_app(str(root / "store"), base=str(base_dir), api_keys_file=str(root / "keys"),
-                            max_body_bytes=4096, body_timeout_s=0.5)
+                            max_body_bytes=4096)
     with Live(app) as url:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
             yield c, app, store, root
@@ -427,19 +427,23 @@ def test_oversized_bodies_are_413_also_when_chunked(live):
     assert generates(c)
 
 
-def test_a_half_sent_body_is_timed_out_with_408(live):
-    c, *_ = live
-    host, port = c.base_url.host, c.base_url.port
-    with socket.create_connection((host, port), timeout=30) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
-                  b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
-        reply = b""
-        while b"\r\n\r\n" not in reply:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
-    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+def test_a_half_sent_body_is_timed_out_with_408():
+    from softprompt.serve.http import ServerConfig, create_app
+
+    engine = Engine(tiny_model("llama"), tiny_tokenizer())
+    with Live(create_app(engine, config=ServerConfig(base_model_id="b", body_timeout_s=0.3))) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"model\"")  # 8 of the 100 bytes, then nothing
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert httpx.post(url + "/v1/completions", json={"model": "b", "prompt": "ba", "max_tokens": 1}).status_code == 200
 
 
 def test_unknown_routes_wrong_methods_and_bad_bodies_are_openai_shaped(live):
