@@ -11,6 +11,7 @@ thread, which only reads it).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -56,7 +57,11 @@ class ClassifyService:
             if model is None or tok is None:
                 raise TaskRefused(f"task {name!r}: an in-memory encoder classifier needs .encoder and .tokenizer")
             return source, model, tok
-        path = Path(getattr(source, "path", source))
+        where = getattr(source, "path", source)
+        if not isinstance(where, (str, os.PathLike)):  # an in-memory prompt for generation (found by the fuzzer)
+            raise TaskRefused(f"task {name!r} is a {getattr(source, 'method', 'prompt')} for generation, not a "
+                              "classifier: use /v1/completions for it")
+        path = Path(where)
         key = str(path)
         if key in self._cache:
             self._cache.move_to_end(key)
