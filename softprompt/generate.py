@@ -81,6 +81,7 @@ def pick_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Gen
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[:, 0] = False  # the best token always stays (a top_p of 5e-324 is 0 in float32)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
