@@ -28,6 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
+from .card_schema import CardError, check_card_fields
 from .methods import METHODS, PromptMethod
 from .models import fingerprint, geometry, model_family
 
@@ -191,15 +192,21 @@ def _check_card(card: dict, path: Path) -> None:
         raise ArtifactError(f"{path}: the card's format is {card.get('format') if isinstance(card, dict) else card!r}, "
                             f"not {FORMAT!r}; this is not a softprompt artifact")
     version = card.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ArtifactError(f"{path}: unknown artifact format version {version!r}; the card is damaged: re-export it")
     if version > FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {version} was written by a newer softprompt "
                             f"({card.get('library_version')}); this is {__version__}, which reads up to version "
                             f"{FORMAT_VERSION}: upgrade softprompt")
-    if card.get("method") not in METHODS and not (card.get("task") == "classify" and card.get("method") == "head_only"):
-        raise ArtifactError(f"{path}: unknown method {card.get('method')!r}; this softprompt knows "
+    method = card.get("method")
+    if not isinstance(method, str) or (method not in METHODS
+                                       and not (card.get("task") == "classify" and method == "head_only")):
+        raise ArtifactError(f"{path}: unknown method {method!r}; this softprompt knows "
                             f"{', '.join(sorted(METHODS))}: upgrade softprompt or check the card")
+    try:
+        check_card_fields(card)
+    except CardError as e:
+        raise ArtifactError(f"{path}: {e}; the card is damaged or hand-edited: re-export the artifact") from None
 
 
 def verified_tensors(path: Path, card: dict, blob: bytes, model, allow_other_base: bool = False) -> dict:

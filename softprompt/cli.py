@@ -66,8 +66,16 @@ def info(base: str | None = None, num_virtual_tokens: int = 20, projection_dim: 
               f"{r['trainable_parameters']:>14,}{r['artifact_bytes']:>16,}")
 
 
+def _refuse_existing(path: str, overwrite: bool, what: str = "artifact") -> None:
+    """No command replaces what is at its destination unless told to (--overwrite); checked before
+    the model loads, so a refusal is immediate."""
+    if not overwrite and (os.path.exists(path) or os.path.islink(path)):
+        raise ValueError(f"{path} already exists; pass --overwrite to replace the {what}, or choose a new path")
+
+
 def init(out: str, method: str = "prompt_tuning", num_virtual_tokens: int = 20, init: str | None = None,
-         text: str | None = None, projection_dim: int = 512, seed: int = 0, base: str | None = None):
+         text: str | None = None, projection_dim: int = 512, seed: int = 0, base: str | None = None,
+         overwrite: bool = False):
     """Create a freshly initialized (untrained) prompt and save it as an artifact.
 
     Args:
@@ -79,10 +87,12 @@ def init(out: str, method: str = "prompt_tuning", num_virtual_tokens: int = 20, 
         projection_dim: prefix tuning's MLP width (0: direct)
         seed: random seed for the initialization
         base: a local HuggingFace model directory (default: the embedded model)
+        overwrite: replace an existing artifact at OUT (refused by default)
     """
     from . import methods
     from .artifact import save_artifact
 
+    _refuse_existing(out, overwrite)
     model, tok = _load(base)
     name = methods.canonical(method)
     opts: dict = {"num_virtual_tokens": num_virtual_tokens, "seed": seed}
@@ -142,17 +152,19 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
     print(run(model, tok, [prompt], kv, params)[0])
 
 
-def export_peft(adapter: str, out: str, base: str | None = None):
+def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool = False):
     """Export an artifact as a PEFT adapter directory (PeftModel.from_pretrained loads it).
 
     Args:
         adapter: our artifact (directory or .safetensors)
         out: the PEFT adapter directory to write
         base: a local HuggingFace model directory (default: the embedded model)
+        overwrite: replace an existing PEFT adapter directory at OUT (refused by default)
     """
     from .artifact import load_artifact
     from .peft_io import export_peft as run
 
+    _refuse_existing(out, overwrite, "PEFT adapter")
     model, _ = _load(base)
     path = run(load_artifact(adapter, model), out, model, base_model_name_or_path=base or model.name_or_path)
     print(f"wrote PEFT adapter to {path}", file=sys.stderr)
@@ -168,7 +180,7 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
           keep_checkpoints: int = 2, resume: bool = False, gradient_checkpointing: bool = False,
           max_length: int = 512, max_rows: int = 0, skip_bad_rows: bool = False, progress: bool = True,
           lora: str | None = None, merge_lora: bool = True, task: str = "generate", labels: str | None = None,
-          label_words: str | None = None, pooling: str = "mean"):
+          label_words: str | None = None, pooling: str = "mean", overwrite: bool = False):
     """Train a prompt on a dataset; writes OUT/best and OUT/last (artifacts), metrics.jsonl, plot.png, checkpoints/.
 
     Runs data-parallel unchanged under `torchrun --nproc-per-node N -m softprompt.cli train ...`
@@ -215,8 +227,11 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
         labels: classify: the class names, comma-separated (data labels are names or 0-based indices)
         label_words: classify on a decoder: the word the model predicts per class (default: the label names)
         pooling: classify on an encoder: mean or cls
+        overwrite: start afresh in an OUT that already holds files: the earlier run's files are removed (refused by default; --resume continues it instead)
     """
+    _prepare_run_dir(out, resume, overwrite)
     args = dict(locals())
+    args.pop("overwrite")
     if task != "generate":
         from .classify.runs import train_from_cli
 
@@ -232,6 +247,29 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
     args.pop("merge_lora", None)
 
     run_train(**args)
+
+
+RUN_FILES = ("best", "last", "checkpoints", "metrics.jsonl", "run.json", "plot.png")
+
+
+def _prepare_run_dir(out: str, resume: bool, overwrite: bool) -> None:
+    """A run directory that holds anything is refused unless --resume (continue it) or --overwrite
+    (remove the earlier run's own files; other files are left alone)."""
+    import shutil
+
+    if resume or not os.path.isdir(out) or not os.listdir(out):
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"{out} is a file; a training run needs a directory")
+        return
+    if not overwrite:
+        raise ValueError(f"{out} already holds files; pass --resume to continue its run, --overwrite to start "
+                         "afresh there (the earlier run's artifacts are removed), or choose a new OUT")
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
 
 
 def eval(adapter: str | None = None, data: str | None = None, base: str | None = None, template: str | None = None,
@@ -388,15 +426,16 @@ def store_rm(ref: str, store: str | None = None):
         print(f"removed {r}")
 
 
-def store_export(ref: str, dest: str, store: str | None = None):
+def store_export(ref: str, dest: str, store: str | None = None, overwrite: bool = False):
     """Write a task out as an artifact (DEST ending in .safetensors: one file; otherwise a directory).
 
     Args:
         ref: NAME or NAME@VERSION
-        dest: the artifact path to write (must not exist)
+        dest: the artifact path to write (must not exist unless --overwrite)
         store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+        overwrite: replace an existing artifact at DEST
     """
-    print(_store(store).export(ref, dest))
+    print(_store(store).export(ref, dest, overwrite=overwrite))
 
 
 def store_gc(store: str | None = None):
@@ -639,9 +678,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fn(**args)
     except (ArtifactError, BaseModelError, PeftFormatError, ValueError) as e:
-        print(f"softprompt {name}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(name, str(e))
+    except OSError as e:  # a path that cannot be written or read: the OS's reason and the path
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(name, f"{where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        return _fail(name, "interrupted", 130)
+    except Exception as e:  # a bug: still one line (SOFTPROMPT_DEBUG=1 shows the traceback)
+        if os.environ.get("SOFTPROMPT_DEBUG"):
+            raise
+        return _fail(name, f"internal error: {type(e).__name__}: {e} (set SOFTPROMPT_DEBUG=1 for the traceback)")
     return 0
+
+
+def _fail(name: str, message: str, status: int = 2) -> int:
+    """One line on stderr and the exit status: the whole of what a failed command prints."""
+    line = " ".join(message.split())  # messages that quote multi-line errors stay one line
+    print(f"softprompt {name}: error: {line}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

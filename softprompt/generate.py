@@ -10,10 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import math
+
 import torch
 
 from . import hf
 from .prefix import prefixed_forward
+
+# Below this temperature sampling is argmax in all but name, and logits / T overflows float32
+# (1e-40 turned every logit into inf and softmax into nan): such a temperature is greedy.
+TEMPERATURE_FLOOR = 1e-4
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,11 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
+        for name in ("max_new_tokens", "top_k"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
+            raise ValueError(f"temperature and top_p must be finite numbers, got {self.temperature}, {self.top_p}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -44,14 +55,25 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < TEMPERATURE_FLOOR
+
+
+def safe_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits that sampling can always use: nan is never picked, a +inf logit takes all the
+    mass, and each row is shifted so its largest entry is 0 (a row of nothing usable is uniform)."""
+    logits = logits.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    pinf = torch.isposinf(logits)
+    logits = torch.where(pinf.any(-1, keepdim=True), torch.where(pinf, 0.0, float("-inf")), logits)
+    top = logits.amax(-1, keepdim=True)  # (B, 1); -inf for a row with no finite entry
+    return torch.where(torch.isfinite(top), logits - top, torch.zeros_like(logits))
 
 
 def pick_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,)."""
+    """logits (B, V) -> next token ids (B,). Never raises on inf or nan logits (see safe_logits)."""
+    logits = safe_logits(logits)
     if params.greedy:
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
+    logits = logits / params.temperature  # the largest entry stays 0: softmax is finite
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -60,6 +82,7 @@ def pick_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Gen
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[:, 0] = False  # the best token always stays (a top_p of 5e-324 is 0 in float32)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)

@@ -146,9 +146,13 @@ def export_peft(prompt: PromptMethod, path: str | os.PathLike, model, base_model
     try:
         save_file({"prompt_embeddings": emb.float().contiguous()}, tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if path.exists():  # aside first: a failure between the two renames keeps the old adapter
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "a")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,8 @@
     ROOT/index.sqlite                     one row per (name, version): method, base fingerprint, size,
                                           sha256 of the file, metrics, tags, creation time (WAL mode)
     ROOT/objects/ab/<sha256>.safetensors  the single-file artifact (card inside), named by its sha256
+    ROOT/files/<sha256>.png|.json         files a card names (training plot, inspection), copied in on
+                                          add, so the server never reads a card's path outside the store
     ROOT/tmp/                             files being written; only ever complete files leave it
 
 Why it stays consistent when a writer dies at any instant: an add takes SQLite's write lock
@@ -42,9 +44,12 @@ from safetensors.torch import save as st_save
 from . import compiled
 from .artifact import (CARD_FILE, META_KEY, TENSOR_FILE, ArtifactError, _check_card, _data_section, _read,
                        load_artifact, make_card, model_fingerprint)
+from .card_schema import card_file_path
 from .methods import PromptMethod
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_VERSION = 2**63 - 1  # SQLite's INTEGER: a larger number is no version, not an OverflowError
+MAX_ATTACHMENT_BYTES = 16 << 20  # a plot or an inspection summary is far smaller
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     name TEXT NOT NULL, version INTEGER NOT NULL, method TEXT NOT NULL, num_virtual_tokens INTEGER,
@@ -124,8 +129,9 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     check_name(name)
     if not at:
         return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise StoreError(f"bad version in {ref!r}: write NAME@N with N a positive integer, or NAME for the latest")
+    if not (version.isascii() and version.isdigit()) or not 1 <= int(version) <= MAX_VERSION:
+        raise StoreError(f"bad version in {ref!r}: write NAME@N with N a positive integer below 2**63, "
+                         "or NAME for the latest")
     return name, int(version)
 
 
@@ -150,13 +156,22 @@ class Store:
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root is not None else default_root()
-        (self.root / "objects").mkdir(parents=True, exist_ok=True)
-        (self.root / "tmp").mkdir(exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root} is a file, not a prompt store directory; give a directory (--store DIR)")
+        try:
+            for sub in ("objects", "tmp", "files"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot use {self.root} as a prompt store: {e.strerror or e}") from None
         self._local = threading.local()
-        db = self._db()
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():  # readers skip the lock
-            db.execute("PRAGMA journal_mode=WAL")  # persistent; readers never wait for the writer
-            db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        try:
+            db = self._db()
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():  # readers skip the lock
+                db.execute("PRAGMA journal_mode=WAL")  # persistent; readers never wait for the writer
+                db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.root / 'index.sqlite'} is not a usable store index ({e}); "
+                             "point --store at a prompt store directory") from None
 
     def _db(self) -> sqlite3.Connection:
         # One connection per thread and process: sqlite3 connections must not cross threads or forks.
@@ -243,6 +258,7 @@ class Store:
             raise StoreError(f"{source}: the card has no base-model fingerprint; re-export the artifact with this "
                              "softprompt so the store can tell which base model it serves")
         card = dict(card, metrics={**(card.get("metrics") or {}), **(metrics or {})})
+        card, attachments = self._attachments(card, source)
         tensors = st_load(blob)
         blob = st_save(tensors, metadata={META_KEY: json.dumps(card)})  # always the single-file form
         if _sha(_data_section(blob)) != card["tensor_sha256"]:  # safetensors' layout is deterministic
@@ -253,6 +269,9 @@ class Store:
             # The file goes in before the row, under the write lock (see the module docstring).
             if not obj.exists() or _sha(obj.read_bytes()) != sha:
                 self._put(obj, blob)
+            for dest, data in attachments:
+                if not dest.exists():
+                    self._put(dest, data)
             q = "SELECT coalesce(max(last_version), 0) + 1 FROM names WHERE name = ?"
             version = db.execute(q, (name,)).fetchone()[0]
             db.execute("INSERT OR REPLACE INTO names VALUES (?, ?)", (name, version))
@@ -280,6 +299,30 @@ class Store:
         e = StoreEntry(self, row["name"], row["version"], row["sha256"], Path(row["path"]))
         kv = compiled.compile_entry(e, model, allow_other_base=allow_other_base)
         return compiled.publish(self, e.sha256, model_fingerprint(model), kv)
+
+    def _attachments(self, card: dict, source) -> tuple[dict, list[tuple[Path, bytes]]]:
+        """(card, files to write): the `plot` and `inspection` files a card names, when they are files
+        beside the source artifact, become store files `files/<sha>.ext` and the card names those
+        instead; any other name is dropped from the card."""
+        out, files = dict(card), []
+        for key, suffix in (("plot", ".png"), ("inspection", ".json")):
+            value = out.get(key)
+            if not isinstance(value, str):
+                continue
+            # only a file beside the source artifact (card_file_path): never what a card names elsewhere
+            path = None if isinstance(source, PromptMethod) else card_file_path(source, value)
+            try:
+                ok = path is not None and path.suffix.lower() == suffix and path.stat().st_size <= MAX_ATTACHMENT_BYTES
+                data = path.read_bytes() if ok else None
+            except OSError:
+                data = None
+            if data is None:
+                del out[key]
+                continue
+            name = f"files/{_sha(data)}{suffix}"
+            out[key] = name
+            files.append((self.root / name, data))
+        return out, files
 
     def _put(self, obj: Path, blob: bytes) -> None:
         obj.parent.mkdir(exist_ok=True)
@@ -352,13 +395,25 @@ class Store:
             return None
 
     def entry(self, ref: str) -> StoreEntry | None:
-        """The resolved version of `name` or `name@N` as a StoreEntry; None if unknown. As a
-        TaskRegistry fallback (`fallback=store.entry`), tasks load through the index check."""
+        """The resolved version of `name` or `name@N` as a StoreEntry; None if unknown; StoreError if
+        its file is missing or has another size. As a TaskRegistry fallback (`fallback=store.entry`),
+        tasks load through the index check."""
         try:
             row = self._row(ref)
         except StoreError:
             return None
-        return StoreEntry(self, row["name"], row["version"], row["sha256"], Path(row["path"]))
+        path = Path(row["path"])
+        # One stat per request: a deleted or resized file must not go on being served from a cache
+        # of compiled prefixes while `show` says file_ok false (its content is hashed when loaded).
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = None
+        if size != row["size"]:
+            raise StoreError(f"task {row['name']}@{row['version']}: its file {path} is "
+                             f"{'missing' if size is None else 'changed'} (removed or altered behind the index's "
+                             "back); restore it, or `softprompt store rm` and re-add the task")
+        return StoreEntry(self, row["name"], row["version"], row["sha256"], path)
 
     def open(self, ref: str, model, *, allow_other_base: bool = False) -> PromptMethod:
         """Load a task for `model`, refusing a file that changed behind the index's back."""
@@ -396,22 +451,34 @@ class Store:
         return [self._as_dict(r) for r in self._db().execute(q + " ORDER BY name, version", args)]
 
     def show(self, ref: str) -> dict:
-        """The index row plus the card, and whether the file still matches the index."""
+        """The index row plus the card, whether the file still matches the index (`file_ok`), and
+        why the card is refused when it is (`card_error`)."""
         row = self._row(ref)
         try:
             card, blob = _read(Path(row["path"]))
             row["file_ok"] = _sha(blob) == row["sha256"]
             row["card"] = card
-        except ArtifactError:
-            row["file_ok"], row["card"] = False, None
+            _check_card(card, Path(row["path"]))  # a card that fails the schema is shown, and said to fail
+        except ArtifactError as e:
+            row["file_ok"] = row.get("file_ok", False)
+            row["card"] = row.get("card")
+            row["card_error"] = str(e)
         return row
 
-    def export(self, ref: str, dest: str | os.PathLike) -> Path:
-        """Write a task as an artifact: `dest` ending in .safetensors is the file, else a directory."""
+    def export(self, ref: str, dest: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write a task as an artifact: `dest` ending in .safetensors is the file, else a directory.
+        An existing `dest` is refused unless `overwrite` (and then only an artifact is replaced)."""
         row, dest = self._row(ref), Path(dest)
-        if dest.exists():
-            raise StoreError(f"{dest} already exists; choose a new path")
-        blob = Path(row["path"]).read_bytes()
+        if dest.exists() or dest.is_symlink():
+            if not overwrite:
+                raise StoreError(f"{dest} already exists; choose a new path or pass --overwrite")
+            if dest.is_dir() and any(dest.iterdir()) and not (dest / CARD_FILE).exists():
+                raise StoreError(f"{dest} is a directory that is not a softprompt artifact; not overwriting it")
+        try:
+            blob = Path(row["path"]).read_bytes()
+        except OSError as e:
+            raise StoreError(f"task {ref}: its store file {row['path']} cannot be read ({e.strerror or e}); "
+                             "restore it, or `softprompt store rm` and re-add the task") from None
         if _sha(blob) != row["sha256"]:
             raise StoreError(f"task {ref}: the store file {row['path']} changed on disk behind the index's back; "
                              "not exporting it")
@@ -419,13 +486,21 @@ class Store:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
         try:
             if dest.suffix == ".safetensors":
+                if dest.is_dir():
+                    raise StoreError(f"{dest} is a directory; give a file name or a path without .safetensors")
                 (tmp / "f").write_bytes(blob)
                 os.replace(tmp / "f", dest)
             else:
                 card, _ = _read(Path(row["path"]))
                 (tmp / TENSOR_FILE).write_bytes(st_save(st_load(blob)))  # same tensor bytes, no metadata
                 (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
-                os.replace(tmp, dest)
+                if dest.exists():  # --overwrite of an artifact: aside first, so a failure keeps the old one
+                    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+                    os.replace(dest, old / "a")
+                    os.replace(tmp, dest)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest

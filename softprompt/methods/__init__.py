@@ -1,5 +1,7 @@
 """Prompt methods, one file each, behind the `PromptMethod` protocol (see base.py)."""
 
+import os
+
 from .base import InputPromptMethod, PromptMethod
 from .p_tuning import PTuning, PTuningConfig
 from .prefix_tuning import PrefixTuning, PrefixTuningConfig
@@ -26,10 +28,45 @@ def canonical(method: str) -> str:
 
 
 def create(method: str, model, tokenizer=None, **options) -> PromptMethod:
-    """A freshly initialized prompt of `method` for `model`; options are the method's config fields."""
+    """A freshly initialized prompt of `method` for `model`; options are the method's config fields.
+    Sizes are checked before anything is allocated (see check_size)."""
     name = canonical(method)
-    return METHODS[name].create(model, tokenizer, CONFIGS[name](**options))
+    config = CONFIGS[name](**options)
+    check_size(model, name, config.num_virtual_tokens, getattr(config, "projection_dim", 0))
+    return METHODS[name].create(model, tokenizer, config)
 
 
-__all__ = ["PromptMethod", "InputPromptMethod", "PromptTuning", "PrefixTuning", "PTuning", "METHODS", "CONFIGS", "create", "canonical",
+def estimate_bytes(geo, method: str, num_virtual_tokens: int, projection_dim: int = 0) -> int:
+    """A generous estimate of the memory training a prompt of P virtual tokens takes beyond the
+    frozen model: per virtual token its input embedding (d), its K/V at every layer (L*2*kv_dim)
+    and the MLP's hidden width (k), each held ~4 times (value, gradient, Adam's two moments)."""
+    per_token = geo.hidden_size + geo.num_layers * 2 * geo.kv_dim + (projection_dim if method != "prompt_tuning" else 0)
+    return 4 * 4 * num_virtual_tokens * per_token
+
+
+def available_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: no estimate
+        return None
+
+
+def check_size(model, method: str, num_virtual_tokens: int, projection_dim: int = 0) -> None:
+    """Refuse (ValueError, one line) a prompt that cannot fit: P virtual tokens take P positions
+    before the text, so P must leave room in the model's context; and its memory estimate must fit
+    in half of the free memory (P = 100000 with prefix tuning was killed by the kernel at 22 GB)."""
+    from ..models import geometry
+
+    geo = geometry(model)
+    P, ctx = num_virtual_tokens, geo.max_position_embeddings
+    if ctx and P >= ctx:
+        raise ValueError(f"num_virtual_tokens {P} does not fit the model's context of {ctx} positions (the text "
+                         f"comes after the prompt): use at most {ctx - 1}, in practice tens to a few hundred")
+    need, free = estimate_bytes(geo, method, P, projection_dim), available_bytes()
+    if free is not None and need > free // 2:
+        raise ValueError(f"num_virtual_tokens {P} with {method} needs about {need / 2**30:.1f} GiB, more than half of "
+                         f"the {free / 2**30:.1f} GiB of free memory: use a smaller num_virtual_tokens")
+
+
+__all__ = ["PromptMethod", "InputPromptMethod", "PromptTuning", "PrefixTuning", "PTuning", "METHODS", "CONFIGS", "create", "canonical", "check_size",
            "PromptTuningConfig", "PrefixTuningConfig", "PTuningConfig"]

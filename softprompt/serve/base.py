@@ -8,6 +8,7 @@ a time). Both call `_prepare_common` for each request and `_emit` after each for
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -15,10 +16,37 @@ from concurrent.futures import Future
 
 import torch
 
-from ..generate import SamplingParams, eos_ids, pick_next
+from ..generate import SamplingParams, eos_ids, pick_next, safe_logits
 from .handle import Completion, Handle, Request
 from .loader import TaskLoader, done_future
 from .tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
+
+log = logging.getLogger("softprompt.serve")
+
+
+def fault(what: str, exc: BaseException) -> RequestError:
+    """An unexpected failure, as the error a request ends with (HTTP 500: the server's fault)."""
+    return RequestError(f"{what} failed: {type(exc).__name__}: {exc}", code="internal_error")
+
+
+def check_request(request: Request, vocab_size: int | None) -> None:
+    """Refuse at the door what the tokenizer or the model cannot take (RequestError): text that is
+    not encodable Unicode (a lone surrogate from a JSON "\\ud800" escape made the tokenizer raise
+    inside the loop), token ids outside the vocabulary."""
+    if request.prompt is not None:
+        if not isinstance(request.prompt, str):
+            raise RequestError(f"the prompt must be a string, got {type(request.prompt).__name__}")
+        try:
+            request.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(f"the prompt is not valid Unicode text: a lone surrogate at character {e.start}",
+                               code="invalid_text") from None
+    if request.prompt_ids is not None:
+        ids = request.prompt_ids
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 or (vocab_size and i >= vocab_size)
+               for i in ids):
+            raise RequestError(f"prompt_ids must be token ids in [0, {vocab_size})")
+    request.sampling()  # the sampling parameters' own checks
 
 
 class Row:
@@ -65,8 +93,12 @@ class BaseEngine:
         self._loads: dict[int, tuple[Request, Future]] = {}
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._wanted = False  # start() was called and stop() was not: a dead loop is to be restarted
+        self._start_lock = threading.Lock()
+        self.vocab_size = getattr(model.config, "vocab_size", None)
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "cancelled": 0, "refused_queue_full": 0,
-                      "generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "batch_rows_sum": 0}
+                      "generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "batch_rows_sum": 0,
+                      "faults": 0, "restarts": 0}
 
     # ---- public API ---------------------------------------------------------------------
     def add_task(self, name: str, source) -> None:
@@ -74,8 +106,18 @@ class BaseEngine:
         self.tasks.add(name, source)
 
     def submit(self, request: Request) -> Handle:
-        """Queue a request; returns its handle at once. Raises QueueFull when the queue is at its limit."""
+        """Queue a request; returns its handle at once. Raises QueueFull when the queue is at its limit.
+        A request refused at the door (see check_request) gets a handle that is already finished."""
         handle = Handle(request, self)
+        try:
+            check_request(request, self.vocab_size)
+        except RequestError as e:
+            with self._lock:
+                self.stats["requests"] += 1
+                self.stats["errors"] += 1
+            handle._finish(Completion.failed(request, e))
+            return handle
+        self.revive()
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 self.stats["refused_queue_full"] += 1
@@ -100,13 +142,32 @@ class BaseEngine:
 
     def start(self):
         """Run the step loop in a background thread (for servers and streaming)."""
-        if not self.running:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
-            self._thread.start()
+        with self._start_lock:
+            self._wanted = True
+            if not self.running:
+                self._stop = False
+                self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+                self._thread.start()
         return self
 
+    def revive(self) -> bool:
+        """Restart the loop if it was started and has died; True when it is running now. The rows it
+        was decoding end with an error (their state died with it); waiting requests are kept."""
+        if not self._wanted or self.running:
+            return self.running
+        with self._start_lock:
+            if self._wanted and not self.running:
+                log.error("the engine loop died; restarting it")
+                self.stats["restarts"] += 1
+                self._fail_running(RequestError("the engine restarted while this request ran",
+                                                code="internal_error"))
+                self._stop = False
+                self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+                self._thread.start()
+        return self.running
+
     def stop(self) -> None:
+        self._wanted = False
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -122,9 +183,34 @@ class BaseEngine:
 
     def _loop(self):
         while not self._stop:
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as e:  # no row to blame (a failed decode pass): end the running rows, go on
+                log.exception("engine step failed")
+                self.stats["faults"] += 1
+                self._fail_running(fault("a decoding step", e))
+                continue
+            if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+    def _fail_running(self, error: RequestError) -> None:
+        """End every running row with `error` and drop the batch (its state may be half-updated)."""
+        with self._lock:
+            for r in self._rows:
+                if not r.handle.done:
+                    self.stats["errors"] += 1
+                    r.handle._finish(Completion.failed(r.handle.request, error))
+            self._reset_batch()
+
+    def _reset_batch(self) -> None:
+        """Forget the running batch (a subclass also drops its cache)."""
+        self._rows = []
+
+    def _fail(self, handle: Handle, error: RequestError) -> None:
+        """End one request with an error (its row, if any, is dropped at the next compaction)."""
+        self.stats["errors"] += 1
+        handle._finish(Completion.failed(handle.request, error))
 
     # ---- requests in ----------------------------------------------------------------------
     def _prepare_common(self, req: Request, add_special_tokens: bool):
@@ -203,38 +289,47 @@ class BaseEngine:
     def _emit(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Pick each row's next token, stream it, and finish rows that are done. logits: (B, V).
         Returns the picked tokens."""
-        greedy = logits.argmax(-1).tolist()
+        greedy = safe_logits(logits).argmax(-1).tolist()
         picked = []
         for i, r in enumerate(rows):
-            if r.logits is not None:
-                r.logits.append(logits[i].detach().clone())
-            tok = greedy[i] if r.params.greedy else int(pick_next(logits[i:i + 1], r.params, r.gen)[0])
-            picked.append(tok)
-            r.ids.append(tok)
-            self.stats["generated_tokens"] += 1
-            reason = None
-            if not r.params.ignore_eos and tok in self.eos:
-                reason = "stop"
-            text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-            if r.params.stop:
-                hits = [h for h in (text.find(s) for s in r.params.stop) if h >= 0]
-                if hits:
-                    text, reason = text[:min(hits)], "stop"
-            if reason is None and len(r.ids) >= r.params.max_new_tokens:
-                reason = "length"
-            if reason:
-                ready = len(text)
-            else:  # hold back a split multi-byte character and what could begin a stop string
-                ready = len(text.rstrip("\ufffd"))
-                if r.params.stop:
-                    ready = min(ready, len(text) - max(len(s) for s in r.params.stop) + 1)
-            ready = max(ready, r.sent)
-            r.handle._push(tok, text[r.sent:ready])
-            r.sent, r.text = ready, text
-            if reason:
-                r.handle._finish(self._completion(r, reason))
-                self.stats["completed"] += 1
+            try:
+                picked.append(self._emit_row(r, logits, i, greedy[i]))
+            except Exception as e:  # this row's sampling or decoding failed: it alone ends
+                log.exception("emitting a token failed")
+                self._fail(r.handle, fault("picking or decoding a token", e))
+                picked.append(greedy[i])
         return picked
+
+    def _emit_row(self, r: Row, logits: torch.Tensor, i: int, greedy: int) -> int:
+        """One row's token: pick it, stream the text it completes, finish the row when done."""
+        if r.logits is not None:
+            r.logits.append(logits[i].detach().clone())
+        tok = greedy if r.params.greedy else int(pick_next(logits[i:i + 1], r.params, r.gen)[0])
+        r.ids.append(tok)
+        self.stats["generated_tokens"] += 1
+        reason = None
+        if not r.params.ignore_eos and tok in self.eos:
+            reason = "stop"
+        text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
+        if r.params.stop:
+            hits = [h for h in (text.find(s) for s in r.params.stop) if h >= 0]
+            if hits:
+                text, reason = text[:min(hits)], "stop"
+        if reason is None and len(r.ids) >= r.params.max_new_tokens:
+            reason = "length"
+        if reason:
+            ready = len(text)
+        else:  # hold back a split multi-byte character and what could begin a stop string
+            ready = len(text.rstrip("\ufffd"))
+            if r.params.stop:
+                ready = min(ready, len(text) - max(len(s) for s in r.params.stop) + 1)
+        ready = max(ready, r.sent)
+        r.handle._push(tok, text[r.sent:ready])
+        r.sent, r.text = ready, text
+        if reason:
+            r.handle._finish(self._completion(r, reason))
+            self.stats["completed"] += 1
+        return tok
 
     def _completion(self, r: Row, reason: str) -> Completion:
         req = r.handle.request

@@ -11,6 +11,7 @@ thread, which only reads it).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -56,7 +57,11 @@ class ClassifyService:
             if model is None or tok is None:
                 raise TaskRefused(f"task {name!r}: an in-memory encoder classifier needs .encoder and .tokenizer")
             return source, model, tok
-        path = Path(getattr(source, "path", source))
+        where = getattr(source, "path", source)
+        if not isinstance(where, (str, os.PathLike)):  # an in-memory prompt for generation (found by the fuzzer)
+            raise TaskRefused(f"task {name!r} is a {getattr(source, 'method', 'prompt')} for generation, not a "
+                              "classifier: use /v1/completions for it")
+        path = Path(where)
         key = str(path)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -95,6 +100,11 @@ class ClassifyService:
                 raise RequestError("every input must be a non-empty string")
             if len(t) > MAX_CHARS:
                 raise RequestError(f"an input is longer than {MAX_CHARS} characters")
+            if not t.isascii():
+                try:  # a lone surrogate (a JSON "\\ud800" escape) makes the tokenizer raise
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise RequestError("an input is not valid Unicode text (it holds a lone surrogate)") from None
         with self._lock:
             clf, model, tok = self._load(task)
             probs = classify_texts(clf, model, tok, texts)

@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
 from .. import hf
 from ..prefix import prefixed_forward
-from .base import BaseEngine, Row
-from .handle import Completion, Handle, Request
+from .base import BaseEngine, Row, fault
+from .handle import Handle, Request
 from .tasks import RequestError, TaskRegistry
 
 
@@ -91,8 +92,9 @@ class Engine(BaseEngine):
                     new.append(self._prepare(handle, req))
                     free -= 1
                 except RequestError as e:
-                    self.stats["errors"] += 1
-                    handle._finish(Completion.failed(req, e))
+                    self._fail(handle, e)
+                except Exception as e:  # e.g. a task whose artifact breaks its loader: this request alone ends
+                    self._fail(handle, fault("preparing the request", e))
             ready = self._take_ready(free) if free > 0 else []
         if not new:
             return
@@ -102,9 +104,14 @@ class Engine(BaseEngine):
         for i, (_, row_ids, _) in enumerate(new):
             ids[i, T - len(row_ids):] = torch.tensor(row_ids)
             mask[i, T - len(row_ids):] = 1
-        out = prefixed_forward(self.model, ids, mask, [kv for _, _, kv in new], use_cache=True, logits_to_keep=1,
-                               growing=True)
         rows = [r for r, _, _ in new]
+        try:
+            out = prefixed_forward(self.model, ids, mask, [kv for _, _, kv in new], use_cache=True,
+                                   logits_to_keep=1, growing=True)
+        except Exception as e:  # the prefill of these rows failed before they joined the batch: they alone end
+            for r in rows:
+                self._fail(r.handle, fault("the prefill", e))
+            return
         for r, p in zip(rows, out.position_ids[:, -1].tolist()):
             r.pos = p
         self._merge(rows, out.cache, out.attention_mask)
@@ -125,6 +132,9 @@ class Engine(BaseEngine):
         return row, ids, kv
 
     # ---- batch bookkeeping --------------------------------------------------------------
+    def _reset_batch(self) -> None:
+        self._rows, self._cache, self._mask = [], None, None
+
     def _merge(self, rows: list[_Row], cache, mask: torch.Tensor):
         """Append prefilled rows to the running batch, left-padding the shorter cache."""
         if not self._rows:

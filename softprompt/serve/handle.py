@@ -106,7 +106,7 @@ class Handle:
         self._engine._wake.set()
 
     def _wait(self, n_seen: int, timeout: float | None) -> None:
-        if not self._engine.running:  # no background loop: drive the engine from here
+        if not self._engine.revive():  # no background loop (or a dead one not restarted): drive it from here
             self._engine.step()
             return
         with self._cond:

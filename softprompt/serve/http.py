@@ -4,7 +4,9 @@
 for a version) or the base model itself. Errors come in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with the matching status: 400 malformed JSON or
 a request the model cannot take, 422 bad parameters, 401 missing or wrong API key, 404 unknown
-task, 413 body over the limit, 429 queue full (with Retry-After), 504 over the time limit.
+task or route, 405 wrong method, 408 body not sent in time, 413 body over the limit, 429 queue full
+(with Retry-After), 500 a fault of the server, 503 the engine cannot generate, 504 over the time
+limit. Errors known before a stream starts are real HTTP errors, not a 200 with an error event.
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..card_schema import card_file_path
 from .classify import ClassifyRequest, ClassifyService
 from .engine import Engine
+from .guard import Auth, BodyGuard, error_body, error_bytes
 from .handle import Request
 from .schemas import ChatRequest, CompletionRequest
 from .tasks import QueueFull, RequestError, UnknownTask
 
-STATUS = {"unknown_task": 404, "task_refused": 400, "prompt_too_long": 400, "bad_request": 400, "internal_error": 500}
+STATUS = {"unknown_task": 404, "task_refused": 400, "prompt_too_long": 400, "bad_request": 400, "invalid_text": 400,
+          "internal_error": 500}
+HTTP_CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+              413: "body_too_large", 415: "unsupported_media_type"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class ServerConfig:
     base_model_id: str = "base"
     api_keys: frozenset[str] = frozenset()
     max_body_bytes: int = 1 << 20
+    body_timeout_s: float = 30.0  # a body not fully sent by then gets 408
     request_timeout_s: float = 120.0
     max_n: int = 8
     default_max_tokens: int = 16
@@ -49,47 +58,11 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+class ErrorJSON(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote client text holding a lone surrogate."""
 
-
-class BodyLimit:
-    """ASGI middleware: refuse a body over `limit` bytes with 413, by header or while reading it."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse(send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            msg = await receive()
-            seen += len(msg.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge()
-            return msg
-
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._refuse(send)
-
-    async def _refuse(self, send):
-        body = json.dumps(error_body(f"request body is over the limit of {self.limit} bytes",
-                                     "invalid_request_error", "body_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
 
 
 def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig(), classifier=None) -> FastAPI:
@@ -105,31 +78,43 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
 
     app = FastAPI(title="softprompt", version="1", lifespan=lifespan,
                   description="OpenAI-compatible completions over many prompt-tuned tasks on one frozen model.")
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    # add_middleware puts the last one outermost: Auth runs first, then the body is read (guard.py)
+    app.add_middleware(BodyGuard, limit=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    app.add_middleware(Auth, keys=config.api_keys)
     app.state.engine, app.state.store, app.state.config = engine, store, config
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), exc.status, headers=exc.headers)
+        return ErrorJSON(error_body(exc.message, exc.type, exc.code, exc.param), exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        """Starlette's own refusals (no such route, wrong method, a body that does not parse) in OpenAI's shape."""
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}",
+                   400: "the request body cannot be parsed"}.get(exc.status_code, str(exc.detail))
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return ErrorJSON(error_body(message, type_, HTTP_CODES.get(exc.status_code)), exc.status_code,
+                         headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _fault(request, exc: Exception):  # a bug, still in the API's shape (and logged by uvicorn)
+        return ErrorJSON(error_body(f"internal error: {type(exc).__name__}", "server_error", "internal_error"), 500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         errs = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errs):
-            return JSONResponse(error_body("the body is not valid JSON", "invalid_request_error", "invalid_json"), 400)
+            return ErrorJSON(error_body("the body is not valid JSON", "invalid_request_error", "invalid_json"), 400)
+        bad_text = next((e for e in errs if e.get("type") == "string_unicode"), None)
+        if bad_text is not None:  # a lone surrogate: text no tokenizer can encode, refused as the engine does
+            param = ".".join(str(x) for x in bad_text.get("loc", ())[1:]) or None
+            return ErrorJSON(error_body(f"{param} is not valid Unicode text (it holds a lone surrogate)",
+                                        "invalid_request_error", "invalid_text", param), 400)
         first = errs[0] if errs else {}
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:])}: {e.get('msg')}" for e in errs[:5])
-        return JSONResponse(error_body(msg or "invalid request", "invalid_request_error", "invalid_parameter", param),
-                            422)
-
-    def check_key(request: HTTPRequest):
-        if not config.api_keys:
-            return
-        auth = request.headers.get("authorization", "")
-        if not auth.startswith("Bearer ") or auth[7:].strip() not in config.api_keys:
-            raise APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
-                           "authentication_error", "invalid_api_key")
+        return ErrorJSON(error_body(msg or "invalid request", "invalid_request_error", "invalid_parameter", param),
+                         422)
 
     def task_of(model: str) -> str | None:
         if model == config.base_model_id:
@@ -140,17 +125,22 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
             raise APIError(404, f"the model {model!r} does not exist: it is neither the base model "
                                 f"{config.base_model_id!r} nor a task in the store", code="model_not_found",
                            param="model") from None
+        except RequestError as e:  # a task the store refuses (e.g. its file is gone)
+            raise APIError(STATUS.get(e.code, 400), str(e), code=e.code, param="model") from None
         return model
 
     @app.get("/health")
     async def health():
+        """200 while the engine can generate; 503 (so a load balancer takes the node out) while it cannot.
+        A loop that died is restarted here (and by the next request)."""
+        alive = engine.revive()
         st = engine.status()
-        return {"status": "ok" if engine.running else "stopped", "running_rows": st["running_rows"],
-                "waiting": st["waiting"]}
+        body = {"status": "ok" if alive else "stopped", "running_rows": st["running_rows"], "waiting": st["waiting"],
+                "restarts": st.get("restarts", 0), "faults": st.get("faults", 0)}
+        return JSONResponse(body, 200 if alive else 503)
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
-        check_key(request)
         now = int(time.time())
         ids = [config.base_model_id] + [n for n in engine.tasks.names() if n != config.base_model_id]
         if store is not None:
@@ -160,7 +150,6 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: HTTPRequest):
-        check_key(request)
         from .metrics import render
 
         return PlainTextResponse(render(engine), media_type="text/plain; version=0.0.4")
@@ -206,7 +195,6 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
 
     @app.get("/v1/tasks")
     async def tasks_list(request: HTTPRequest):
-        check_key(request)
         rows = [public(r) for r in store.ls()] if store is not None else []
         have = {r["name"] for r in rows}
         for name in engine.tasks.names():
@@ -219,22 +207,30 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
 
     @app.get("/v1/tasks/{ref}/card")
     async def task_card(ref: str, request: HTTPRequest):
-        check_key(request)
         return public(task_row(ref))
 
     def card_file(row: dict, key: str) -> Path | None:
-        """A file named by the card's optional `key` (absolute, or relative to the artifact's file)."""
+        """A file named by the card's optional `key`. A card is client data: it never makes the server
+        read outside the store's `files/` (where `store add` copies a task's plot and inspection) or,
+        for a task registered by path, beside the artifact (card_schema.card_file_path)."""
         value = (row.get("card") or {}).get(key)
+        return confined(value, row)
+
+    def confined(value, row: dict) -> Path | None:
         if not isinstance(value, str) or not value:
             return None
-        path = Path(value)
-        if not path.is_absolute() and row.get("path"):
-            path = Path(row["path"]).parent / path
-        return path if path.is_file() else None
+        if row.get("sha256") and store is not None:  # a store task: its attachments
+            files = (Path(store.root) / "files").resolve()
+            try:
+                real = (files.parent / value).resolve(strict=True)
+            except (OSError, RuntimeError, ValueError):
+                real = None
+            if real is not None and real.parent == files and real.is_file():
+                return real
+        return card_file_path(row["path"], value) if row.get("path") else None
 
     @app.get("/v1/tasks/{ref}/plot")
     async def task_plot(ref: str, request: HTTPRequest):
-        check_key(request)
         path = card_file(task_row(ref), "plot")
         if path is None or path.suffix.lower() != ".png":
             raise APIError(404, f"task {ref!r} has no training plot (its card names no .png `plot`)",
@@ -243,15 +239,13 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
 
     @app.get("/v1/tasks/{ref}/inspection")
     async def task_inspection(ref: str, request: HTTPRequest):
-        check_key(request)
         row = task_row(ref)
         value = (row.get("card") or {}).get("inspection")
         if isinstance(value, dict):
             return value
         path = card_file(row, "inspection")
         if path is None and row.get("path"):  # what `softprompt inspect ADAPTER` writes: ADAPTER.inspect.json
-            side = Path(str(row["path"]).rstrip("/").removesuffix(".safetensors") + ".inspect.json")
-            path = side if side.is_file() else None
+            path = confined(str(row["path"]).rstrip("/").removesuffix(".safetensors") + ".inspect.json", row)
         if path is not None and path.suffix.lower() == ".json":
             try:
                 return json.loads(path.read_text(encoding="utf-8"))
@@ -277,7 +271,6 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: HTTPRequest):
         """`input` (a text or a list) through a classification task: per text its label and probabilities."""
-        check_key(request)
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         try:
             results = await asyncio.to_thread(classifier.classify, body.model, texts)
@@ -293,7 +286,6 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
-        check_key(request)
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
             raise APIError(422, "prompt must not be empty", code="invalid_parameter", param="prompt")
@@ -301,7 +293,6 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: HTTPRequest):
-        check_key(request)
         if not getattr(engine.tokenizer, "chat_template", None):  # e.g. T5/BART bases: plain text in, use completions
             raise APIError(400, f"the base model {config.base_model_id!r} has no chat template, so chat messages cannot "
                                 "be turned into its input: use /v1/completions with a prompt", code="no_chat_template",
@@ -335,6 +326,20 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
                            headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.stream:
+            # Whatever the engine refuses at admission (empty prompt, too long, a refused task) is
+            # known before the first token: wait for that, so it is a real HTTP error, not a 200.
+            try:
+                await asyncio.wait_for(asyncio.gather(*[started(h) for h in handles]), config.request_timeout_s)
+            except asyncio.TimeoutError:
+                for h in handles:
+                    h.cancel()
+                raise APIError(504, f"the request did not start within {config.request_timeout_s:g} s", "timeout",
+                               "timeout") from None
+            failed = next((h._result for h in handles if h.done and h._result.finish_reason == "error"), None)
+            if failed is not None:
+                for h in handles:
+                    h.cancel()
+                raise APIError(STATUS.get(failed.error_code, 400), failed.error, code=failed.error_code)
             return StreamingResponse(stream(handles, rid, body.model, chat), media_type="text/event-stream")
         try:
             outs = await asyncio.wait_for(gather(handles, request), config.request_timeout_s)
@@ -345,7 +350,9 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
                            "timeout") from None
         for o in outs:
             if o.finish_reason == "error":
-                raise APIError(STATUS.get(o.error_code, 400), o.error, code=o.error_code)
+                status = STATUS.get(o.error_code, 400)
+                raise APIError(status, o.error, "invalid_request_error" if status < 500 else "server_error",
+                               code=o.error_code)
         choices = []
         for i, o in enumerate(outs):
             c = {"index": i, "finish_reason": o.finish_reason, "logprobs": None}
@@ -357,6 +364,16 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
                 "model": body.model, "choices": choices,
                 "usage": {"prompt_tokens": usage_prompt, "completion_tokens": usage_completion,
                           "total_tokens": usage_prompt + usage_completion}}
+
+    async def started(h):
+        """Return once the request has its first token or has ended."""
+        events = h.astream()
+        try:
+            await events.__anext__()
+        except StopAsyncIteration:
+            pass
+        finally:
+            await events.aclose()
 
     async def gather(handles, request: HTTPRequest):
         """Wait for every handle; a client that goes away cancels its rows."""
@@ -392,9 +409,9 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
                     if ev.text:
                         await queue.put(chunk(i, ev.text))
                 res = h._result
-                if res.finish_reason == "error":
-                    await queue.put("data: " + json.dumps(error_body(res.error, "invalid_request_error",
-                                                                     res.error_code)) + "\n\n")
+                if res.finish_reason == "error":  # failed after it started: only an event can say so now
+                    await queue.put("data: " + error_bytes(res.error, "invalid_request_error" if STATUS.get(
+                        res.error_code, 400) < 500 else "server_error", res.error_code).decode() + "\n\n")
                 else:
                     await queue.put(chunk(i, None if chat else "", res.finish_reason))
             finally:

@@ -7,25 +7,38 @@ import sys
 from pathlib import Path
 
 
+def _check_key(key: str, where: str) -> str:
+    """A key is one token of printable ASCII (what an Authorization header can carry); anything else
+    is a mistake in the file (a stray word, a pasted comment), refused rather than made a key."""
+    if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        raise ValueError(f"{where}: an API key must be one word of printable ASCII characters")
+    return key
+
+
 def read_api_keys(api_keys_file: str | None) -> frozenset[str]:
-    """Bearer tokens from a file (one per line, # comments) and/or $SOFTPROMPT_API_KEYS (comma-separated)."""
+    """Bearer tokens from a file (one per line; blank lines and lines starting with # after leading
+    spaces are skipped) and/or $SOFTPROMPT_API_KEYS (comma-separated)."""
     keys = set()
     if api_keys_file:
         try:
             text = Path(api_keys_file).read_text(encoding="utf-8")
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read the API keys file {api_keys_file}: {e}") from e
-        keys |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                keys.add(_check_key(line, f"{api_keys_file} line {n}"))
         if not keys:
             raise ValueError(f"the API keys file {api_keys_file} holds no key")
-    keys |= {k.strip() for k in os.environ.get("SOFTPROMPT_API_KEYS", "").split(",") if k.strip()}
+    keys |= {_check_key(k.strip(), "$SOFTPROMPT_API_KEYS") for k in os.environ.get("SOFTPROMPT_API_KEYS", "").split(",")
+             if k.strip()}
     return frozenset(keys)
 
 
 def build_app(store_dir: str | None = None, base: str | None = None, api_keys_file: str | None = None,
               max_batch_size: int = 32, max_queue: int = 256, max_body_bytes: int = 1 << 20,
               request_timeout_s: float = 120.0, prefix_cache_mb: int = 256, tasks: dict | None = None,
-              lora: str | None = None, merge_lora: bool = True):
+              lora: str | None = None, merge_lora: bool = True, body_timeout_s: float = 30.0):
     """(app, config). With `lora`, the engine's model is the LoRA-adapted base: every task is checked
     against *its* fingerprint when loaded (`load_artifact` hashes the model it is given, and
     `apply_lora` drops any fingerprint cached for the bare weights), so prompts trained with that
@@ -35,16 +48,22 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     from ..store import Store
     from .engine import Engine
     from .http import ServerConfig, create_app
-    from .tasks import TaskRegistry
+    from ..store import StoreError, parse_ref
+    from .tasks import TaskRefused, TaskRegistry
 
+    keys = read_api_keys(api_keys_file)  # a bad key file fails before the model loads
     model, tok = load_base_with_lora(base, lora, merge=merge_lora)
     store = Store(store_dir) if store_dir is not None else Store()
 
     def from_store(name: str):  # -> StoreEntry (loads through the index check) or None
         try:
-            return store.entry(name)
-        except Exception:  # a malformed name is as unknown as a missing one
+            parse_ref(name)
+        except StoreError:  # a malformed name is as unknown as a missing one
             return None
+        try:
+            return store.entry(name)
+        except StoreError as e:  # known, but its file is gone or changed: refused, not served from a cache
+            raise TaskRefused(str(e)) from None
 
     if is_seq2seq(model):  # T5, BART: seq2seq prompts, batch-at-a-time engine
         from .seq2seq import Seq2SeqEngine as Engine
@@ -53,15 +72,16 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     base_id = EMBEDDED_NAME if base is None else Path(base).name
     if lora is not None:  # another model than the bare base: clients must not mistake one for the other
         base_id += f"+lora:{Path(lora).name}"
-    config = ServerConfig(base_model_id=base_id, api_keys=read_api_keys(api_keys_file),
-                          max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
+    config = ServerConfig(base_model_id=base_id, api_keys=keys,
+                          max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
+                          body_timeout_s=body_timeout_s)
     return create_app(engine, store, config), config
 
 
 def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, base: str | None = None,
           api_keys_file: str | None = None, max_batch_size: int = 32, max_queue: int = 256,
           max_body_bytes: int = 1 << 20, request_timeout_s: float = 120.0, prefix_cache_mb: int = 256,
-          lora: str | None = None, merge_lora: bool = True, threads: int = 0):
+          lora: str | None = None, merge_lora: bool = True, threads: int = 0, body_timeout_s: float = 30.0):
     """Serve every task in a prompt store over an OpenAI-compatible HTTP API (and the base model).
 
     Args:
@@ -78,7 +98,10 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
         lora: a PEFT LoRA adapter directory (safetensors) applied to the base first: serves prompts trained with --lora
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
         threads: torch CPU threads (0: torch's default, one per core); on a CPU shared with busy processes use 1
+        body_timeout_s: a request body not fully received within this many seconds gets 408
     """
+    import socket
+
     import uvicorn
 
     # With other busy processes on the cores, each small multi-threaded op waits for a descheduled
@@ -90,9 +113,26 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
 
         torch.set_num_threads(threads)
 
-    app, config = build_app(store, base, api_keys_file, max_batch_size, max_queue, max_body_bytes,
-                            request_timeout_s, prefix_cache_mb, lora=lora, merge_lora=merge_lora)
-    auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
-    print(f"softprompt serving {config.base_model_id} and the tasks of the store on http://{host}:{port} "
-          f"({auth}); OpenAI base_url http://{host}:{port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
+    for name, value in (("max_batch_size", max_batch_size), ("max_body_bytes", max_body_bytes),
+                        ("prefix_cache_mb", prefix_cache_mb), ("request_timeout_s", request_timeout_s),
+                        ("body_timeout_s", body_timeout_s)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    # Bind before anything else: a busy port fails in a second, with one line and no "serving" banner.
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except (OSError, OverflowError) as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    with sock:
+        app, config = build_app(store, base, api_keys_file, max_batch_size, max_queue, max_body_bytes,
+                                request_timeout_s, prefix_cache_mb, lora=lora, merge_lora=merge_lora,
+                                body_timeout_s=body_timeout_s)
+        port = sock.getsockname()[1]
+        auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
+        print(f"softprompt serving {config.base_model_id} and the tasks of the store on http://{host}:{port} "
+              f"({auth}); OpenAI base_url http://{host}:{port}/v1", file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -23,6 +23,8 @@ class _EngineCollector:
             "prompt_tokens": ("prompt tokens prefilled", st["prompt_tokens"]),
             "decode_steps": ("engine steps with running rows", st["steps"]),
             "batch_rows": ("sum over steps of the rows in the batch", st["batch_rows_sum"]),
+            "engine_faults": ("engine steps that failed with no row to blame (their rows ended)", st.get("faults", 0)),
+            "engine_restarts": ("times the engine loop died and was restarted", st.get("restarts", 0)),
             "prefix_cache_hits": ("task prefix cache hits", cache["hits"]),
             "prefix_cache_misses": ("task prefix cache misses (loads)", cache["misses"]),
             "prefix_cache_evictions": ("task prefixes evicted", cache["evictions"]),

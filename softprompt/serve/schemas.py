@@ -1,24 +1,27 @@
 """Request bodies of the OpenAI-compatible API (the fields we honour; unknown fields are ignored,
-as OpenAI clients send extras)."""
+as OpenAI clients send extras).
+
+Numbers and flags are strict: `max_tokens: true` or `"stream": 1` is a 422, not 1 token or a stream
+(pydantic's lax mode would take them); a float field still takes a JSON integer."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=256, description="a task name (`name` or `name@version`) or the base model id")
-    max_tokens: int | None = Field(None, ge=1, le=4096, description="new tokens at most (default 16)")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=64, description="choices per prompt")
-    stream: bool = False
-    stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
-    seed: int | None = Field(None, ge=0, le=2**62, description="the same seed gives the same tokens")
+    max_tokens: StrictInt | None = Field(None, ge=1, le=4096, description="new tokens at most (default 16)")
+    temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0, description="0 is greedy (as is anything below 1e-4)")
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0)
+    n: StrictInt = Field(1, ge=1, le=64, description="choices per prompt")
+    stream: StrictBool = False
+    stop: StrictStr | list[StrictStr] | None = Field(None, description="up to 4 stop strings")
+    seed: StrictInt | None = Field(None, ge=0, le=2**62, description="the same seed gives the same tokens")
     user: str | None = None
 
     def model_post_init(self, _):
@@ -28,19 +31,19 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] = Field(description="a prompt, or a list of prompts (one choice set each)")
+    prompt: StrictStr | list[StrictStr] = Field(description="a prompt, or a list of prompts (one choice set each)")
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1 << 20)
+    content: StrictStr = Field(max_length=1 << 20)
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=4096)
 
     def model_post_init(self, _):
         super().model_post_init(_)

@@ -29,7 +29,7 @@ from ..models import is_seq2seq
 from .. import hf
 from ..seq2seq.core import Seq2SeqBatchPrefix, Seq2SeqPrefix, decode, encode, make_cache
 from ..seq2seq.generate import decoder_start_id
-from .base import BaseEngine, Row
+from .base import BaseEngine, Row, fault
 from .handle import Completion, Handle, Request
 from .tasks import RequestError, TaskRefused, TaskRegistry
 
@@ -87,6 +87,8 @@ class Seq2SeqEngine(BaseEngine):
                 except RequestError as e:
                     self.stats["errors"] += 1
                     handle._finish(Completion.failed(req, e))
+                except Exception as e:  # e.g. a task whose artifact breaks its loader: this request alone ends
+                    self._fail(handle, fault("preparing the request", e))
             if rows:
                 self._rows = rows
                 try:
