@@ -23,7 +23,7 @@ def default_lr(method: str, projection_dim: int = 512) -> float:
     """The learning rate a method trains at unless told otherwise."""
     if method == "prefix_tuning" and not projection_dim:
         return LR["prefix_tuning_direct"]
-    return LR[method]
+    return LR.get(method, 1e-3)
 
 
 def default_init(method: str, has_tokenizer: bool) -> str | None:

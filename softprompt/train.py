@@ -48,7 +48,7 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 8  # global: rows per optimizer step over all processes
     micro_batch_size: int = 0  # rows per forward pass (0: the whole per-process batch)
-    lr: float = 1e-3
+    lr: float | None = None  # None: the method's default (softprompt/config.py), resolved by the Trainer
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "linear"
@@ -59,7 +59,7 @@ class TrainConfig:
     eval_max_new_tokens: int = 64
     metric: str = "eval_loss"  # what picks the best artifact and drives early stopping
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
-    checkpoint_every: int = 0  # 0: no checkpoints
+    checkpoint_every: int = 50  # 0: no checkpoints; only written when the run has an output directory
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
     log_every: int = 1
@@ -218,6 +218,12 @@ class Trainer:
                  out: str | os.PathLike | None = None, eval_data: TokenizedData | None = None,
                  eval_groups: list | None = None, dist: Dist | None = None, progress: bool = False,
                  card: dict | None = None, objective=None):
+        if cfg.lr is None:  # the one source of defaults: the method's measured learning rate
+            from dataclasses import replace
+
+            from .config import default_lr
+
+            cfg = replace(cfg, lr=default_lr(getattr(prompt, "method", ""), getattr(prompt, "projection_dim", 512)))
         self.objective = objective or CausalLMObjective()
         if cfg.metric not in ("eval_loss", *self.objective.no_generation_metrics) and not cfg.eval_generate:
             raise ValueError(f"metric {cfg.metric} needs --eval-generate N (inputs to generate for)")
@@ -491,3 +497,7 @@ def plot_history(history: list[dict], path: Path, metric: str | None = None) -> 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# `softprompt.train(...)` calls the public API's train (softprompt/api.py): see softprompt._CallableModule.
+sys.modules[__name__].__class__ = __import__("softprompt")._CallableModule

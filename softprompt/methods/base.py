@@ -74,6 +74,26 @@ class PromptMethod(nn.Module, ABC):
     def from_export(cls, geometry: Geometry, config: dict, tensors: dict[str, torch.Tensor]) -> "PromptMethod":
         """Rebuild (for inference or further training) from an artifact's tensors."""
 
+    # --- the PEFT-style API ------------------------------------------------------------------
+    def attach_base(self, model) -> None:
+        """Remember (weakly: the prompt never keeps a model alive) the base this prompt belongs to,
+        so `save_pretrained(path)` can record its fingerprint without being handed the model."""
+        import weakref
+
+        self.__dict__["_base_ref"] = weakref.ref(model)  # a plain attribute, not a registered submodule
+
+    def save_pretrained(self, path, model=None, **card):
+        """Write this prompt as an artifact (a directory, or one `*.safetensors` file) for `model`
+        (default: the base it was created or loaded with); `card`: metrics=, dataset=, ...
+        An earlier artifact at `path` is replaced atomically; anything else there is refused."""
+        from ..artifact import save_artifact
+
+        ref = self.__dict__.get("_base_ref")
+        model = model if model is not None else (ref() if ref is not None else None)
+        if model is None:
+            raise ValueError("save_pretrained needs the base model: prompt.save_pretrained(path, model)")
+        return save_artifact(self, path, model, **card)
+
     # --- sizes -------------------------------------------------------------------------------
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

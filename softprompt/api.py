@@ -1,0 +1,103 @@
+"""The public Python API, in PEFT's idiom: a handful of names exported from the package root.
+
+    import softprompt as sp
+    model, tok = sp.load_base()                                  # the embedded model, or a path
+    prompt = sp.create(model, sp.PrefixTuningConfig(num_virtual_tokens=20), tok)
+    sp.train(prompt, model, tok, rows, steps=200)                # dicts, a file, or a datasets.Dataset
+    print(sp.generate(model, tok, ["name[Aromi] ||"], prompt))
+    prompt.save_pretrained("out/e2e")
+    prompt = sp.load("out/e2e", model)
+
+Defaults are the command line's (softprompt/config.py and the config dataclasses are the one
+source). Encoder-decoder bases (T5, BART) take the same calls.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import fields
+
+from .methods import CONFIGS, PromptMethod
+from .models import is_seq2seq
+
+
+def create(model, config, tokenizer=None) -> PromptMethod:
+    """A new prompt for `model` from a method config (`PrefixTuningConfig`, `PromptTuningConfig`,
+    `PTuningConfig`). With a tokenizer, prefix and prompt tuning start from text (config.py)."""
+    method = next((name for name, cls in CONFIGS.items() if isinstance(config, cls)), None)
+    if method is None:
+        raise TypeError(f"expected a PrefixTuningConfig, PromptTuningConfig or PTuningConfig, got {type(config).__name__}")
+    if is_seq2seq(model):
+        from . import seq2seq
+
+        options = {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) is not None}
+        prompt = seq2seq.create(method, model, tokenizer, **options)
+    else:
+        from .methods import METHODS
+
+        prompt = METHODS[method].create(model, tokenizer, config)
+    prompt.attach_base(model)
+    return prompt
+
+
+def _examples(data, template: str | None, target: str | None, chat_template: bool, max_length: int):
+    from .data import DataConfig, read_examples, row_to_example
+
+    cfg = DataConfig(template=template, target=target, chat_template=chat_template, max_length=max_length)
+    if isinstance(data, (str, os.PathLike)):
+        return read_examples(data, cfg), cfg
+    if isinstance(data, dict) or not isinstance(data, Iterable):
+        raise TypeError("data must be a path, a list of dicts or a datasets.Dataset")
+    return [row_to_example(dict(row), cfg, f"row {i + 1}") for i, row in enumerate(data)], cfg
+
+
+def train(prompt: PromptMethod, model, tokenizer, data, *, eval_data=None, out: str | os.PathLike | None = None,
+          template: str | None = None, target: str | None = None, chat_template: bool = False, max_length: int = 512,
+          progress: bool = True, **options):
+    """Train `prompt` on `data` in place; returns the `TrainResult` (loss history, best evaluation).
+
+    data, eval_data: a JSONL/CSV/TSV path, a list of dicts ({"input", "output"}, {"prompt",
+    "completion"}, chat "messages", or any fields with `template`/`target`), or a datasets.Dataset.
+    options: `TrainConfig` fields (steps, batch_size, lr, schedule, ...), the CLI's defaults.
+    `out`: also write checkpoints, metrics.jsonl and the best/last artifacts there.
+    """
+    from .data import group_references, tokenize
+    from .train import TrainConfig, Trainer
+
+    cfg = TrainConfig(**options)
+    train_ex, dcfg = _examples(data, template, target, chat_template, max_length)
+    objective, tok_fn = None, tokenize
+    if is_seq2seq(model):
+        from .seq2seq.train import Seq2SeqObjective, tokenize_seq2seq
+
+        objective, tok_fn = Seq2SeqObjective(), tokenize_seq2seq
+    train_tok = tok_fn(train_ex, tokenizer, dcfg)
+    eval_tok = groups = None
+    if eval_data is not None:
+        eval_tok = tok_fn(_examples(eval_data, template, target, chat_template, max_length)[0], tokenizer, dcfg)
+        groups = group_references(eval_tok.examples)
+    prompt.to(next(model.parameters()).device)
+    trainer = Trainer(model, tokenizer, prompt, train_tok, cfg, out=out, eval_data=eval_tok, eval_groups=groups,
+                      progress=progress, objective=objective)
+    return trainer.run()
+
+
+def generate(model, tokenizer, prompts: str | Sequence[str], prompt: PromptMethod | None = None, **sampling) -> list[str]:
+    """Continuations of `prompts` under `prompt` (or the bare model); `sampling`: `SamplingParams`
+    fields (max_new_tokens=32, temperature=0 for greedy, top_k, top_p, seed, stop)."""
+    prefix = None if prompt is None else prompt.to_kv_prefix(model)
+    if is_seq2seq(model):
+        from .seq2seq.generate import generate as run
+    else:
+        from .generate import generate as run
+    return run(model, tokenizer, [prompts] if isinstance(prompts, str) else list(prompts), prefix, **sampling)
+
+
+def load(path: str | os.PathLike, model, *, allow_other_base: bool = False) -> PromptMethod:
+    """A saved prompt (our artifact or a PEFT adapter directory), checked against `model`'s weights."""
+    from .artifact import load_artifact
+
+    prompt = load_artifact(path, model, allow_other_base=allow_other_base)
+    prompt.attach_base(model)
+    return prompt
