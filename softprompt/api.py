@@ -18,8 +18,8 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 
+from .families import family_of
 from .methods import CONFIGS, PromptMethod
-from .models import is_seq2seq
 
 
 def create(model, config, tokenizer=None) -> PromptMethod:
@@ -28,15 +28,8 @@ def create(model, config, tokenizer=None) -> PromptMethod:
     method = next((name for name, cls in CONFIGS.items() if isinstance(config, cls)), None)
     if method is None:
         raise TypeError(f"expected a PrefixTuningConfig, PromptTuningConfig or PTuningConfig, got {type(config).__name__}")
-    if is_seq2seq(model):
-        from . import seq2seq
-
-        options = {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) is not None}
-        prompt = seq2seq.create(method, model, tokenizer, **options)
-    else:
-        from .methods import METHODS
-
-        prompt = METHODS[method].create(model, tokenizer, config)
+    options = {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) is not None}
+    prompt = family_of(model).create(method, model, tokenizer, **options)
     prompt.attach_base(model)
     return prompt
 
@@ -62,16 +55,13 @@ def train(prompt: PromptMethod, model, tokenizer, data, *, eval_data=None, out: 
     options: `TrainConfig` fields (steps, batch_size, lr, schedule, ...), the CLI's defaults.
     `out`: also write checkpoints, metrics.jsonl and the best/last artifacts there.
     """
-    from .data import group_references, tokenize
+    from .data import group_references
     from .train import TrainConfig, Trainer
 
     cfg = TrainConfig(**options)
     train_ex, dcfg = _examples(data, template, target, chat_template, max_length)
-    objective, tok_fn = None, tokenize
-    if is_seq2seq(model):
-        from .seq2seq.train import Seq2SeqObjective, tokenize_seq2seq
-
-        objective, tok_fn = Seq2SeqObjective(), tokenize_seq2seq
+    family = family_of(model)
+    objective, tok_fn = family.objective(), family.tokenize
     train_tok = tok_fn(train_ex, tokenizer, dcfg)
     eval_tok = groups = None
     if eval_data is not None:
@@ -86,12 +76,11 @@ def train(prompt: PromptMethod, model, tokenizer, data, *, eval_data=None, out: 
 def generate(model, tokenizer, prompts: str | Sequence[str], prompt: PromptMethod | None = None, **sampling) -> list[str]:
     """Continuations of `prompts` under `prompt` (or the bare model); `sampling`: `SamplingParams`
     fields (max_new_tokens=32, temperature=0 for greedy, top_k, top_p, seed, stop)."""
+    from .generate import SamplingParams
+
     prefix = None if prompt is None else prompt.to_kv_prefix(model)
-    if is_seq2seq(model):
-        from .seq2seq.generate import generate as run
-    else:
-        from .generate import generate as run
-    return run(model, tokenizer, [prompts] if isinstance(prompts, str) else list(prompts), prefix, **sampling)
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return family_of(model).generate(model, tokenizer, texts, prefix, SamplingParams(**sampling))
 
 
 def load(path: str | os.PathLike, model, *, allow_other_base: bool = False) -> PromptMethod:

@@ -30,7 +30,8 @@ from safetensors.torch import save as st_save
 from . import __version__
 from .card_schema import CardError, check_card_fields
 from .methods import METHODS, PromptMethod
-from .models import fingerprint, geometry, model_family
+from .families import family_named, family_of
+from .models import fingerprint
 
 FORMAT = "softprompt-artifact"
 FORMAT_VERSION = 1
@@ -71,7 +72,7 @@ def make_card(prompt: PromptMethod, model, tensors: dict[str, torch.Tensor], *, 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "method": prompt.method,
-        "model_family": getattr(prompt, "family", "causal_lm"),  # loading refuses a base of another family
+        "model_family": family_of(model).name,  # loading refuses a base of another family
         "num_virtual_tokens": prompt.num_virtual_tokens,
         "config": prompt.config_dict(),
         "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
@@ -80,7 +81,7 @@ def make_card(prompt: PromptMethod, model, tensors: dict[str, torch.Tensor], *, 
         "base_model": {
             "name": base_name or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", ""),
             "fingerprint": model_fingerprint(model),
-            "geometry": geometry(model).to_dict(),
+            "geometry": family_of(model).geometry(model).to_dict(),
         },
         "library_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -254,18 +255,17 @@ def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = Fa
                             f"{card['classifier'].get('labels')}), not a prompt for generation: use `softprompt eval "
                             "--adapter` on classification data, POST /v1/classify, or softprompt.classify.load_classifier")
     family = card.get("model_family", "causal_lm")  # cards before seq2seq support are all decoder prompts
-    base_family = model_family(model)
-    if family != base_family:
+    fam = family_of(model)
+    base_family = fam.name
+    if not fam.accepts_card_family(family):
         raise ArtifactError(f"{path} is a prompt for a {family} model ({(card.get('base_model') or {}).get('name')!r}), "
                             f"but the loaded base {getattr(model, 'name_or_path', '')!r} is {base_family}: load it "
                             "with the base model it was trained on (--base PATH)")
     tensors = verified_tensors(path, card, blob, model, allow_other_base)
     base = card.get("base_model") or {}
-    cls, geo, shape_opts = METHODS[card["method"]], geometry(model), {}
-    if family == "seq2seq":
-        from .seq2seq import METHODS as SEQ2SEQ_METHODS, seq2seq_geometry
-
-        cls, geo, shape_opts = SEQ2SEQ_METHODS[card["method"]], seq2seq_geometry(model), {"config": card.get("config")}
+    cls, geo, shape_opts = fam.methods().get(card["method"]), fam.geometry(model), fam.shape_options(card)
+    if cls is None:
+        raise ArtifactError(f"{path}: method {card['method']!r} is not available for {base_family} models")
     want = {k: tuple(v) for k, v in cls.expected_shapes(geo, int(card["num_virtual_tokens"]), **shape_opts).items()}
     have = {k: tuple(t.shape) for k, t in tensors.items()}
     if want != have:

@@ -12,6 +12,7 @@ folder (serve/http.py `confined`), and `store add` copies them into the store.
 
 from __future__ import annotations
 
+from .families import FAMILIES
 import re
 
 # Longer than any context we know of (P must also fit the model's context: see methods.check_size).
@@ -44,7 +45,7 @@ FIELDS = {
         and isinstance(t.get("dtype"), str) for t in v.values()),
         "an object of {name: {shape: [non-negative ints], dtype: string}}"),
     "dtype": (lambda v: isinstance(v, str), "a string"),
-    "model_family": (lambda v: v in ("causal_lm", "seq2seq"), "'causal_lm' or 'seq2seq'"),
+    "model_family": (lambda v: isinstance(v, str) and v in FAMILIES, "one of " + ", ".join(repr(f) for f in FAMILIES)),
     "base_model": (lambda v: isinstance(v, dict) and _str_or_none(v.get("name"))
                    and _str_or_none(v.get("fingerprint")) and (v.get("geometry") is None or isinstance(v["geometry"], dict)),
                    "an object with string name and fingerprint and an object geometry"),

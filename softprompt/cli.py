@@ -133,10 +133,9 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
         lora: a PEFT LoRA adapter directory (safetensors) applied to the base model first
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
     """
+    from .families import family_of
     from .generate import SamplingParams
-    from .generate import generate as run
     from .lora import load_prompt
-    from .models import is_seq2seq
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=tuple(stop or ()))
@@ -147,9 +146,7 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
     if chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
-    if is_seq2seq(model):
-        from .seq2seq.generate import generate as run
-    print(run(model, tok, [prompt], kv, params)[0])
+    print(family_of(model).generate(model, tok, [prompt], kv, params)[0])
 
 
 def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool = False):

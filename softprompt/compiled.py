@@ -186,8 +186,8 @@ def compile_entry(entry, model, *, allow_other_base: bool = False) -> torch.Tens
     """Compile a store entry's prompt for `model` (the artifact checked against the index), on CPU."""
     prompt = entry.open(model, allow_other_base=allow_other_base)
     kv = prompt.to_kv_prefix(model)
-    if not isinstance(kv, torch.Tensor):  # an encoder-decoder prompt (Seq2SeqPrefix): no flat form
-        raise ArtifactError(f"task {entry.name}@{entry.version}: only decoder prompts have a compiled KV prefix")
+    if not isinstance(kv, torch.Tensor):  # a prompt of several parts (an encoder-decoder's): no flat form
+        raise ArtifactError(f"task {entry.name}@{entry.version}: only prompts of one KV prefix have a compiled form")
     return kv.detach().to(device="cpu", dtype=serving_dtype(model)).contiguous()
 
 

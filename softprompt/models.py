@@ -69,8 +69,10 @@ def is_seq2seq(model_or_config) -> bool:
 
 
 def model_family(model_or_config) -> str:
-    """'seq2seq' for encoder-decoder models, 'causal_lm' otherwise (recorded on artifact cards)."""
-    return "seq2seq" if is_seq2seq(model_or_config) else "causal_lm"
+    """The name of a model's family (softprompt/families/), as recorded on artifact cards."""
+    from .families import family_of
+
+    return family_of(model_or_config).name
 
 
 def geometry(model_or_config) -> Geometry:
@@ -190,7 +192,7 @@ def load_base(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.
     is frozen and in eval mode, the tokenizer pads on the left (so a batch's last column is every
     row's last real token).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if path is None:
         source = embedded_model_dir()
@@ -204,14 +206,16 @@ def load_base(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.
 
     hf_logging.disable_progress_bar()  # a cached load takes ~1 s: no bar needed
     try:
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+        from transformers import AutoConfig
 
-        seq2seq = is_seq2seq(AutoConfig.from_pretrained(source))  # T5, BART
+        from .families import family_of
+
+        family = family_of(AutoConfig.from_pretrained(source))  # chosen once, from the config
         tok = AutoTokenizer.from_pretrained(source)
-        model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(source, dtype=dtype)
+        model = family.auto_model_class().from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise BaseModelError(f"cannot load a causal LM from {source}: {e}") from e
-    tok.padding_side = "right" if seq2seq else "left"  # encoder inputs: real tokens keep positions 0..
+        raise BaseModelError(f"cannot load a language model from {source}: {e}") from e
+    tok.padding_side = family.padding_side
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device)

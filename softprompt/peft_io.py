@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .methods import PrefixTuning, PromptMethod, PromptTuning, PTuning
-from .models import geometry, is_seq2seq
+from .families import FAMILIES, family_named, family_of
+from .models import geometry
 
 PEFT_TYPES = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}
 
@@ -56,12 +57,16 @@ def import_peft(path: str | os.PathLike, model) -> PromptMethod:
     if peft_type not in PEFT_TYPES:
         raise PeftFormatError(f"{path}: PEFT type {peft_type!r} is not a prompt-learning method we import "
                               f"(supported: {', '.join(PEFT_TYPES)})")
-    s2s_model = is_seq2seq(model)
-    if cfg.get("task_type") != "SEQ_2_SEQ_LM" and s2s_model:
-        raise PeftFormatError(f"{path}: a {cfg.get('task_type') or 'CAUSAL_LM'} adapter cannot be used with an "
-                              "encoder-decoder base model; load it with the decoder-only base it was made for")
-    if cfg.get("task_type") not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
-        raise PeftFormatError(f"{path}: task_type {cfg.get('task_type')!r} is not supported; only CAUSAL_LM and SEQ_2_SEQ_LM adapters")
+    task_type = cfg.get("task_type") or "CAUSAL_LM"
+    families = [family_named(name) for name in FAMILIES]
+    owner = next((f for f in families if task_type in f.peft_task_types), None)
+    if owner is None:
+        raise PeftFormatError(f"{path}: task_type {task_type!r} is not supported; only "
+                              f"{', '.join(t for f in families for t in f.peft_task_types)} adapters")
+    base = family_of(model)
+    if owner is not base:
+        raise PeftFormatError(f"{path}: a {task_type} adapter is for an {owner.description} model, but this base is "
+                              f"{base.description}; load it with the base model it was made for")
     tensor_file = path / "adapter_model.safetensors"
     if not tensor_file.is_file():
         if (path / "adapter_model.bin").exists():
@@ -75,14 +80,8 @@ def import_peft(path: str | os.PathLike, model) -> PromptMethod:
     if "prompt_embeddings" not in tensors:
         raise PeftFormatError(f"{tensor_file} has no 'prompt_embeddings' tensor (found {sorted(tensors)})")
     emb = tensors["prompt_embeddings"].float()
-    if cfg.get("task_type") == "SEQ_2_SEQ_LM":
-        from .seq2seq.peft_io import import_peft as import_seq2seq
-
-        prompt = import_seq2seq(path, cfg, emb, model)
-        prompt.card = {"method": prompt.method, "num_virtual_tokens": prompt.num_virtual_tokens, "source": "peft",
-                       "path": str(path), "model_family": "seq2seq",
-                       "base_model": {"name": cfg.get("base_model_name_or_path")}, "peft_config": cfg}
-        return prompt
+    if not base.flat_prefix:  # the family's own layout (an encoder-decoder's four parts)
+        return base.import_peft(path, cfg, emb, model)
     geo = geometry(model)
     P = int(cfg.get("num_virtual_tokens") or emb.shape[0])
     if (cfg.get("num_transformer_submodules") or 1) != 1:

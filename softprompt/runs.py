@@ -42,8 +42,8 @@ def run_train(data, out, method="prefix_tuning", base=None, template=None, targe
               model=None, tokenizer=None):
     """Train and save; returns the `TrainResult`. `model`/`tokenizer` skip loading (tests, demo)."""
     from . import methods
-    from .data import BadRows, DataConfig, group_references, read_examples, split_heldout, tokenize
-    from .models import is_seq2seq
+    from .data import BadRows, DataConfig, group_references, read_examples, split_heldout
+    from .families import family_of
     from .train import TrainConfig, Trainer, init_distributed
 
     dist = init_distributed()
@@ -81,20 +81,14 @@ def run_train(data, out, method="prefix_tuning", base=None, template=None, targe
 
             torch.cuda.set_device(dist.rank % torch.cuda.device_count())
             model.to(f"cuda:{dist.rank % torch.cuda.device_count()}")
-    objective, create = None, methods.create
-    if is_seq2seq(model):  # T5/BART: source -> target, seq2seq prompts
-        from .seq2seq import create
-        from .seq2seq.train import Seq2SeqObjective, tokenize_seq2seq as tokenize
-
-        objective = Seq2SeqObjective()
-        if name == "prefix_tuning" and init is None:
-            init = "random"  # the text init is decoder-only for now
+    family = family_of(model)  # how this base tokenizes, trains and creates prompts
+    tokenize, objective = family.tokenize, family.objective()
     train_tok = tokenize(train_ex, tokenizer, dcfg, bad)
     eval_tok = tokenize(eval_ex, tokenizer, dcfg, bad) if eval_ex else None
     groups = group_references(eval_tok.examples) if eval_tok else None
     _say(f"data: {len(train_tok)} training rows, {len(eval_tok) if eval_tok else 0} held-out rows"
          f" ({len(groups) if groups else 0} distinct inputs); {bad.report()}", dist.main)
-    prompt = create(name, model, tokenizer,
+    prompt = family.create(name, model, tokenizer,
                     **method_options(name, num_virtual_tokens, init, init_text, projection_dim, seed))
     prompt.to(next(model.parameters()).device)
     trainer = Trainer(model, tokenizer, prompt, train_tok, cfg, out=out, eval_data=eval_tok, eval_groups=groups,
@@ -141,7 +135,7 @@ def run_eval(adapter=None, data=None, base=None, template=None, target=None, cha
     import json as jsonlib
 
     from .data import BadRows, DataConfig, group_references, read_examples
-    from .evaluate import evaluate_groups
+    from .families import family_of
 
     if not data:
         raise ValueError("--data PATH is required")
@@ -152,7 +146,6 @@ def run_eval(adapter=None, data=None, base=None, template=None, target=None, cha
     if max_inputs:
         groups = groups[:max_inputs]
     from .lora import apply_lora, load_base_with_lora, load_prompt
-    from .models import is_seq2seq
 
     if model is None:
         if base is None:
@@ -164,9 +157,7 @@ def run_eval(adapter=None, data=None, base=None, template=None, target=None, cha
     if adapter and adapter != "none":
         kv = load_prompt(adapter, model, lora, merge_lora, allow_other_base).to_kv_prefix(model)
     t0 = time.perf_counter()
-    if is_seq2seq(model):
-        from .seq2seq.generate import evaluate_groups
-    res = evaluate_groups(model, tokenizer, groups, kv, chat_template=chat_template, max_new_tokens=max_new_tokens,
+    res = family_of(model).evaluate_groups(model, tokenizer, groups, kv, chat_template=chat_template, max_new_tokens=max_new_tokens,
                           num_beams=num_beams, batch_size=batch_size)
     preds = res.pop("predictions")
     res["seconds"] = time.perf_counter() - t0

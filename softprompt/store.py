@@ -284,12 +284,13 @@ class Store:
         return TaskRef(name, version)
 
     def _compile_if_fits(self, ref: TaskRef, card: dict, model) -> None:
-        from .models import model_family
+        from .families import family_of
 
-        # only a decoder prompt made for this very base has a compiled form for it; others compile
-        # on first serve by the base that serves them (or are refused there)
-        if card.get("base_model", {}).get("fingerprint") == model_fingerprint(model) \
-                and card.get("model_family", "causal_lm") == model_family(model) == "causal_lm" \
+        # only a flat prompt (one KV tensor) made for this very base has a compiled form for it;
+        # others compile on first serve by the base that serves them (or are refused there)
+        family = family_of(model)
+        if card.get("base_model", {}).get("fingerprint") == model_fingerprint(model) and family.flat_prefix \
+                and card.get("model_family", "causal_lm") == family.name \
                 and card.get("method") != "head_only" and not card.get("classifier"):
             self.compile(str(ref), model)
 

@@ -170,3 +170,35 @@ def test_our_calls_raise_no_deprecation_warnings():
     deprecated = [f"{w.category.__name__}: {w.message}" for w in seen
                   if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not deprecated, deprecated
+
+
+# Modules that belong to one family (or to classification, a task built on encoders), and the
+# boundary itself; everything else is generic and must go through softprompt.families.
+FAMILY_OWNED = ("families/", "seq2seq/", "serve/seq2seq.py", "encoder.py", "classify/", "serve/classify.py", "hf/",
+                "models.py")
+FAMILY_NAMES = [r"^\s*(from|import)\s+\S*\b(seq2seq|encoder|families\.(causal|seq2seq|encoder))\b",
+                r"\bis_seq2seq\(", r"[\"']seq2seq[\"']", r"\bSeq2Seq\w*"]
+
+
+def test_generic_modules_never_name_a_family():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.startswith(FAMILY_OWNED):
+            continue
+        for i, code in _code_lines(path):
+            if any(re.search(p, code) for p in FAMILY_NAMES):
+                offenders.append(f"softprompt/{rel}:{i}: {code.strip()}")
+    assert not offenders, "generic modules naming a family (use softprompt.families.family_of):\n" + "\n".join(offenders)
+
+
+def test_family_is_chosen_from_the_config():
+    from transformers import BertConfig, T5Config
+
+    from softprompt.families import family_of
+
+    assert family_of(tiny_model("llama")).name == "causal_lm"
+    assert family_of(T5Config()).name == "seq2seq"
+    assert family_of(BertConfig()).name == "encoder"
+    with pytest.raises(ValueError, match="do not generate text"):
+        family_of(BertConfig()).generate(None, None, ["x"], None, None)

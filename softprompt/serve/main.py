@@ -44,9 +44,9 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     `apply_lora` drops any fingerprint cached for the bare weights), so prompts trained with that
     adapter are served and prompts trained on the bare base are refused per request (400)."""
     from ..lora import load_base_with_lora
-    from ..models import EMBEDDED_NAME, is_seq2seq
+    from ..families import family_of
+    from ..models import EMBEDDED_NAME
     from ..store import Store
-    from .engine import Engine
     from .http import ServerConfig, create_app
     from ..store import StoreError, parse_ref
     from .tasks import TaskRefused, TaskRegistry
@@ -65,8 +65,7 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
         except StoreError as e:  # known, but its file is gone or changed: refused, not served from a cache
             raise TaskRefused(str(e)) from None
 
-    if is_seq2seq(model):  # T5, BART: seq2seq prompts, batch-at-a-time engine
-        from .seq2seq import Seq2SeqEngine as Engine
+    Engine = family_of(model).engine_class()  # continuous batching for decoders, batch-at-a-time for T5/BART
     engine = Engine(model, tok, TaskRegistry(tasks, fallback=from_store), max_batch_size=max_batch_size,
                     max_queue=max_queue, prefix_cache_bytes=prefix_cache_mb << 20)
     base_id = EMBEDDED_NAME if base is None else Path(base).name

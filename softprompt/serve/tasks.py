@@ -20,7 +20,7 @@ import torch
 
 from ..artifact import ArtifactError, load_artifact
 from ..methods import PromptMethod
-from ..models import model_family
+from ..families import family_of
 from ..peft_io import PeftFormatError
 
 
@@ -176,8 +176,9 @@ def compile_task(name: str, source, model) -> torch.Tensor:
     artifact path, or an object with `open(model) -> PromptMethod` (a store entry, which also checks
     the file against the store's index, and whose `kv_prefix(model)` reads its compiled form)."""
     p = next(model.parameters())
+    fam = family_of(model)
     try:
-        if hasattr(source, "kv_prefix") and model_family(model) == "causal_lm":  # no forward pass, no module
+        if hasattr(source, "kv_prefix") and fam.flat_prefix:  # no forward pass, no module
             return source.kv_prefix(model).to(device=p.device, dtype=p.dtype)
         if isinstance(source, PromptMethod):
             prompt = source
@@ -188,8 +189,8 @@ def compile_task(name: str, source, model) -> torch.Tensor:
     except (ArtifactError, PeftFormatError) as e:
         raise TaskRefused(f"task {name!r} cannot be served: {e}") from e
     family = getattr(prompt, "family", "causal_lm")  # artifacts are checked on load; in-memory prompts here
-    base_family = model_family(model)
-    if family != base_family:
+    base_family = fam.name
+    if not fam.accepts_card_family(family):
         raise TaskRefused(f"task {name!r} cannot be served: it is a prompt for a {family} model, but this server's "
                           f"base model is {base_family}")
     kv = prompt.to_kv_prefix(model)
