@@ -197,3 +197,39 @@ def test_prefix_cache_is_lru_under_a_byte_budget(model):
     engine = Engine(model, WordTok(), tasks)
     engine.generate([Request(prompt=text(ROWS[0]), task=n, max_new_tokens=1) for n in tasks for _ in range(2)])
     assert engine.prefixes.stats()["misses"] == len(tasks) and engine.prefixes.stats()["hits"] == len(tasks)
+
+
+def test_submit_returns_while_a_step_runs():
+    """The engine's lock guards only the queue: while a forward pass is under way (a model held
+    inside its forward by an event), a new request is queued at once instead of waiting for the step."""
+    import threading
+
+    model = tiny_model("llama")
+    engine = Engine(model, WordTok(), {})
+    engine.generate([Request(prompt=text(ROWS[0]), max_new_tokens=1)])  # the first-call self-check, done
+    inside, release = threading.Event(), threading.Event()
+    real = model.forward
+
+    def slow(*args, **kwargs):
+        inside.set()
+        release.wait()
+        return real(*args, **kwargs)
+
+    model.forward = slow
+    engine.submit(Request(prompt=text(ROWS[1]), max_new_tokens=2))
+    stepper = threading.Thread(target=engine.step)
+    stepper.start()
+    assert inside.wait(60)  # the step is inside the model's forward now, holding the batch
+    submitted = threading.Event()
+    threading.Thread(target=lambda: (engine.submit(Request(prompt=text(ROWS[2]), max_new_tokens=2)),
+                                     submitted.set()), daemon=True).start()
+    try:
+        assert submitted.wait(30), "submit waited for the running step"
+        assert engine.status()["waiting"] == 1
+    finally:
+        release.set()
+        stepper.join()
+        model.forward = real
+    while engine.step():
+        pass
+    assert engine.stats["completed"] == 3

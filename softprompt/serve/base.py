@@ -86,7 +86,8 @@ class BaseEngine:
         self.device = next(model.parameters()).device
         self._waiting: deque[tuple[Handle, Request]] = deque()
         self._rows: list[Row] = []
-        self._lock = threading.Lock()  # guards _waiting (and, in Engine, step())
+        self._lock = threading.Lock()  # guards the waiting queue only: submit never waits for a forward pass
+        self._step_lock = threading.Lock()  # one step at a time owns the running batch (rows, cache)
         self._wake = threading.Event()
         self.loader = TaskLoader(self.prefixes, on_done=self._wake.set)
         # waiting request (by id; the request itself kept to rule out a reused id) -> its task's prefix

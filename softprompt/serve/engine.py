@@ -57,9 +57,11 @@ class Engine(BaseEngine):
     @torch.no_grad()
     def step(self) -> bool:
         """One decoding step for running rows plus admission of waiting ones. False if idle."""
-        with self._lock:
+        with self._step_lock:  # the queue's lock is held only to look at or pop the queue
             self._drop_cancelled()
-            if not self._rows and not self._waiting:
+            with self._lock:
+                idle = not self._rows and not self._waiting
+            if idle:
                 return False
             if self._rows:
                 self._decode()
@@ -85,7 +87,8 @@ class Engine(BaseEngine):
     def _admit(self):
         free = self.max_batch_size - len(self._rows)
         new: list[tuple[_Row, list[int], torch.Tensor | None]] = []
-        ready = self._take_ready(free)  # a task still loading waits; loads start even with no free slot
+        with self._lock:
+            ready = self._take_ready(free)  # a task still loading waits; loads start even with no free slot
         while ready:
             for handle, req in ready:
                 try:
@@ -95,7 +98,8 @@ class Engine(BaseEngine):
                     self._fail(handle, e)
                 except Exception as e:  # e.g. a task whose artifact breaks its loader: this request alone ends
                     self._fail(handle, fault("preparing the request", e))
-            ready = self._take_ready(free) if free > 0 else []
+            with self._lock:
+                ready = self._take_ready(free) if free > 0 else []
         if not new:
             return
         T = max(len(ids) for _, ids, _ in new)
@@ -166,7 +170,8 @@ class Engine(BaseEngine):
                 self.stats["cancelled"] += 1
                 r.handle._finish(self._completion(r, "cancelled"))
         self._compact()
-        self._cancel_waiting()
+        with self._lock:
+            self._cancel_waiting()
 
 
 def _lpad_mask(m: torch.Tensor, S: int) -> torch.Tensor:
