@@ -20,7 +20,7 @@ from pathlib import Path
 from ..artifact import ArtifactError
 from .tasks import RequestError, TaskRefused
 
-MAX_INPUTS = 64  # texts per request
+from .schemas import MAX_INPUTS, ClassifyRequest  # noqa: F401  (the request body lives with the others)
 MAX_CHARS = 20_000  # per text
 
 
@@ -114,15 +114,3 @@ class ClassifyService:
     def labels(self, task: str) -> list[str]:
         with self._lock:
             return list(self._load(task)[0].labels)
-
-
-
-# --- the request body of POST /v1/classify (the route itself is in http.py) -------------------------
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
-
-
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(min_length=1, max_length=256, description="a classification task (`name` or `name@version`)")
-    input: str | list[str] = Field(description=f"a text, or a list of up to {MAX_INPUTS} texts")

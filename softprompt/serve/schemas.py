@@ -49,3 +49,15 @@ class ChatRequest(_Common):
         super().model_post_init(_)
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+
+
+MAX_INPUTS = 64  # texts per POST /v1/classify request
+
+
+class ClassifyRequest(BaseModel):
+    """The body of POST /v1/classify."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256, description="a classification task (`name` or `name@version`)")
+    input: str | list[str] = Field(description=f"a text, or a list of up to {MAX_INPUTS} texts")

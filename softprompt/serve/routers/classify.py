@@ -1,0 +1,31 @@
+"""POST /v1/classify: a label and per-class probabilities per text (compute in serve/classify.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends
+
+from ..schemas import ClassifyRequest
+from ..errors import APIError
+from ..tasks import RequestError, UnknownTask
+from . import service
+
+router = APIRouter()
+
+
+@router.post("/v1/classify")
+async def classify(body: ClassifyRequest, svc=Depends(service)):
+    """`input` (a text or a list) through a classification task: per text its label and probabilities."""
+    texts = [body.input] if isinstance(body.input, str) else list(body.input)
+    try:
+        results = await asyncio.to_thread(svc.classifier.classify, body.model, texts)
+    except UnknownTask:
+        raise APIError(404, f"the model {body.model!r} is not a task in the store", code="model_not_found",
+                       param="model") from None
+    except RequestError as e:  # a task that is no classifier (400), or bad texts (422, as bad parameters)
+        if e.code == "task_refused":
+            raise APIError(400, str(e), code=e.code, param="model") from None
+        raise APIError(422, str(e), code="invalid_parameter", param="input") from None
+    return {"object": "list", "model": body.model,
+            "data": [{"object": "classification", "index": i, **r} for i, r in enumerate(results)]}
