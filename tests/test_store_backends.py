@@ -163,3 +163,46 @@ def test_unreachable_database_is_one_clear_error(tmp_path):
     dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     with pytest.raises(StoreError, match="cannot reach the store's PostgreSQL at"):
         Store(dsn + "?objects=" + str(tmp_path))
+
+
+def test_database_outage_keeps_held_tasks_serving_and_health_says_degraded(pg, tmp_path):
+    """Stop PostgreSQL under a running server: tasks it holds keep serving, /health reports the store
+    as degraded, a task it never resolved gets a retryable 503, and all recovers when the index returns."""
+    import time
+
+    from fastapi.testclient import TestClient
+    from tiny_tokenizer import tiny_tokenizer
+
+    from softprompt.models import load_base
+    from softprompt.serve.main import build_app
+
+    base = tmp_path / "tiny-base"
+    tiny_model("llama").save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    model, _ = load_base(base)
+    dsn = new_database(pg.dsn)
+    store = Store(dsn, str(tmp_path / "shared"))
+    for i, name in enumerate(("held", "cold")):
+        store.add(name, methods.create("prefix_tuning", model, num_virtual_tokens=3, projection_dim=0, seed=i), model)
+    app, _ = build_app(dsn, str(base))
+    ask = {"prompt": "ba be bi", "max_tokens": 5, "temperature": 0}
+    with TestClient(app) as client:
+        want = client.post("/v1/completions", json={"model": "held", **ask}).json()["choices"][0]["text"]
+        assert client.get("/health").json()["store"] == "ok"
+        pg.stop("fast")
+        try:
+            t0 = time.monotonic()
+            r = client.post("/v1/completions", json={"model": "held", **ask})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+            health = client.get("/health").json()
+            assert health["status"] == "ok" and health["store"] == "degraded" and health["store_error"]
+            r = client.post("/v1/completions", json={"model": "cold", **ask})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable" and r.headers["retry-after"]
+            assert time.monotonic() - t0 < 10  # nothing waits on the dead index
+        finally:
+            pg.start()
+        deadline = time.monotonic() + 20
+        while client.get("/health").json()["store"] != "ok":
+            assert time.monotonic() < deadline, "the store did not recover"
+            time.sleep(0.2)
+        assert client.post("/v1/completions", json={"model": "cold", **ask}).status_code == 200

@@ -107,6 +107,7 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
                   description="OpenAI-compatible completions over many prompt-tuned tasks on one frozen model.")
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.state.engine, app.state.store, app.state.config = engine, store, config
+    app.state.health_hooks = []  # callables -> dict merged into /health (e.g. a shared store's state)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -145,8 +146,11 @@ def create_app(engine: Engine, store=None, config: ServerConfig = ServerConfig()
     @app.get("/health")
     async def health():
         st = engine.status()
-        return {"status": "ok" if engine.running else "stopped", "running_rows": st["running_rows"],
+        body = {"status": "ok" if engine.running else "stopped", "running_rows": st["running_rows"],
                 "waiting": st["waiting"]}
+        for hook in app.state.health_hooks:
+            body.update(hook())
+        return body
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):

@@ -32,7 +32,7 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     adapter are served and prompts trained on the bare base are refused per request (400)."""
     from ..lora import load_base_with_lora
     from ..models import EMBEDDED_NAME, is_seq2seq
-    from ..store import Store
+    from ..store import Store, StoreUnavailable
     from .engine import Engine
     from .http import ServerConfig, create_app
     from .tasks import TaskRegistry
@@ -40,11 +40,9 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     model, tok = load_base_with_lora(base, lora, merge=merge_lora)
     store = Store(store_dir) if store_dir is not None else Store()
 
-    def from_store(name: str):  # -> StoreEntry (loads through the index check) or None
-        try:
-            return store.entry(name)
-        except Exception:  # a malformed name is as unknown as a missing one
-            return None
+    from .resolver import StoreResolver
+
+    from_store = StoreResolver(store)  # -> StoreEntry or None; rides out an unreachable index (resolver.py)
 
     if is_seq2seq(model):  # T5, BART: seq2seq prompts, batch-at-a-time engine
         from .seq2seq import Seq2SeqEngine as Engine
@@ -55,13 +53,27 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
         base_id += f"+lora:{Path(lora).name}"
     config = ServerConfig(base_model_id=base_id, api_keys=read_api_keys(api_keys_file),
                           max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
-    return create_app(engine, store, config), config
+    app = create_app(engine, store, config)
+    app.state.health_hooks.append(from_store.health)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    return app, config
+
+
+async def _store_unavailable(request, exc):
+    """The shared store's index is down and the task is not held here: a retryable 503."""
+    from fastapi.responses import JSONResponse
+
+    from .http import error_body
+
+    return JSONResponse(error_body(str(exc), "service_unavailable", "store_unavailable"), 503,
+                        headers={"Retry-After": "1"})
 
 
 def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, base: str | None = None,
           api_keys_file: str | None = None, max_batch_size: int = 32, max_queue: int = 256,
           max_body_bytes: int = 1 << 20, request_timeout_s: float = 120.0, prefix_cache_mb: int = 256,
-          lora: str | None = None, merge_lora: bool = True, threads: int = 0):
+          lora: str | None = None, merge_lora: bool = True, threads: int = 0, ray: bool = False, replicas: int = 1,
+          ray_address: str | None = None):
     """Serve every task in a prompt store over an OpenAI-compatible HTTP API (and the base model).
 
     Args:
@@ -78,6 +90,9 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
         lora: a PEFT LoRA adapter directory (safetensors) applied to the base first: serves prompts trained with --lora
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
         threads: torch CPU threads (0: torch's default, one per core); on a CPU shared with busy processes use 1
+        ray: serve on Ray Serve (replicas over one shared store, e.g. --store postgresql://...; docs/distributed.md)
+        replicas: with --ray: engine replicas (each holds the model once)
+        ray_address: with --ray: join this Ray cluster (e.g. auto) instead of starting a local one
     """
     import uvicorn
 
@@ -90,6 +105,13 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
 
         torch.set_num_threads(threads)
 
+    if ray:
+        from .ray_app import run
+
+        return run(store, host, port, base, replicas, ray_address, threads or 1, api_keys_file=api_keys_file,
+                   max_batch_size=max_batch_size, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                   request_timeout_s=request_timeout_s, prefix_cache_mb=prefix_cache_mb, lora=lora,
+                   merge_lora=merge_lora)
     app, config = build_app(store, base, api_keys_file, max_batch_size, max_queue, max_body_bytes,
                             request_timeout_s, prefix_cache_mb, lora=lora, merge_lora=merge_lora)
     auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
