@@ -13,8 +13,14 @@ file against the index, `load_artifact`'s checksum, parse and rebuild), p50/p99 
 the prefix-tuning tasks; `version_token()`. Files were just written, so they are in the page
 cache, as a serving process's working set would be.
 
-    python bench/store_scale.py            # 10,000 tasks (~2 min on 2 CPU cores)
-    python bench/store_scale.py --quick    # 1,000 tasks
+Both index backends, side by side, on the same tasks: SQLite (the default) and PostgreSQL (a
+throwaway local server this script starts, as tests/services.py does; or `--pg DSN`), each with its
+files in a local directory, so the difference is the index alone. The top-level keys are SQLite's
+(as before); "postgresql" holds the same measures for PostgreSQL.
+
+    python bench/store_scale.py            # 10,000 tasks per backend (~4 min on 2 CPU cores)
+    python bench/store_scale.py --quick    # 500 tasks per backend
+    python bench/store_scale.py --no-pg    # SQLite only
 """
 
 from __future__ import annotations
@@ -61,19 +67,50 @@ def pct(xs, q):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1,000 tasks")
+    ap.add_argument("--quick", action="store_true", help="500 tasks per backend")
+    ap.add_argument("--pg", default=None, help="a PostgreSQL DSN to use (default: start a throwaway server)")
+    ap.add_argument("--no-pg", action="store_true", help="measure SQLite only")
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--opens", type=int, default=200)
     ap.add_argument("--dir", default=None, help="store directory (default: a temporary one, removed after)")
     args = ap.parse_args()
-    n = args.tasks or (1000 if args.quick else 10_000)
+    n = args.tasks or (500 if args.quick else 10_000)
     rec = Record("store_scale", quick=args.quick, full=n == 10_000)
     torch.set_num_threads(1)
+    result = measure(n, args.opens, args.dir, None)
+    if not args.no_pg:
+        server = None
+        try:
+            if args.pg is None:
+                sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+                from services import Postgres, new_database
+
+                server = Postgres()
+                dsn = new_database(server.dsn)
+            else:
+                dsn = args.pg
+            result["postgresql"] = measure(n, args.opens, None, dsn)
+        finally:
+            if server is not None:
+                server.close()
+    print(json.dumps(result, indent=2), file=sys.stderr)
+    # --quick writes its own file, so it never overwrites the 10,000-task figures the README quotes
+    keys = ["open_p99_ms", "list_s", "open_p50_ms", "add_per_s"]
+    headline = {k: result[k] for k in keys}
+    if "postgresql" in result:
+        headline.update({f"pg_{k}": result["postgresql"][k] for k in keys})
+    rec.save(result, headline=headline)
+    print(" ".join(f"{k}={v}" for k, v in headline.items()))
+
+
+def measure(n: int, opens: int, directory: str | None, dsn: str | None) -> dict:
+    """Fill one store (SQLite in `directory`, or PostgreSQL at `dsn` with files in a temp dir) and time it."""
     model = stand_in()
     geo = geometry(model)
-    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="store_scale."))
+    root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="store_scale."))
     try:
-        store = Store(root)
+        store = Store(dsn, str(root)) if dsn else Store(root)
+        again = (lambda: Store(dsn)) if dsn else (lambda: Store(root))
         prefix = PrefixTuning.from_export(geo, {"num_virtual_tokens": 20},
                                           {"prefix": torch.zeros(geo.prefix_shape(20))})
         prompt = PromptTuning.from_export(geo, {"num_virtual_tokens": 20, "init": "random"},
@@ -93,7 +130,7 @@ def main():
         add_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        rows = Store(root).ls()
+        rows = again().ls()
         list_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         all_rows = store.ls(all_versions=True)
@@ -105,7 +142,7 @@ def main():
 
         rng = random.Random(0)
         times, prefix_times = [], []
-        for _ in range(args.opens):
+        for _ in range(opens):
             i = rng.randrange(n)
             ref = f"task-{i:05d}" if rng.random() < 0.5 else f"task-{i:05d}@1"
             t0 = time.perf_counter()
@@ -119,8 +156,13 @@ def main():
             store.version_token()
         token_us = (time.perf_counter() - t0) * 1e3
 
-        disk = sum(p.stat().st_size for p in (root / "objects").glob("*/*")) + (root / "index.sqlite").stat().st_size
+        disk = sum(p.stat().st_size for p in (root / "objects").glob("*/*"))
+        if dsn:
+            disk += store._db().execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        else:
+            disk += (root / "index.sqlite").stat().st_size
         result = {
+            "index": "postgresql (local server, loopback TCP)" if dsn else "sqlite (WAL)",
             "tasks": n, "prefix_tuning_tasks": (n + 9) // 10, "num_virtual_tokens": 20,
             "geometry": "SmolLM2-135M (30 layers, 3 KV heads x 64, hidden 576), config-only stand-in",
             "add_per_s": round(n / add_s, 1), "add_s": round(add_s, 1),
@@ -134,13 +176,9 @@ def main():
             "cpu_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
         }
     finally:
-        if not args.dir:
+        if not directory:
             shutil.rmtree(root, ignore_errors=True)
-    print(json.dumps(result, indent=2), file=sys.stderr)
-    # --quick writes its own file, so it never overwrites the 10,000-task figures the README quotes
-    keys = ["open_p99_ms", "list_s", "open_p50_ms", "add_per_s"]
-    rec.save(result, headline={k: result[k] for k in keys})
-    print(" ".join(f"{k}={result[k]}" for k in keys))
+    return result
 
 
 if __name__ == "__main__":

@@ -488,8 +488,28 @@ def store_compile(task: list[str] | None = None, base: str | None = None, store:
 
 from .serve.main import serve  # noqa: E402  (its flags come from its signature, like every command)
 
+def store_migrate(src: str, dst: str, objects: str | None = None):
+    """Copy a store into another, every version with its number, dates, tags and sha256, and the
+    compiled forms (e.g. a SQLite store into PostgreSQL: DST postgresql://USER@HOST/DB?objects=s3://B/P).
+    Run again after an interruption, it copies what is missing.
+
+    Args:
+        src: the source store (a directory, or a postgresql:// DSN)
+        dst: the destination store (a postgresql:// DSN, or a directory)
+        objects: where DST keeps its bytes, if its DSN does not say (a shared directory or s3://bucket/prefix)
+    """
+    from .store import Store
+    from .store_backends.migrate import migrate
+
+    target = Store(dst, objects)
+    n = migrate(_store(src), target)
+    print(f"migrated {n['versions']} version(s) of {n['tasks']} task(s) and {n['compiled']} compiled form(s) "
+          f"into {target.where} ({n['already_there']} already there)")
+
+
 STORE_COMMANDS = {"add": store_add, "ls": store_ls, "show": store_show, "rm": store_rm, "export": store_export,
-                  "import": store_import, "gc": store_gc, "verify": store_verify, "compile": store_compile}
+                  "import": store_import, "gc": store_gc, "verify": store_verify, "compile": store_compile,
+                  "migrate": store_migrate}
 
 COMMANDS = {"info": info, "init": init, "generate": generate, "export-peft": export_peft, "train": train,
             "eval": eval, "demo": demo, "store": STORE_COMMANDS, "serve": serve}

@@ -30,7 +30,6 @@ import hashlib
 import json
 import mmap
 import os
-import sqlite3
 import struct
 import threading
 import time
@@ -41,10 +40,8 @@ from safetensors.torch import save as st_save
 
 from .artifact import ArtifactError, model_fingerprint
 
-SCHEMA = """CREATE TABLE IF NOT EXISTS compiled (
-    sha256 TEXT NOT NULL, base_fingerprint TEXT NOT NULL, dtype TEXT NOT NULL, kv_sha256 TEXT NOT NULL,
-    shape TEXT NOT NULL, size INTEGER NOT NULL, created REAL NOT NULL,
-    PRIMARY KEY (sha256, base_fingerprint, dtype))"""
+from .store_backends.sqlite import COMPILED_SCHEMA as SCHEMA  # noqa: F401  (kept for importers)
+
 META_KEY = "softprompt_kv"
 # safetensors dtype names of the dtypes a frozen model is served in
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -72,8 +69,8 @@ def compiled_path(store, sha: str, fp: str, dtype: torch.dtype) -> Path:
     return store.root / "compiled" / fp_dir / sha[:2] / f"{sha}.{_dtype_name(dtype)}.safetensors"
 
 
-def _has_table(db: sqlite3.Connection) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE name = 'compiled'").fetchone() is not None
+def _has_table(store) -> bool:
+    return store._index.has_table("compiled")
 
 
 def _seen(path: Path, version, sha: str) -> bool:
@@ -99,16 +96,17 @@ def check_artifact(entry) -> None:
     if version is not None and _seen(entry.path, version, entry.sha256):
         return
     entry.verify()  # reads and hashes it; raises the store's own message on a missing or altered file
+    if version is None:  # a remote store's local copy, fetched (and checked) just now
+        version = _version(os.stat(entry.path))
     _remember(entry.path, version, entry.sha256)
 
 
 def _row(store, sha: str, fp: str, dtype: torch.dtype) -> str | None:
     """The indexed sha256 of the compiled file for this key, or None (also for a store made before
     compiled forms existed: its table appears with the first compile)."""
-    db = store._db()
-    if not _has_table(db):
+    if not _has_table(store):
         return None
-    r = db.execute("SELECT kv_sha256 FROM compiled WHERE sha256 = ? AND base_fingerprint = ? AND dtype = ?",
+    r = store._db().execute("SELECT kv_sha256 FROM compiled WHERE sha256 = ? AND base_fingerprint = ? AND dtype = ?",
                    (sha, fp, _dtype_name(dtype))).fetchone()
     return r[0] if r else None
 
@@ -159,8 +157,10 @@ def read_kv(path: Path, want_sha: str) -> torch.Tensor:
 
 def _ensure_table(store) -> None:
     if not getattr(store, "_compiled_table", False):
-        with store._write() as db:
-            db.execute(SCHEMA)  # one statement: executescript would commit the open transaction
+        schema = store._index.compiled_schema  # None where the index creates the table up front
+        if schema:
+            with store._write() as db:
+                db.execute(schema)  # one statement: executescript would commit the open transaction
         store._compiled_table = True
 
 
@@ -176,7 +176,9 @@ def publish(store, sha: str, fp: str, kv: torch.Tensor) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with store._write() as db:
         store._put(path, blob)
-        db.execute("INSERT OR REPLACE INTO compiled VALUES (?,?,?,?,?,?,?)",
+        db.execute("INSERT INTO compiled VALUES (?,?,?,?,?,?,?) ON CONFLICT (sha256, base_fingerprint, dtype) DO "
+                   "UPDATE SET kv_sha256 = excluded.kv_sha256, shape = excluded.shape, size = excluded.size, "
+                   "created = excluded.created",
                    (sha, fp, _dtype_name(kv.dtype), hashlib.sha256(blob).hexdigest(), json.dumps(list(kv.shape)),
                     len(blob), time.time()))
     return path
@@ -198,24 +200,31 @@ def load_or_compile(entry, model, *, allow_other_base: bool = False) -> torch.Te
     want = _row(store, entry.sha256, fp, dtype)
     if want is not None:
         check_artifact(entry)  # the published artifact still holds: else the task is refused, as ever
+        path = compiled_path(store, entry.sha256, fp, dtype)
         try:
-            return read_kv(compiled_path(store, entry.sha256, fp, dtype), want)
+            try:
+                fetched = store._fetch(path, want)  # a remote store's local copy, checked against `want`
+            except FileNotFoundError:
+                fetched = False
+            if not fetched:
+                raise CompiledDamaged(f"compiled file {path} is missing or altered in the store")
+            return read_kv(path, want)
         except CompiledDamaged:
             store.compiled_repairs += 1  # never served; recompiled from the checked artifact below
     kv = compile_entry(entry, model, allow_other_base=allow_other_base)
     try:
         publish(store, entry.sha256, fp, kv)
-    except (OSError, sqlite3.Error):  # a read-only store: serve this compile, recompile after a restart
+    except (OSError, *store.db_errors):  # a read-only store: serve this compile, recompile after a restart
         store.compiled_write_errors += 1
     return kv
 
 
 # --- keeping the store tidy -----------------------------------------------------------------------------
 
-def collect(store, db: sqlite3.Connection, files: bool = False) -> list[Path]:
+def collect(store, db, files: bool = False) -> list[Path]:
     """Remove compiled forms of artifacts no task row names any more; with `files`, also compiled files
     no row names (a writer killed between rename and commit). Caller holds the store's write lock."""
-    if not _has_table(db):
+    if not _has_table(store):
         return []
     removed = []
     dead = db.execute("SELECT sha256, base_fingerprint, dtype FROM compiled "
@@ -223,29 +232,28 @@ def collect(store, db: sqlite3.Connection, files: bool = False) -> list[Path]:
     for sha, fp, dtype in dead:
         db.execute("DELETE FROM compiled WHERE sha256 = ? AND base_fingerprint = ? AND dtype = ?", (sha, fp, dtype))
         p = compiled_path(store, sha, fp, getattr(torch, dtype))
-        if p.exists():
-            p.unlink()
+        if store._remove(p):
             removed.append(p)
     if files:
         known = {compiled_path(store, sha, fp, getattr(torch, dt))
                  for sha, fp, dt in db.execute("SELECT sha256, base_fingerprint, dtype FROM compiled")}
-        for p in (store.root / "compiled").glob("*/*/*.safetensors"):
+        for p in store._list("compiled"):
             if p not in known:
-                p.unlink()
+                store._remove(p)
                 removed.append(p)
     return removed
 
 
 def verify(store) -> list[str]:
     """Problems with compiled files (each would be recompiled on its next load, never served)."""
-    db = store._db()
-    if not _has_table(db):
+    if not _has_table(store):
         return []
     problems = []
-    for sha, fp, dtype, kv_sha in db.execute("SELECT sha256, base_fingerprint, dtype, kv_sha256 FROM compiled"):
+    for sha, fp, dtype, kv_sha in store._db().execute("SELECT sha256, base_fingerprint, dtype, kv_sha256 FROM compiled"):
         p = compiled_path(store, sha, fp, getattr(torch, dtype))
-        if not p.exists():
+        blob = store._read_blob(p)  # the stored bytes (for a remote store, the object itself)
+        if blob is None:
             problems.append(f"compiled {sha[:12]}... for {fp}: file {p} is missing")
-        elif hashlib.sha256(p.read_bytes()).hexdigest() != kv_sha:
+        elif hashlib.sha256(blob).hexdigest() != kv_sha:
             problems.append(f"compiled {sha[:12]}... for {fp}: file {p} changed behind the index's back")
     return problems

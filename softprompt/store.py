@@ -18,6 +18,13 @@ Beside each artifact the store keeps its serving form, the KV prefix compiled fo
 (ROOT/compiled/, see softprompt/compiled.py): `StoreEntry.kv_prefix(model)` reads it with no
 forward pass, compiling and storing it on first use; `add(..., model)` compiles at publish time.
 
+Many machines, one store (docs/distributed.md): `Store("postgresql://...")` keeps the index in
+PostgreSQL and the bytes under an fsspec URL (a shared directory or `s3://bucket/prefix`), named in
+the DSN (`?objects=URL`), by $SOFTPROMPT_OBJECTS, or recorded in the index by its first user. The
+same logic runs over either index (softprompt/store_backends/): PostgreSQL writers serialize on an
+advisory lock where SQLite's take its write lock, and an object store's PUT is atomic where a local
+file is renamed into place. Remote bytes are read through a local content-addressed cache.
+
 Why files are checked against the index: a file replaced behind the index's back (a manual copy,
 disk damage) would otherwise load as a different task under the same name; `open()` compares the
 file's sha256 with the index's and refuses with a message saying so.
@@ -32,9 +39,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,23 +51,14 @@ from .artifact import (CARD_FILE, META_KEY, TENSOR_FILE, ArtifactError, _check_c
                        load_artifact, make_card, model_fingerprint)
 from .card_schema import card_file_path
 from .methods import PromptMethod
+from .store_backends import LocalBlobs, SQLiteIndex, is_database_url
+from .store_backends.blobs import fsync_dir as _fsync_dir  # noqa: F401  (kept for importers)
+from .store_backends.blobs import write_atomic
+from .store_backends.sqlite import SCHEMA  # noqa: F401  (kept for importers)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_VERSION = 2**63 - 1  # SQLite's INTEGER: a larger number is no version, not an OverflowError
 MAX_ATTACHMENT_BYTES = 16 << 20  # a plot or an inspection summary is far smaller
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    name TEXT NOT NULL, version INTEGER NOT NULL, method TEXT NOT NULL, num_virtual_tokens INTEGER,
-    base_fingerprint TEXT NOT NULL, base_name TEXT, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
-    metrics TEXT NOT NULL, tags TEXT NOT NULL, created REAL NOT NULL, UNIQUE (name, version));
-CREATE INDEX IF NOT EXISTS tasks_fp ON tasks (base_fingerprint);
-CREATE INDEX IF NOT EXISTS tasks_sha ON tasks (sha256);
--- last version ever given per name, so a removed version number is never reused for other content
-CREATE TABLE IF NOT EXISTS names (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL);
--- bumped by every write: version_token() lets a server notice changes without a restart
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('generation', 0);
-"""
 COLUMNS = ("name", "version", "method", "num_virtual_tokens", "base_fingerprint", "base_name", "size", "sha256",
            "metrics", "tags", "created")
 
@@ -70,6 +66,14 @@ COLUMNS = ("name", "version", "method", "num_virtual_tokens", "base_fingerprint"
 class StoreError(ArtifactError):
     """A store operation is refused; the message says why and what to do. An ArtifactError, so the
     CLI and the serving engine (which maps ArtifactError to a refused task) report it as such."""
+
+
+class NoSuchTask(StoreError):
+    """The store has no such task or version (as unknown as a name never added)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's index (its database server) cannot be reached; retry when it is back."""
 
 
 @dataclass(frozen=True)
@@ -135,12 +139,20 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _split_objects(dsn: str) -> tuple[str, str | None]:
+    """'postgresql://h/db?objects=s3://b/p&sslmode=x' -> ('postgresql://h/db?sslmode=x', 's3://b/p')."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    objects = [v for k, v in query if k == "objects"]
+    rest = urlencode([(k, v) for k, v in query if k != "objects"])
+    return urlunsplit(parts._replace(query=rest)), (objects[-1] if objects else None)
+
+
+def _cache_dir(objects: str) -> Path:
+    base = os.environ.get("SOFTPROMPT_CACHE") or Path.home() / ".cache" / "softprompt"
+    return Path(base) / "blobs" / hashlib.sha256(objects.encode()).hexdigest()[:16]
 
 
 def _sha(data: bytes) -> str:
@@ -154,44 +166,67 @@ class Store:
     compiled_repairs = 0  # compiled files found damaged and recompiled (never served)
     compiled_write_errors = 0  # compiles that could not be stored (a read-only store), served anyway
 
-    def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root) if root is not None else default_root()
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"{self.root} is a file, not a prompt store directory; give a directory (--store DIR)")
+    def __init__(self, root: str | os.PathLike | None = None, objects: str | None = None):
+        """`root`: a directory (SQLite index + files in it, the default) or a `postgresql://` DSN;
+        `objects`: for a DSN, where the bytes live (a directory or an fsspec URL such as s3://b/p)."""
+        if root is None and is_database_url(os.environ.get("SOFTPROMPT_STORE")):
+            root = os.environ["SOFTPROMPT_STORE"]
+        if is_database_url(root):
+            self._open_shared(root, objects)
+        else:
+            self.root = Path(root) if root is not None else default_root()
+            if self.root.exists() and not self.root.is_dir():
+                raise StoreError(f"{self.root} is a file, not a prompt store directory; give a directory (--store DIR)")
+            self._make_dirs()
+            try:
+                self._index = SQLiteIndex(self.root / "index.sqlite")
+            except sqlite3.Error as e:
+                raise StoreError(f"{self.root / 'index.sqlite'} is not a usable store index ({e}); "
+                                 "point --store at a prompt store directory") from None
+            self._blobs = LocalBlobs(self.root)
+        self.where = self._index.where  # for messages: the index's location (a DSN without its password)
+        self.db_errors = self._index.errors  # what a failing index raises
+
+    def _open_shared(self, dsn: str, objects: str | None) -> None:
+        from .store_backends import FsspecBlobs
+        from .store_backends.postgres import PostgresIndex
+
+        dsn, in_dsn = _split_objects(dsn)
+        try:
+            self._index = PostgresIndex(dsn)
+        except ConnectionError as e:
+            raise StoreUnavailable(str(e)) from None
+        recorded = self._index.setting("objects")
+        objects = objects or in_dsn or os.environ.get("SOFTPROMPT_OBJECTS") or recorded
+        if not objects:
+            raise StoreError(f"the store at {self._index.where} does not say where its artifact bytes live: add "
+                             "?objects=URL to the DSN (a shared directory or s3://bucket/prefix) the first time")
+        if recorded is None:
+            self._index.set_setting("objects", objects)
+        elif recorded != objects:
+            raise StoreError(f"the store at {self._index.where} keeps its bytes at {recorded}, not {objects}: "
+                             "drop the objects setting (or point it at the same place)")
+        if "://" in objects and not objects.startswith("file://"):
+            self._blobs = FsspecBlobs(objects)
+            self.root = _cache_dir(objects)  # the local copies, laid out as a local store's files
+        else:
+            self._blobs = LocalBlobs(Path(objects.removeprefix("file://")))
+            self.root = self._blobs.root
+        self._make_dirs()
+
+    def _make_dirs(self) -> None:
         try:
             for sub in ("objects", "tmp", "files"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot use {self.root} as a prompt store: {e.strerror or e}") from None
-        self._local = threading.local()
-        try:
-            db = self._db()
-            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():  # readers skip the lock
-                db.execute("PRAGMA journal_mode=WAL")  # persistent; readers never wait for the writer
-                db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
-        except sqlite3.Error as e:
-            raise StoreError(f"{self.root / 'index.sqlite'} is not a usable store index ({e}); "
-                             "point --store at a prompt store directory") from None
 
-    def _db(self) -> sqlite3.Connection:
-        # One connection per thread and process: sqlite3 connections must not cross threads or forks.
-        if getattr(self._local, "pid", None) != os.getpid():
-            db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
-            db.execute("PRAGMA busy_timeout=60000")
-            db.execute("PRAGMA synchronous=NORMAL")  # in WAL: a committed add survives a killed process
-            self._local.db, self._local.pid = db, os.getpid()
-        return self._local.db
+    def _db(self):
+        return self._index.conn()
 
-    @contextmanager
     def _write(self):
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")  # the write lock up front, so two adds never race for a version
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        """The index's write transaction, holding the store's one write lock (see the module doc)."""
+        return self._index.write()
 
     def object_path(self, sha: str) -> Path:
         return self.root / "objects" / sha[:2] / f"{sha}.safetensors"
@@ -204,8 +239,8 @@ class Store:
         if row is None:
             have = [v for (v,) in db.execute("SELECT version FROM tasks WHERE name = ? ORDER BY version", (name,))]
             if version and have:
-                raise StoreError(f"task {name!r} has no version {version} (versions: {', '.join(map(str, have))})")
-            raise StoreError(f"no task {name!r} in the store at {self.root} (`softprompt store ls` lists them)")
+                raise NoSuchTask(f"task {name!r} has no version {version} (versions: {', '.join(map(str, have))})")
+            raise NoSuchTask(f"no task {name!r} in the store at {self.where} (`softprompt store ls` lists them)")
         return self._as_dict(row)
 
     def _as_dict(self, row) -> dict:
@@ -274,7 +309,8 @@ class Store:
                     self._put(dest, data)
             q = "SELECT coalesce(max(last_version), 0) + 1 FROM names WHERE name = ?"
             version = db.execute(q, (name,)).fetchone()[0]
-            db.execute("INSERT OR REPLACE INTO names VALUES (?, ?)", (name, version))
+            db.execute("INSERT INTO names VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET last_version = "
+                       "excluded.last_version", (name, version))
             db.execute("INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                        (name, version, card["method"], card.get("num_virtual_tokens"), base["fingerprint"],
                         base.get("name"), len(blob), sha, json.dumps(card["metrics"]), json.dumps(tags), time.time()))
@@ -326,18 +362,40 @@ class Store:
         return out, files
 
     def _put(self, obj: Path, blob: bytes) -> None:
-        obj.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=self.root / "tmp")
+        """Publish a file (a path under root): whole or not at all, durable before the row naming it."""
+        if self._blobs.remote:  # the object store's PUT is the publish; the local copy is a cache
+            self._blobs.put(self._key(obj), blob)
+            write_atomic(obj, blob, self.root / "tmp", durable=False)
+        else:
+            write_atomic(obj, blob, self.root / "tmp")  # same filesystem: appears whole or not at all
+
+    # --- files, local or remote: a path under root names the key root-relative ---------------------
+    def _key(self, path: Path) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+    def _fetch(self, path: Path, sha: str) -> bool:
+        """Make the local copy of a remote file whose bytes must hash to `sha`; False if they do not
+        (nothing is written), FileNotFoundError if there is none. A local store's files are local."""
+        if not self._blobs.remote or Path(path).exists():
+            return True
+        return self._blobs.fetch(self._key(path), Path(path), sha, self.root / "tmp")
+
+    def _remove(self, path: Path) -> bool:
+        """Remove a file (and, for a remote store, its local copy); whether it was there."""
+        gone = self._blobs.remove(self._key(path))
+        if self._blobs.remote and Path(path).exists():
+            Path(path).unlink()
+        return gone
+
+    def _list(self, prefix: str) -> list[Path]:
+        return [self.root / k for k in self._blobs.list(prefix)]
+
+    def _read_blob(self, path: Path) -> bytes | None:
+        """The stored bytes themselves (for a remote store: the object, not the local copy); None if absent."""
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, obj)  # same filesystem: the object appears whole or not at all
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        _fsync_dir(obj.parent)  # the rename itself is durable before the row that names it
+            return self._blobs.read(self._key(path))
+        except FileNotFoundError:
+            return None
 
     def import_(self, src: str | os.PathLike, name: str | None = None, model=None, *, tags=(),
                 metrics: dict | None = None) -> TaskRef:
@@ -369,8 +427,7 @@ class Store:
             for sha in shas:
                 if not db.execute("SELECT 1 FROM tasks WHERE sha256 = ? LIMIT 1", (sha,)).fetchone():
                     p = self.object_path(sha)
-                    if p.exists():
-                        p.unlink()
+                    if self._remove(p):
                         removed.append(p)
             removed += compiled.collect(self, db)  # serving forms of artifacts no row names any more
         return removed
@@ -381,7 +438,7 @@ class Store:
             removed = list((self.root / "tmp").iterdir())
             for p in removed:
                 p.unlink()
-        found = {p.name.removesuffix(".safetensors") for p in (self.root / "objects").glob("*/*.safetensors")}
+        found = {p.name.removesuffix(".safetensors") for p in self._list("objects")}
         removed += self._collect(found)
         with self._write() as db:
             removed += compiled.collect(self, db, files=True)
@@ -404,6 +461,8 @@ class Store:
         except StoreError:
             return None
         path = Path(row["path"])
+        if self._blobs.remote:  # bytes in an object store: fetched into the local cache and hashed on load
+            return StoreEntry(self, row["name"], row["version"], row["sha256"], path)
         # One stat per request: a deleted or resized file must not go on being served from a cache
         # of compiled prefixes while `show` says file_ok false (its content is hashed when loaded).
         try:
@@ -429,6 +488,8 @@ class Store:
         return prompt
 
     def _check_file(self, e: StoreEntry) -> None:
+        if self._blobs.remote:
+            self._check_remote(e)
         try:
             blob = e.path.read_bytes()
         except FileNotFoundError:
@@ -440,22 +501,44 @@ class Store:
                              f"the index's back (sha256 {digest[:12]}... != indexed {e.sha256[:12]}...); "
                              "refusing it: restore the file or `softprompt store rm` and re-add the task")
 
+    def _check_remote(self, e: StoreEntry) -> None:
+        """The local copy of a remote artifact, fetched and checked if absent or not what the index says
+        (a damaged copy is fetched again); the checks below then see a file that matches, or refuse."""
+        try:
+            if e.path.exists() and _sha(e.path.read_bytes()) == e.sha256:
+                return
+            e.path.unlink(missing_ok=True)
+            blob = self._blobs.read(self._key(e.path))
+        except FileNotFoundError:
+            raise StoreError(f"task {e.name}@{e.version}: its file {self._blobs.url(self._key(e.path))} is missing "
+                             "(removed behind the index's back, or by a concurrent rm); re-add the task") from None
+        digest = _sha(blob)
+        if digest != e.sha256:
+            raise StoreError(f"task {e.name}@{e.version}: the store file {self._blobs.url(self._key(e.path))} "
+                             f"changed behind the index's back (sha256 {digest[:12]}... != indexed "
+                             f"{e.sha256[:12]}...); refusing it: restore the file or `softprompt store rm` and "
+                             "re-add the task")
+        write_atomic(e.path, blob, self.root / "tmp", durable=False)
+
     def ls(self, tag: str | None = None, base_fingerprint: str | None = None, all_versions: bool = False) -> list[dict]:
         """Index rows (no file is read), newest version per name unless `all_versions`, sorted by name."""
         where = [] if all_versions else ["version = (SELECT max(version) FROM tasks t WHERE t.name = tasks.name)"]
         args = [a for a in (tag, base_fingerprint) if a is not None]
         if tag is not None:
-            where.append("EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE value = ?)")
+            where.append(self._index.tag_clause)
         if base_fingerprint is not None:
             where.append("base_fingerprint = ?")
         q = "SELECT * FROM tasks" + (" WHERE " + " AND ".join(f"({w})" for w in where) if where else "")
-        return [self._as_dict(r) for r in self._db().execute(q + " ORDER BY name, version", args)]
+        rows = [self._as_dict(r) for r in self._db().execute(q, args)]
+        return sorted(rows, key=lambda r: (r["name"], r["version"]))  # code-point order under any collation
 
     def show(self, ref: str) -> dict:
         """The index row plus the card, whether the file still matches the index (`file_ok`), and
         why the card is refused when it is (`card_error`)."""
         row = self._row(ref)
         try:
+            if self._blobs.remote:
+                self._fetch(Path(row["path"]), row["sha256"])
             card, blob = _read(Path(row["path"]))
             row["file_ok"] = _sha(blob) == row["sha256"]
             row["card"] = card
@@ -475,6 +558,8 @@ class Store:
                 raise StoreError(f"{dest} already exists; choose a new path or pass --overwrite")
             if dest.is_dir() and any(dest.iterdir()) and not (dest / CARD_FILE).exists():
                 raise StoreError(f"{dest} is a directory that is not a softprompt artifact; not overwriting it")
+        if self._blobs.remote:
+            self._check_file(StoreEntry(self, row["name"], row["version"], row["sha256"], Path(row["path"])))
         try:
             blob = Path(row["path"]).read_bytes()
         except OSError as e:
@@ -511,10 +596,12 @@ class Store:
         problems = []
         for row in self.ls(all_versions=True):
             p = Path(row["path"])
-            if not p.exists():
-                problems.append(f"{row['name']}@{row['version']}: file {p} is missing")
-            elif _sha(p.read_bytes()) != row["sha256"]:
-                problems.append(f"{row['name']}@{row['version']}: file {p} changed behind the index's back")
+            blob = self._read_blob(p)  # the stored bytes (for a remote store, the object itself)
+            if blob is None:
+                problems.append(f"{row['name']}@{row['version']}: file {self._blobs.url(self._key(p))} is missing")
+            elif _sha(blob) != row["sha256"]:
+                problems.append(f"{row['name']}@{row['version']}: file {self._blobs.url(self._key(p))} changed "
+                                "behind the index's back")
         return problems + compiled.verify(self)
 
     def version_token(self) -> int:

@@ -46,6 +46,7 @@ def create_app(engine, store=None, config: ServerConfig = ServerConfig(), classi
     classifier = classifier or ClassifyService(engine.model, engine.tokenizer, engine.tasks.resolve)
     app.state.service = Service(engine, store, config, classifier)
     app.state.engine, app.state.store, app.state.config, app.state.classifier = engine, store, config, classifier
+    app.state.health_hooks = []  # callables -> dict merged into /health (e.g. a shared store's state)
     for router in (completions.router, classify.router, tasks.router, admin.router):
         app.include_router(router)
     if admin.WEB.is_dir():

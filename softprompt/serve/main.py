@@ -46,24 +46,18 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     from ..lora import load_base_with_lora
     from ..families import family_of
     from ..models import EMBEDDED_NAME
-    from ..store import Store
+    from ..store import Store, StoreUnavailable
     from .http import ServerConfig, create_app
-    from ..store import StoreError, parse_ref
-    from .tasks import TaskRefused, TaskRegistry
+    from .resolver import StoreResolver
+    from .tasks import TaskRegistry
 
     keys = read_api_keys(api_keys_file)  # a bad key file fails before the model loads
     model, tok = load_base_with_lora(base, lora, merge=merge_lora)
     store = Store(store_dir) if store_dir is not None else Store()
 
-    def from_store(name: str):  # -> StoreEntry (loads through the index check) or None
-        try:
-            parse_ref(name)
-        except StoreError:  # a malformed name is as unknown as a missing one
-            return None
-        try:
-            return store.entry(name)
-        except StoreError as e:  # known, but its file is gone or changed: refused, not served from a cache
-            raise TaskRefused(str(e)) from None
+    # -> StoreEntry or None; a task whose file is gone is refused (not served from a cache), and an
+    # unreachable shared index is ridden out with the tasks already held (resolver.py)
+    from_store = StoreResolver(store)
 
     Engine = family_of(model).engine_class()  # continuous batching for decoders, batch-at-a-time for T5/BART
     engine = Engine(model, tok, TaskRegistry(tasks, fallback=from_store), max_batch_size=max_batch_size,
@@ -74,13 +68,26 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     config = ServerConfig(base_model_id=base_id, api_keys=keys,
                           max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
                           body_timeout_s=body_timeout_s)
-    return create_app(engine, store, config), config
+    app = create_app(engine, store, config)
+    app.state.health_hooks.append(from_store.health)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    return app, config
+
+
+async def _store_unavailable(request, exc):
+    """The shared store's index is down and the task is not held here: a retryable 503."""
+    from .errors import ErrorJSON
+    from .guard import error_body
+
+    return ErrorJSON(error_body(str(exc), "service_unavailable", "store_unavailable"), 503,
+                     headers={"Retry-After": "1"})
 
 
 def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, base: str | None = None,
           api_keys_file: str | None = None, max_batch_size: int = 32, max_queue: int = 256,
           max_body_bytes: int = 1 << 20, request_timeout_s: float = 120.0, prefix_cache_mb: int = 256,
-          lora: str | None = None, merge_lora: bool = True, threads: int = 0, body_timeout_s: float = 30.0):
+          lora: str | None = None, merge_lora: bool = True, threads: int = 0, body_timeout_s: float = 30.0,
+          ray: bool = False, replicas: int = 1, ray_address: str | None = None):
     """Serve every task in a prompt store over an OpenAI-compatible HTTP API (and the base model).
 
     Args:
@@ -98,6 +105,9 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
         threads: torch CPU threads (0: torch's default, one per core); on a CPU shared with busy processes use 1
         body_timeout_s: a request body not fully received within this many seconds gets 408
+        ray: serve on Ray Serve (replicas over one shared store, e.g. --store postgresql://...; docs/distributed.md)
+        replicas: with --ray: engine replicas (each holds the model once)
+        ray_address: with --ray: join this Ray cluster (e.g. auto) instead of starting a local one
     """
     import socket
 
@@ -121,6 +131,13 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
             raise ValueError(f"{name} must be positive, got {value}")
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    if ray:
+        from .ray_app import run
+
+        return run(store, host, port, base, replicas, ray_address, threads or 1, api_keys_file=api_keys_file,
+                   max_batch_size=max_batch_size, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                   request_timeout_s=request_timeout_s, prefix_cache_mb=prefix_cache_mb, lora=lora,
+                   merge_lora=merge_lora)
     # Bind before anything else: a busy port fails in a second, with one line and no "serving" banner.
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)

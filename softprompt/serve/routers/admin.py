@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
 from . import service
@@ -14,13 +14,15 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health(svc=Depends(service)):
+async def health(request: Request, svc=Depends(service)):
     """200 while the engine can generate; 503 (so a load balancer takes the node out) while it cannot.
     A loop that died is restarted here (and by the next request)."""
     alive = svc.engine.revive()
     st = svc.engine.status()
     body = {"status": "ok" if alive else "stopped", "running_rows": st["running_rows"], "waiting": st["waiting"],
             "restarts": st.get("restarts", 0), "faults": st.get("faults", 0)}
+    for hook in request.app.state.health_hooks:  # e.g. {"store": "degraded"} while a shared index is down
+        body.update(hook())
     return JSONResponse(body, 200 if alive else 503)
 
 
