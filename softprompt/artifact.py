@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,8 @@ from safetensors.torch import save as st_save
 from . import __version__
 from .card_schema import CardError, check_card_fields
 from .methods import METHODS, PromptMethod
-from .families import family_named, family_of
+from .atomic import fsync_write, staged_dir, write_file
+from .families import family_of
 from .models import fingerprint
 
 FORMAT = "softprompt-artifact"
@@ -93,13 +92,6 @@ def make_card(prompt: PromptMethod, model, tensors: dict[str, torch.Tensor], *, 
     return card
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _is_artifact_dir(path: Path) -> bool:
     return path.is_dir() and (not any(path.iterdir()) or (path / CARD_FILE).exists())
 
@@ -121,33 +113,14 @@ def save_artifact(prompt: PromptMethod, path: str | os.PathLike, model, *, metri
     if path.suffix == ".safetensors":
         if path.is_dir():
             raise ArtifactError(f"{path} is a directory; give a new file name or a directory path without .safetensors")
-        blob = st_save(tensors, metadata={META_KEY: json.dumps(card)})
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            _fsync_write(Path(tmp), blob)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_file(path, st_save(tensors, metadata={META_KEY: json.dumps(card)}))
         return path
     if path.exists() and not _is_artifact_dir(path):
         raise ArtifactError(f"{path} exists and is not a softprompt artifact; refusing to overwrite it. "
                             "Choose a new path or remove it first.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        _fsync_write(tmp / TENSOR_FILE, st_save(tensors))
-        _fsync_write(tmp / CARD_FILE, json.dumps(card, indent=2).encode())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "a")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with staged_dir(path) as tmp:
+        fsync_write(tmp / TENSOR_FILE, st_save(tensors))
+        fsync_write(tmp / CARD_FILE, json.dumps(card, indent=2).encode())
     return path
 
 

@@ -12,8 +12,10 @@ folder (serve/http.py `confined`), and `store add` copies them into the store.
 
 from __future__ import annotations
 
-from .families import FAMILIES
 import re
+from pathlib import Path
+
+from .families import FAMILIES
 
 # Longer than any context we know of (P must also fit the model's context: see methods.check_size).
 MAX_VIRTUAL_TOKENS = 1 << 20

@@ -26,32 +26,15 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .atomic import fsync_dir as _fsync_dir
+from .atomic import fsync_write as _fsync
+
 TENSORS, STATE = "tensors.safetensors", "state.json"
 _NAME = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointError(ValueError):
     pass
-
-
-def _fsync(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict,

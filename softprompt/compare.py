@@ -185,7 +185,7 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
     from .artifact import load_artifact, save_artifact
     from .data import DataConfig, read_examples, split_heldout, tokenize
     from .train import eval_loss
-    from .runs import default_lr, method_options, run_train
+    from .runs import method_options, run_train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

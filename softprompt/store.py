@@ -36,9 +36,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sqlite3
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +45,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import compiled
+from .atomic import fsync_write, staged_dir, write_file
 from .artifact import (CARD_FILE, META_KEY, TENSOR_FILE, ArtifactError, _check_card, _data_section, _read,
                        load_artifact, make_card, model_fingerprint)
 from .card_schema import card_file_path
@@ -568,27 +567,15 @@ class Store:
         if _sha(blob) != row["sha256"]:
             raise StoreError(f"task {ref}: the store file {row['path']} changed on disk behind the index's back; "
                              "not exporting it")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-        try:
-            if dest.suffix == ".safetensors":
-                if dest.is_dir():
-                    raise StoreError(f"{dest} is a directory; give a file name or a path without .safetensors")
-                (tmp / "f").write_bytes(blob)
-                os.replace(tmp / "f", dest)
-            else:
-                card, _ = _read(Path(row["path"]))
-                (tmp / TENSOR_FILE).write_bytes(st_save(st_load(blob)))  # same tensor bytes, no metadata
-                (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
-                if dest.exists():  # --overwrite of an artifact: aside first, so a failure keeps the old one
-                    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-                    os.replace(dest, old / "a")
-                    os.replace(tmp, dest)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if dest.suffix == ".safetensors":
+            if dest.is_dir():
+                raise StoreError(f"{dest} is a directory; give a file name or a path without .safetensors")
+            write_file(dest, blob)
+            return dest
+        card, _ = _read(Path(row["path"]))
+        with staged_dir(dest) as tmp:  # --overwrite of an artifact: the old one stays until this one is whole
+            fsync_write(tmp / TENSOR_FILE, st_save(st_load(blob)))  # same tensor bytes, no metadata
+            fsync_write(tmp / CARD_FILE, json.dumps(card, indent=2).encode())
         return dest
 
     def verify(self) -> list[str]:
