@@ -46,7 +46,7 @@ class ArtifactError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Writing
 
-def _data_section(blob: bytes) -> bytes:
+def data_section(blob: bytes) -> bytes:
     """The tensor bytes of a serialized safetensors blob (after the 8-byte length and JSON header)."""
     if len(blob) < 8:
         raise ArtifactError("tensor file is truncated (shorter than a safetensors header)")
@@ -105,7 +105,7 @@ def save_artifact(prompt: PromptMethod, path: str | os.PathLike, model, *, metri
     """
     path = Path(path)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in prompt.export_tensors().items()}
-    data = _data_section(st_save(tensors))
+    data = data_section(st_save(tensors))
     card = make_card(prompt, model, tensors, metrics=metrics, dataset=dataset, base_name=base_name, extra=extra)
     card["tensor_sha256"] = hashlib.sha256(data).hexdigest()
     card["bytes"] = len(data)
@@ -127,7 +127,7 @@ def save_artifact(prompt: PromptMethod, path: str | os.PathLike, model, *, metri
 # --------------------------------------------------------------------------------------------
 # Reading
 
-def _read(path: Path) -> tuple[dict, bytes]:
+def read_raw(path: Path) -> tuple[dict, bytes]:
     """(card, safetensors blob) from either form, with no check beyond parsing."""
     if not path.exists():
         raise ArtifactError(f"no artifact at {path}: the path does not exist")
@@ -156,12 +156,21 @@ def _read(path: Path) -> tuple[dict, bytes]:
 
 def read_card(path: str | os.PathLike) -> dict:
     """The card of an artifact, checked for format and version (tensors not loaded)."""
-    card, _ = _read(Path(path))
-    _check_card(card, Path(path))
+    card, _ = read_raw(Path(path))
+    check_card(card, Path(path))
     return card
 
 
-def _check_card(card: dict, path: Path) -> None:
+def read_artifact(path: str | os.PathLike) -> tuple[dict, bytes]:
+    """(card, safetensors blob) of an artifact in either form, its card checked against the schema
+    (tensors are checked by `verified_tensors`). What the store and classifiers read through."""
+    path = Path(path)
+    card, blob = read_raw(path)
+    check_card(card, path)
+    return card, blob
+
+
+def check_card(card: dict, path: Path) -> None:
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise ArtifactError(f"{path}: the card's format is {card.get('format') if isinstance(card, dict) else card!r}, "
                             f"not {FORMAT!r}; this is not a softprompt artifact")
@@ -184,10 +193,10 @@ def _check_card(card: dict, path: Path) -> None:
 
 
 def verified_tensors(path: Path, card: dict, blob: bytes, model, allow_other_base: bool = False) -> dict:
-    """The tensors of an artifact read by `_read`, once its checksum holds and its base-model
+    """The tensors of an artifact read by `read_raw`, once its checksum holds and its base-model
     fingerprint is `model`'s (unless `allow_other_base`); every loader of an artifact goes through here."""
     try:
-        data = _data_section(blob)
+        data = data_section(blob)
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}; restore it or re-export it") from e
     digest = hashlib.sha256(data).hexdigest()
@@ -221,8 +230,8 @@ def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = Fa
         from .peft_io import import_peft
 
         return import_peft(path, model)
-    card, blob = _read(path)
-    _check_card(card, path)
+    card, blob = read_raw(path)
+    check_card(card, path)
     if (card.get("classifier") or {}).get("kind") == "head":  # a verbalizer's tensors are a plain prompt
         raise ArtifactError(f"{path} is a classifier (an encoder with a head, labels "
                             f"{card['classifier'].get('labels')}), not a prompt for generation: use `softprompt eval "
@@ -249,10 +258,3 @@ def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = Fa
     prompt = cls.from_export(geo, card.get("config") or {}, tensors)
     prompt.card = card
     return prompt
-
-
-def describe(path: str | os.PathLike) -> dict:
-    """A short summary of an artifact's card for listings."""
-    card = read_card(path)
-    return {k: card.get(k) for k in ("method", "num_virtual_tokens", "bytes", "created", "metrics", "dataset")} | {
-        "base_model": (card.get("base_model") or {}).get("name")}

@@ -102,10 +102,6 @@ class BaseEngine:
                       "faults": 0, "restarts": 0}
 
     # ---- public API ---------------------------------------------------------------------
-    def add_task(self, name: str, source) -> None:
-        """Register (or replace) a task; the cache is keyed by source, so a replaced task is never stale."""
-        self.tasks.add(name, source)
-
     def submit(self, request: Request) -> Handle:
         """Queue a request; returns its handle at once. Raises QueueFull when the queue is at its limit.
         A request refused at the door (see check_request) gets a handle that is already finished."""
