@@ -16,7 +16,7 @@ from concurrent.futures import Future
 
 import torch
 
-from ..generate import SamplingParams, eos_ids, pick_next, safe_logits
+from ..generate import SamplingParams, cut_at_stop, eos_ids, pick_next, safe_logits
 from .handle import Completion, Handle, Request
 from .loader import TaskLoader, done_future
 from .tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
@@ -309,9 +309,8 @@ class BaseEngine:
             reason = "stop"
         text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
         if r.params.stop:
-            hits = [h for h in (text.find(s) for s in r.params.stop) if h >= 0]
-            if hits:
-                text, reason = text[:min(hits)], "stop"
+            text, hit = cut_at_stop(text, r.params.stop)
+            reason = "stop" if hit else reason
         if reason is None and len(r.ids) >= r.params.max_new_tokens:
             reason = "length"
         if reason:
