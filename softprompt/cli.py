@@ -697,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_command(sub, name: str, fn, full_name: str) -> None:
     summary, helps = _doc_args(fn)
     p = sub.add_parser(name, help=summary.splitlines()[0], description=summary, formatter_class=_HelpFormatter)
+    p.add_argument("--config", dest="_config", metavar="FILE",
+                   help="a YAML or JSON file of this command's options (names as in Python, e.g. num_virtual_tokens); "
+                        "flags given on the command line override it")
     hints = typing.get_type_hints(fn)
     for pname, param in inspect.signature(fn).parameters.items():
         tp, is_list = _base_type(hints[pname])
@@ -719,8 +722,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = vars(build_parser().parse_args(argv))
+        if args.get("_config"):  # the file's values become the defaults, then the flags are read again
+            args = vars(_with_config(argv, args))
     except SystemExit as e:  # --help, --version (0) or a usage error (2), already printed
         return e.code if isinstance(e.code, int) else 2
+    except ValueError as e:
+        return _fail(args["_name"], str(e))
+    args.pop("_config", None)
     fn, name = args.pop("_fn"), args.pop("_name")
     args.pop("command")
     args.pop("_sub", None)
@@ -745,6 +753,50 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(name, f"internal error: {type(e).__name__}: {e} (set SOFTPROMPT_DEBUG=1 for the traceback)")
     return 0
+
+
+def _with_config(argv, args: dict) -> argparse.Namespace:
+    """Parse `argv` again with the options of `--config FILE` (YAML or JSON) as defaults: the same
+    names and types as the flags (checked by the same parser), the command line overriding."""
+    path, fn = args["_config"], args["_fn"]
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror or e}") from None
+    try:
+        if path.endswith(".json"):
+            values = jsonlib.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as e:  # a parse error names the line
+        raise ValueError(f"--config {path} does not parse: {' '.join(str(e).split())}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a mapping of option names to values")
+    known = inspect.signature(fn).parameters
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"--config {path}: no option {', '.join(map(repr, unknown))} for `softprompt {args['_name']}` "
+                         f"(options: {', '.join(sorted(known))})")
+    # Values go through argparse as strings, so the file gets the same conversions and choices as flags.
+    flags = []
+    for key, value in values.items():
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            for v in value:
+                flags += [flag, str(v)]
+        elif known[key].default is inspect.Parameter.empty:
+            raise ValueError(f"--config {path}: {key!r} is positional; give it on the command line")
+        else:
+            flags += [flag, str(value)]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words = args["_name"].split()  # the command (and group) words; what follows them comes last and wins
+    return build_parser().parse_args(words + flags + argv[len(words):])
 
 
 def _fail(name: str, message: str, status: int = 2) -> int:

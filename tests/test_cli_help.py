@@ -67,3 +67,23 @@ def test_choices_agree_with_the_library():
 def test_a_value_outside_the_choices_is_one_line_and_exit_2(tmp_path):
     out = run("train", str(tmp_path / "d.jsonl"), str(tmp_path / "o"), "--schedule", "wavy")
     assert out.returncode == 2 and "invalid choice: 'wavy'" in out.stderr
+
+
+def test_config_file_sets_options_and_flags_override_it(tmp_path):
+    from softprompt.cli import _with_config, build_parser
+
+    yaml_file, json_file = tmp_path / "c.yaml", tmp_path / "c.json"
+    yaml_file.write_text("steps: 3\nbatch_size: 4\nschedule: constant\ngradient_checkpointing: true\n")
+    json_file.write_text('{"steps": 5, "lr": 0.01}')
+    for path, want in ((yaml_file, dict(steps=7, batch_size=4, schedule="constant", gradient_checkpointing=True)),
+                       (json_file, dict(steps=7, lr=0.01, batch_size=8))):
+        argv = ["train", "d.jsonl", "out", "--config", str(path), "--steps", "7"]
+        got = vars(_with_config(argv, vars(build_parser().parse_args(argv))))
+        assert {k: got[k] for k in want} == want  # the file's values, the command line's --steps
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stepz: 3\n")
+    out = run("train", "d.jsonl", str(tmp_path / "o"), "--config", str(bad))
+    assert out.returncode == 2 and "no option 'stepz'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    bad.write_text("schedule: wavy\n")
+    out = run("train", "d.jsonl", str(tmp_path / "o"), "--config", str(bad))
+    assert out.returncode == 2 and "invalid choice: 'wavy'" in out.stderr
