@@ -112,6 +112,10 @@ def test_writer_killed_mid_add_leaves_index_and_files_consistent(llama, tmp_path
         proc = FORK.Process(target=_writer, args=(root, paths, stage, k, run))
         proc.start()
         proc.join(60)
+        if proc.is_alive():  # it never reached its kill point: fail, without leaving it running
+            proc.kill()
+            proc.join()
+            pytest.fail(f"the writer never reached {stage} #{k}")
         assert proc.exitcode == -signal.SIGKILL, (stage, k, proc.exitcode)
     # Each run completed the k - 1 adds before its kill, and nothing of the killed one is visible.
     assert len(Store(root).ls(all_versions=True)) == sum(k - 1 for _, k in kills) == 9
