@@ -119,13 +119,33 @@ def test_resume_equals_uninterrupted_run_exactly(tmp_path, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_other_options(tmp_path):
+@pytest.mark.parametrize("change, refusal", [
+    ({"batch_size": 2}, "batch_size=4"), ({"seed": 6}, "seed=5"), ({"schedule": "cosine"}, "schedule='linear'"),
+    ({"lr": 2e-2}, "lr=0.01"), ({"warmup_steps": 0}, "warmup_steps=2"), ({"steps": 5}, "steps=3"),
+    ({"data": toy_data(20)}, "trained on 24 rows, this data has 20"),
+    ({"data": toy_data(24, seed=3)}, "other data \\(same 24 rows"),  # same size, other rows
+    ({}, None),  # the same options and data: resumed
+])
+def test_resume_refuses_other_options_or_data(tmp_path, change, refusal):
     make_trainer(tmp_path / "r", steps=3, checkpoint_every=3).run()
-    model = tiny_model("llama")
-    prompt = methods.create("prefix_tuning", model, None, num_virtual_tokens=3, projection_dim=16)
-    t = Trainer(model, None, prompt, toy_data(), TrainConfig(steps=3, batch_size=2, lr=1e-2), out=tmp_path / "r")
-    with pytest.raises(TrainingError, match="batch_size=4"):
-        t.resume()
+    change = dict(change)
+    data = change.pop("data", toy_data())
+    t = make_trainer(tmp_path / "r", steps=3, checkpoint_every=3)
+    t.cfg, t.data = TrainConfig(**{**t.cfg.__dict__, **change}), data
+    if refusal is None:
+        assert t.resume() and t.step == 3
+    else:
+        with pytest.raises(TrainingError, match=refusal):
+            t.resume()
+
+
+def test_keep_checkpoints_prunes_the_oldest(tmp_path):
+    make_trainer(tmp_path / "k", steps=10, checkpoint_every=2, keep_checkpoints=2).run()
+    assert [p.name for p in list_checkpoints(tmp_path / "k" / "checkpoints")] == ["step-000008", "step-000010"]
+    make_trainer(tmp_path / "one", steps=4, checkpoint_every=1, keep_checkpoints=1).run()
+    assert [p.name for p in list_checkpoints(tmp_path / "one" / "checkpoints")] == ["step-000004"]
+    make_trainer(tmp_path / "all", steps=4, checkpoint_every=2, keep_checkpoints=0).run()  # 0: keep every one
+    assert [p.name for p in list_checkpoints(tmp_path / "all" / "checkpoints")] == ["step-000002", "step-000004"]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
