@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -63,7 +64,7 @@ def test_two_processes_split_the_batch_and_equal_one(tmp_path, monkeypatch):
             "--checkpoint-every", "0", "--no-progress"]
     (tmp_path / "watch.py").write_text(WATCH)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(tmp_path / "watch.py"), str(tmp_path), "train", *args], env=env, capture_output=True,
                          text=True, timeout=300)
