@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -48,8 +49,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", suffix=".tmp", dir=root))
     try:
         _fsync(tmp / TENSORS, blob)
-        if os.environ.get("SOFTPROMPT_TEST_CHECKPOINT_SLEEP"):  # lets a test kill us mid-write
-            time.sleep(float(os.environ["SOFTPROMPT_TEST_CHECKPOINT_SLEEP"]))
+        if os.environ.get("SOFTPROMPT_TEST_CHECKPOINT_STOP") == str(step):  # a test kills us mid-write:
+            os.kill(os.getpid(), signal.SIGSTOP)  # it waits for this stop (no timing window), then kills
         _fsync(tmp / STATE, json.dumps(state, indent=1).encode())
         _fsync_dir(tmp)
         if final.exists():  # same step written again (a resumed run): swap it out
