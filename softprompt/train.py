@@ -219,6 +219,9 @@ class Trainer:
                  eval_groups: list | None = None, dist: Dist | None = None, progress: bool = False,
                  card: dict | None = None, objective=None):
         self.objective = objective or CausalLMObjective()
+        if getattr(model, "softprompt_quantize", None):  # int8 matmuls have no gradient
+            raise ValueError(f"cannot train on a {model.softprompt_quantize}-quantized base: it is for serving and "
+                             "evaluation; train without --quantize (the artifact then serves on either)")
         if cfg.metric not in ("eval_loss", *self.objective.no_generation_metrics) and not cfg.eval_generate:
             raise ValueError(f"metric {cfg.metric} needs --eval-generate N (inputs to generate for)")
         self.model, self.tok, self.prompt, self.data, self.cfg = model, tokenizer, prompt, train_data, cfg

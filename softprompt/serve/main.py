@@ -77,18 +77,15 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
         prefix_cache_mb: memory for cached task prefixes
         lora: a PEFT LoRA adapter directory (safetensors) applied to the base first: serves prompts trained with --lora
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
-        threads: torch CPU threads (0: torch's default, one per core); on a CPU shared with busy processes use 1
+        threads: torch CPU threads (0: the cores not busy with other processes, see docs/devices.md)
     """
     import uvicorn
 
-    # With other busy processes on the cores, each small multi-threaded op waits for a descheduled
-    # thread (measured: a decode step's attention 8 ms instead of 7 us), hence --threads 1 there.
-    if threads < 0:
-        raise ValueError(f"threads must be >= 0, got {threads}")
-    if threads:
-        import torch
+    from ..device import set_threads
 
-        torch.set_num_threads(threads)
+    # With other busy processes on the cores, each small multi-threaded op waits for a descheduled
+    # thread (measured: a decode step's attention 8 ms instead of 7 us); the default counts only free cores.
+    set_threads(threads)
 
     app, config = build_app(store, base, api_keys_file, max_batch_size, max_queue, max_body_bytes,
                             request_timeout_s, prefix_cache_mb, lora=lora, merge_lora=merge_lora)
