@@ -187,11 +187,16 @@ def main():
         "mean_batch_rows": round(st["batch_rows_sum"] / max(1, st["steps"]), 1),
         "torch_threads": torch.get_num_threads(), "quick": args.quick, "rounds": args.rounds,
     }
+    # the int8 base against the bare float32 model, side by side (bench/serve_quantized.py, issue 16)
+    from serve_quantized import compare as compare_quantized
+
+    result["quantized"] = compare_quantized(model, tok, requests, tasks, args.batch, args.rounds)
+    result["quantized_vs_fp32_base"] = result["quantized"]["quantized_vs_fp32_base"]
     out = Path(__file__).resolve().parent / "results" / "serve_mixed.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     keys = ["ratio_vs_base", "speedup_vs_peft", "task_load_p99_ms", "task_load_p50_ms", "tokens_per_s_engine",
-            "tokens_per_s_peft", "tokens_per_s_base", "bytes_per_cached_task"]
+            "tokens_per_s_peft", "tokens_per_s_base", "bytes_per_cached_task", "quantized_vs_fp32_base"]
     print(" ".join(f"{k}={result[k]}" for k in keys))
 
 
