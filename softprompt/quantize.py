@@ -88,6 +88,12 @@ class Int8Linear(nn.Module):
             y += self.bias
         return y.view(*shape[:-1], self.out_features)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 weight (K, N): some models read a layer's `weight.dtype` (T5 casts its input to
+        it, unless it is int8, as for other int8 layers)."""
+        return self.weight_int8
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, smoothed={self.inv_smooth is not None}"
 
@@ -98,6 +104,10 @@ class _Observer(nn.Module):
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer, self.absmax = layer, None
+
+    @property
+    def weight(self) -> torch.Tensor:  # models that read a layer's weight (T5) read the real one
+        return self.layer.weight
 
     def forward(self, x, *args, **kwargs):
         m = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()
@@ -151,8 +161,9 @@ def quantize_int8(model: nn.Module, tokenizer=None, calibration: str | None = CA
         cfg = model.config
         limit = min(512, getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512)
         ids = tokenizer(calibration, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :limit]
+        extra = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
         try:
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra)
         finally:
             def unwrap(c):
                 if isinstance(c, _Observer):

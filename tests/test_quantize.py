@@ -77,3 +77,22 @@ def test_training_on_the_quantized_base_is_refused():
     prompt = methods.create("prefix_tuning", model, num_virtual_tokens=2, projection_dim=0)
     with pytest.raises(ValueError, match="cannot train on a int8-quantized base"):
         Trainer(model, None, prompt, None, TrainConfig(steps=1))
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_bases_quantize_and_generate_the_same_alone_and_batched(arch):
+    from test_seq2seq import padded, tiny
+
+    from softprompt.seq2seq import create
+    from softprompt.seq2seq.generate import generate_ids
+    from softprompt.generate import SamplingParams
+
+    model = quantize_int8(tiny(arch), CalibTok())
+    prompt = create("prefix_tuning", model, num_virtual_tokens=3, projection_dim=0)
+    kv = prompt.to_kv_prefix(model)
+    ids, mask = padded(ROWS)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    batch = generate_ids(model, ids, mask, [kv], params)
+    for i, row in enumerate(ROWS):
+        one = torch.tensor([row])
+        assert generate_ids(model, one, torch.ones_like(one), [kv], params)[0] == batch[i]
