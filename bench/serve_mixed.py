@@ -288,8 +288,14 @@ def main():
         "torch_threads": torch.get_num_threads(), "quick": args.quick, "rounds": args.rounds,
         "load_rounds": args.load_rounds,
     }
+    # the int8 base against the bare float32 model, side by side (bench/serve_quantized.py, issue 16)
+    from serve_quantized import compare as compare_quantized
+
+    result["quantized"] = compare_quantized(model, tok, requests, tasks, args.batch, args.rounds)
+    result["quantized_vs_fp32_base"] = result["quantized"]["quantized_vs_fp32_base"]
     keys = ["ratio_vs_base", "speedup_vs_peft", "task_load_p99_ms", "task_load_p50_ms", "step_p99_vs_median",
-            "tokens_per_s_engine", "tokens_per_s_peft", "tokens_per_s_base", "bytes_per_cached_task"]
+            "tokens_per_s_engine", "tokens_per_s_peft", "tokens_per_s_base", "bytes_per_cached_task",
+            "quantized_vs_fp32_base"]
     out = rec.save(result, headline={k: result[k] for k in keys})
     print(f"wrote {out}", file=sys.stderr)
     print(" ".join(f"{k}={result[k]}" for k in keys))

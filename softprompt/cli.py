@@ -622,6 +622,27 @@ def compare(data: str | None = None, out: str = "out/compare", base: str | None 
 COMMANDS.update({"inspect": inspect_, "card": card, "compare": compare})
 
 
+# Where and how a command's model runs: every command that loads a model takes these flags; `main`
+# applies them once (softprompt.device.set_defaults, set_threads), so every loader below it, also in
+# the jobs that load their own model (train, eval, demo, classify), picks them up.
+MODEL_FLAGS = {
+    "device": (str, "auto", "auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps"),
+    "dtype": (str, "float32", "the base model's precision: float32, bfloat16 or float16 (prompts stay float32)"),
+    "quantize": (str, "none", "none, or int8: the base's Linear layers in int8 (CPU only; for serving and eval)"),
+    "threads": (int, 0, "torch CPU threads (0: the cores not busy with other processes; see docs/devices.md)"),
+}
+LOADS_MODEL = {"info", "init", "generate", "export-peft", "train", "eval", "demo", "serve", "inspect", "compare",
+               "store add", "store import"}
+
+
+def _apply_model_flags(flags: dict) -> None:
+    from .device import set_defaults, set_threads
+
+    set_defaults(flags.get("device"), flags.get("dtype"), flags.get("quantize"))
+    if "threads" in flags:
+        set_threads(flags["threads"])
+
+
 def _load(base, lora=None, merge_lora=True):
     from .models import load_base
 
@@ -715,6 +736,10 @@ def _add_command(sub, name: str, fn, full_name: str) -> None:
         else:
             p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, type=tp, default=param.default, help=h,
                            choices=CHOICES.get(pname))
+    if full_name in LOADS_MODEL:  # the shared model flags, unless the command has its own
+        for flag, (tp, default, h) in MODEL_FLAGS.items():
+            if flag not in inspect.signature(fn).parameters:
+                p.add_argument(f"--{flag}", dest=flag, type=tp, default=default, help=h)
     p.set_defaults(_fn=fn, _name=full_name)
 
 
@@ -732,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     fn, name = args.pop("_fn"), args.pop("_name")
     args.pop("command")
     args.pop("_sub", None)
+    flags = {k: args.pop(k) for k in MODEL_FLAGS if k in args and k not in inspect.signature(fn).parameters}
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -740,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     from .peft_io import PeftFormatError
 
     try:
+        _apply_model_flags(flags)
         fn(**args)
     except (ArtifactError, BaseModelError, PeftFormatError, ValueError) as e:
         return _fail(name, str(e))

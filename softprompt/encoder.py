@@ -63,13 +63,17 @@ def is_encoder_config(config) -> bool:
     return getattr(config, "model_type", "") in {"bert", "roberta", "xlm-roberta", "electra", "ernie", "camembert"}
 
 
-def load_encoder(path: str | os.PathLike | None = None, device: str = "cpu"):
-    """A frozen encoder (no task head) and its tokenizer, padding on the right.
+def load_encoder(path: str | os.PathLike | None = None, device=None, dtype=None, quantize=None):
+    """A frozen encoder (no task head) and its tokenizer, padding on the right; `device`, `dtype` and
+    `quantize` as in `load_base` (default: `softprompt.device.defaults()`).
 
     `path=None` (or "minilm") is the embedded all-MiniLM-L6-v2; otherwise a local model directory.
     """
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from .device import resolve
+    from .models import place
 
     if path is None or str(path) in ENCODER_ALIASES:
         source, name = embedded_encoder_dir(), EMBEDDED_ENCODER_NAME
@@ -91,9 +95,8 @@ def load_encoder(path: str | os.PathLike | None = None, device: str = "cpu"):
     if not is_encoder_config(model.config):
         raise BaseModelError(f"{source} is a {model.config.model_type} model, not a bidirectional encoder")
     tok.padding_side = "right"
-    model.to(device)
     model.name_or_path = name
-    return freeze(model), tok
+    return place(freeze(model), resolve(device, dtype, quantize), tok), tok
 
 
 def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, prefix: torch.Tensor | None = None,
@@ -125,7 +128,7 @@ def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, pref
     mask = torch.cat([pmask.to(attention_mask), attention_mask], dim=1)  # (B, P+T): every token sees the prefix
     first = kv.shape[-2] if shift_positions else 0  # explicit either way: releases differ in what None means
     pos = torch.arange(first, first + T, device=input_ids.device).expand(B, T)
-    out = hf.forward(model, hf.new_cache(kv), input_ids=input_ids, attention_mask=mask, position_ids=pos)
+    out = hf.forward(model, hf.new_cache(kv, model=model), input_ids=input_ids, attention_mask=mask, position_ids=pos)
     return out.last_hidden_state  # (B, T, d): the prefix has no output column
 
 

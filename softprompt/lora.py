@@ -54,14 +54,20 @@ def apply_lora(model, adapter_dir: str | os.PathLike, merge: bool = True):
     return freeze(adapted)
 
 
-def load_base_with_lora(base=None, lora: str | os.PathLike | None = None, merge: bool = True, **kwargs):
-    """`load_base(base, **kwargs)`, then `apply_lora` when `lora` is given. Returns `(model, tokenizer)`."""
-    from .models import load_base
+def load_base_with_lora(base=None, lora: str | os.PathLike | None = None, merge: bool = True, device=None,
+                        dtype=None, quantize=None):
+    """`load_base(base, ...)`, then `apply_lora` when `lora` is given. Returns `(model, tokenizer)`.
+    The adapter is applied to the float32 weights on the CPU, and only then is the model cast,
+    quantized and moved (so its fingerprint is the float32 adapted model's, whatever the precision)."""
+    from .device import resolve
+    from .models import load_base, place
 
-    model, tok = load_base(base, **kwargs)
-    if lora is not None:
-        model = apply_lora(model, lora, merge=merge)
-    return model, tok
+    if lora is None:
+        return load_base(base, dtype=dtype, device=device, quantize=quantize)
+    where = resolve(device, dtype, quantize)
+    model, tok = load_base(base, dtype="float32", device="cpu", quantize="none")
+    model = apply_lora(model, lora, merge=merge)
+    return place(model, where, tok), tok
 
 
 def refusal_hint(card: dict, lora: str | os.PathLike | None, merge: bool = True) -> str:

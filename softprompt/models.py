@@ -184,16 +184,26 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def load_base(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a frozen causal LM and its tokenizer.
+def load_base(path: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
+              device: str | torch.device | None = None, quantize: str | None = None):
+    """Load a frozen causal LM (or encoder-decoder) and its tokenizer.
 
     `path=None` loads the embedded default (SmolLM2-135M-Instruct); otherwise `path` is a local
-    HuggingFace model directory (or a hub id when online). Returns `(model, tokenizer)`; the model
-    is frozen and in eval mode, the tokenizer pads on the left (so a batch's last column is every
-    row's last real token).
+    HuggingFace model directory (or a hub id when online). `device` (auto, cpu, cuda, cuda:N, mps),
+    `dtype` (float32, bfloat16, float16) and `quantize` (None or "int8", CPU only) default to
+    `softprompt.device.defaults()` (auto, float32, none; the CLI's --device/--dtype/--quantize).
+    Returns `(model, tokenizer)`; the model is frozen and in eval mode, the tokenizer pads on the
+    left (so a batch's last column is every row's last real token).
+
+    The fingerprint artifacts are checked against is always the float32 weights': a base loaded in
+    bfloat16 or int8 is read in float32 first (on the CPU), fingerprinted, then cast, so a prompt
+    trained on one precision loads on every other.
     """
     from transformers import AutoTokenizer
 
+    from .device import resolve
+
+    where = resolve(device, dtype, quantize)
     if path is None:
         source = embedded_model_dir()
         name = EMBEDDED_NAME
@@ -212,12 +222,28 @@ def load_base(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.
 
         family = family_of(AutoConfig.from_pretrained(source))  # chosen once, from the config
         tok = AutoTokenizer.from_pretrained(source)
-        model = family.auto_model_class().from_pretrained(source, dtype=dtype)
+        model = family.auto_model_class().from_pretrained(source, dtype=torch.float32)  # cast by place()
     except (OSError, ValueError) as e:
         raise BaseModelError(f"cannot load a language model from {source}: {e}") from e
     tok.padding_side = family.padding_side
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(device)
     model.name_or_path = name
-    return freeze(model), tok
+    return place(freeze(model), where, tok), tok
+
+
+def place(model: nn.Module, where, tokenizer=None) -> nn.Module:
+    """A float32 CPU model cast to `where` (a `softprompt.device.Placement`), in place: fingerprinted
+    first when its weights are about to change (bfloat16, float16, int8), then cast, quantized and
+    moved."""
+    if where.dtype != torch.float32 or where.quantize:
+        from .artifact import model_fingerprint
+
+        model_fingerprint(model)
+    if where.dtype != torch.float32:
+        model.to(where.dtype)
+    if where.quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model, tokenizer)
+    return model.to(where.device)

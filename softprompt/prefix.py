@@ -95,7 +95,7 @@ def prefixed_forward(
     pmask = pmask.to(attention_mask.device)
     full_mask = torch.cat([pmask, attention_mask.long()], dim=1)  # (B, Pmax + T)
     position_ids = positions_after_prefix(attention_mask, pmask.sum(-1))
-    cache = hf.new_cache(kv, growing=growing) if (kv is not None or use_cache) else None
+    cache = hf.new_cache(kv, growing=growing, model=model) if (kv is not None or use_cache) else None
     out = hf.forward(model, cache, input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
                      use_cache=use_cache, **kwargs)
     out.prefix_mask, out.attention_mask, out.position_ids = pmask, full_mask, position_ids

@@ -75,7 +75,7 @@ def run_train(data, out, method="prefix_tuning", base=None, template=None, targe
             _say("loading the embedded SmolLM2-135M-Instruct ...", dist.main)
         from .models import load_base
 
-        model, tokenizer = load_base(base, device="cuda" if _cuda() else "cpu")
+        model, tokenizer = load_base(base)  # --device auto: CUDA when present
         if dist.world > 1 and _cuda():
             import torch
 

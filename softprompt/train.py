@@ -225,6 +225,9 @@ class Trainer:
 
             cfg = replace(cfg, lr=default_lr(getattr(prompt, "method", ""), getattr(prompt, "projection_dim", 512)))
         self.objective = objective or CausalLMObjective()
+        if getattr(model, "softprompt_quantize", None):  # int8 matmuls have no gradient
+            raise ValueError(f"cannot train on a {model.softprompt_quantize}-quantized base: it is for serving and "
+                             "evaluation; train without --quantize (the artifact then serves on either)")
         if cfg.metric not in ("eval_loss", *self.objective.no_generation_metrics) and not cfg.eval_generate:
             raise ValueError(f"metric {cfg.metric} needs --eval-generate N (inputs to generate for)")
         self.model, self.tok, self.prompt, self.data, self.cfg = model, tokenizer, prompt, train_data, cfg

@@ -25,7 +25,7 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_classification_base(base: str | None, device: str = "cpu"):
+def load_classification_base(base: str | None, device=None):
     """(model, tokenizer, is_encoder): the embedded encoder by default, the embedded decoder for
     `smollm2`, else a local directory of either kind (its config decides)."""
     from ..encoder import ENCODER_ALIASES, is_encoder_config, load_encoder

@@ -10,7 +10,7 @@ would silently ignore into an error.
 """
 
 from .cache import (GrowingCache, Output, cache_of, call, concat, encdec_cache, encdec_select, forward, from_layers,
-                    keyword, layers, length, new_cache, reorder_rows, repeat_rows, select, to_prefix)
+                    keyword, layers, length, new_cache, placement, reorder_rows, repeat_rows, select, to_prefix)
 from .check import PrefixIgnored, once
 from .errors import UnsupportedModel
 from .hooks import (additive_mask, cross_attention_kv, decoder_position_shift, eager_attention, encoder_prefix,
@@ -20,5 +20,5 @@ __all__ = [
     "GrowingCache", "Output", "PrefixIgnored", "UnsupportedModel", "additive_mask", "cache_of", "call", "concat",
     "cross_attention_kv", "decoder_position_shift", "eager_attention", "encdec_cache", "encdec_select",
     "encoder_prefix", "forward", "from_layers", "gradient_checkpointing", "keyword", "layers", "length",
-    "lm_head_at", "new_cache", "once", "reorder_rows", "repeat_rows", "select", "stack_layers", "to_prefix",
+    "lm_head_at", "new_cache", "once", "placement", "reorder_rows", "repeat_rows", "select", "stack_layers", "to_prefix",
 ]

@@ -129,11 +129,24 @@ class GrowingCache(DynamicCache):
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
 
 
-def new_cache(kv: torch.Tensor | None = None, *, growing: bool = False) -> DynamicCache:
+def placement(model) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the keys and values a model's cache holds: those of its input
+    embeddings (bfloat16 for a base loaded in bfloat16; float32 for an int8-quantized base, whose
+    Linear layers return float32)."""
+    w = model.get_input_embeddings().weight
+    return w.dtype, w.device
+
+
+def new_cache(kv: torch.Tensor | None = None, *, growing: bool = False, model=None) -> DynamicCache:
     """A cache already holding `kv` `(L, 2, B, H, P, D)` (or empty). `growing`: appends write in
     place (inference); otherwise appends concatenate and never write into `kv`, so a shared prefix
-    tensor is safe to pass and gradients flow back into it during training."""
+    tensor is safe to pass and gradients flow back into it during training. With `model`, `kv` is
+    cast to the model's cache dtype and device first (prefixes stay float32 in artifacts and while
+    training; the cast is differentiable and a no-op when they already match)."""
     cache = GrowingCache() if growing else DynamicCache()
+    if kv is not None and model is not None:
+        dtype, device = placement(model)
+        kv = kv.to(device=device, dtype=dtype)
     if kv is not None:
         for layer in range(kv.shape[0]):
             cache.update(kv[layer, 0], kv[layer, 1], layer)

@@ -91,7 +91,7 @@ class PrefixTuning(PromptMethod):
                 raise ValueError("init='text' needs the tokenizer")
             ids = repeat_to(tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"], P)
             table = model.get_input_embeddings().weight
-            prefix = compile_embeddings(model, table[torch.tensor(ids, device=table.device)]).cpu()
+            prefix = compile_embeddings(model, table[torch.tensor(ids, device=table.device)]).float().cpu()  # float32 whatever the base
         elif cfg.projection_dim:
             prefix = None
         else:

@@ -103,7 +103,7 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
         prefix_cache_mb: memory for cached task prefixes
         lora: a PEFT LoRA adapter directory (safetensors) applied to the base first: serves prompts trained with --lora
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
-        threads: torch CPU threads (0: torch's default, one per core); on a CPU shared with busy processes use 1
+        threads: torch CPU threads (0: the cores not busy with other processes, see docs/devices.md)
         body_timeout_s: a request body not fully received within this many seconds gets 408
         ray: serve on Ray Serve (replicas over one shared store, e.g. --store postgresql://...; docs/distributed.md)
         replicas: with --ray: engine replicas (each holds the model once)
@@ -113,14 +113,11 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
 
     import uvicorn
 
-    # With other busy processes on the cores, each small multi-threaded op waits for a descheduled
-    # thread (measured: a decode step's attention 8 ms instead of 7 us), hence --threads 1 there.
-    if threads < 0:
-        raise ValueError(f"threads must be >= 0, got {threads}")
-    if threads:
-        import torch
+    from ..device import set_threads
 
-        torch.set_num_threads(threads)
+    # With other busy processes on the cores, each small multi-threaded op waits for a descheduled
+    # thread (measured: a decode step's attention 8 ms instead of 7 us); the default counts only free cores.
+    set_threads(threads)
 
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in 0..65535, got {port}")

@@ -1,0 +1,98 @@
+"""The int8 base: each row's output depends on that row alone (exactly), so the prefix self-check
+passes at float32's tolerance and a mixed batch equals each row alone on the same quantized base;
+the fingerprint stays the float32 weights', artifacts load, and training on it is refused."""
+
+import pytest
+import torch
+from conftest import ROWS, VOCAB, tiny_model
+from test_engine import WordTok, alone, make_tasks, text
+
+from softprompt import methods
+from softprompt.artifact import load_artifact, model_fingerprint, save_artifact
+from softprompt.prefix import check_prefix_support
+from softprompt.quantize import Int8Linear, quantize_int8
+from softprompt.serve import Engine, Request
+
+
+class CalibTok:
+    """Text -> ids in the tiny vocabulary, for the calibration pass."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = [3 + ord(c) % (VOCAB - 3) for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+
+def int8(arch, smooth=True):
+    return quantize_int8(tiny_model(arch), CalibTok() if smooth else None)
+
+
+def test_int8_linear_is_close_and_rows_are_independent_exactly():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(9, 64)
+    x[:, 5] *= 30  # an outlier channel, as after RMSNorm in real models
+    q = Int8Linear(lin, x.abs().amax(0))
+    want, got = lin(x), q(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 0.03
+    for i in range(len(x)):  # a row alone gives the very bits it gets in the batch
+        assert torch.equal(q(x[i:i + 1]), got[i:i + 1])
+    assert q(x.view(3, 3, 64)).shape == (3, 3, 48)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_self_check_passes_on_the_quantized_base(arch):
+    model = int8(arch)
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) >= 2 * 4
+    check_prefix_support(model)  # float32's tolerance: the int8 matmuls act on each token alone
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("smooth", [True, False])
+def test_quantized_mixed_batch_rows_equal_rows_alone(arch, smooth):
+    model = int8(arch, smooth)
+    tasks = make_tasks(model)
+    names = [None, *tasks]
+    engine = Engine(model, WordTok(), tasks, max_batch_size=3, keep_logits=True)  # rows join mid-flight
+    reqs = [Request(prompt=text(ROWS[j % 3] + [10 + j]), task=names[j % len(names)], max_new_tokens=3 + j % 4,
+                    ignore_eos=True) for j in range(9)]
+    for req, out in zip(reqs, engine.generate(reqs)):
+        toks, logits = alone(model, tasks.get(req.task), [int(x) for x in req.prompt.split()], req.max_new_tokens)
+        assert out.token_ids == toks
+        assert (out.logits - logits).abs().max().item() < 1e-4
+
+
+def test_fingerprint_and_artifacts_survive_quantization(tmp_path):
+    fp32 = tiny_model("llama")
+    path = save_artifact(methods.create("prompt_tuning", fp32, num_virtual_tokens=4), tmp_path / "a", fp32)
+    model = int8("llama")
+    assert model_fingerprint(model) == model_fingerprint(fp32) and model.softprompt_quantize == "int8"
+    kv = load_artifact(path, model).to_kv_prefix(model)
+    assert kv.dtype == torch.float32  # the prefix stays float32 on an int8 base
+
+
+def test_training_on_the_quantized_base_is_refused():
+    from softprompt.train import TrainConfig, Trainer
+
+    model = int8("llama")
+    prompt = methods.create("prefix_tuning", model, num_virtual_tokens=2, projection_dim=0)
+    with pytest.raises(ValueError, match="cannot train on a int8-quantized base"):
+        Trainer(model, None, prompt, None, TrainConfig(steps=1))
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_encoder_decoder_bases_quantize_and_generate_the_same_alone_and_batched(arch):
+    from test_seq2seq import padded, tiny
+
+    from softprompt.seq2seq import create
+    from softprompt.seq2seq.generate import generate_ids
+    from softprompt.generate import SamplingParams
+
+    model = quantize_int8(tiny(arch), CalibTok())
+    prompt = create("prefix_tuning", model, num_virtual_tokens=3, projection_dim=0)
+    kv = prompt.to_kv_prefix(model)
+    ids, mask = padded(ROWS)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    batch = generate_ids(model, ids, mask, [kv], params)
+    for i, row in enumerate(ROWS):
+        one = torch.tensor([row])
+        assert generate_ids(model, one, torch.ones_like(one), [kv], params)[0] == batch[i]
