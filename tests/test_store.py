@@ -66,7 +66,7 @@ def _writer(root, paths, stage, k, run):
     """Add new content (the metric differs) until killed: SIGKILL at the k-th add, at `stage`:
     "write" before the temp file's rename into objects/, "renamed" after it (the file is in, the row
     not yet), "commit" inside the row's transaction before COMMIT. Exact points, no timing."""
-    import softprompt.store as S
+    import softprompt.atomic as A
 
     torch.set_num_threads(1)
     calls = [0]
@@ -80,8 +80,8 @@ def _writer(root, paths, stage, k, run):
         replace = os.replace
         os.replace = lambda *a: (hit(), replace(*a))[1]  # only _put renames during an add
     elif stage == "renamed":
-        fsync_dir = S._fsync_dir
-        S._fsync_dir = lambda p: (fsync_dir(p), hit())[0]
+        fsync_dir = A.fsync_dir  # called once the object's rename is in place (softprompt/atomic.py)
+        A.fsync_dir = lambda p: (fsync_dir(p), hit())[0]
     else:
         class Conn:  # the store's connection, killed just before its write transaction commits
             def __init__(self, db):
@@ -95,8 +95,10 @@ def _writer(root, paths, stage, k, run):
             def __getattr__(self, name):
                 return getattr(self.db, name)
 
-        db = S.Store._db
-        S.Store._db = lambda self: Conn(db(self))
+        from softprompt.store_backends.sqlite import SQLiteIndex
+
+        conn = SQLiteIndex.conn  # the index's connection, as the store's write transaction gets it
+        SQLiteIndex.conn = lambda self: Conn(conn(self))
     store = Store(root)
     for i in range(10**6):
         store.add(f"t{i % 3}", paths[i % len(paths)], metrics={"i": i, "run": run})  # new bytes every add

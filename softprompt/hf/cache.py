@@ -72,6 +72,7 @@ class Output:
     logits: torch.Tensor | None
     cache: Any = None
     attentions: tuple | None = None
+    hidden_states: tuple | None = None  # with output_hidden_states=True: per layer input, (B, T, d)
     last_hidden_state: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None  # (B, Pmax + T)
     position_ids: torch.Tensor | None = None  # (B, T)
@@ -84,7 +85,7 @@ def forward(model, cache=None, **kwargs) -> Output:
     out = call(model, cache, **kwargs)
     returned = cache_of(out)
     return Output(logits=getattr(out, "logits", None), cache=cache if returned is None else returned,
-                  attentions=getattr(out, "attentions", None),
+                  attentions=getattr(out, "attentions", None), hidden_states=getattr(out, "hidden_states", None),
                   last_hidden_state=getattr(out, "last_hidden_state", None))
 
 
