@@ -149,7 +149,8 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
     print(family_of(model).generate(model, tok, [prompt], kv, params)[0])
 
 
-def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool = False):
+def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool = False,
+                base_model_name_or_path: str | None = None):
     """Export an artifact as a PEFT adapter directory (PeftModel.from_pretrained loads it).
 
     Args:
@@ -157,13 +158,20 @@ def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool
         out: the PEFT adapter directory to write
         base: a local HuggingFace model directory (default: the embedded model)
         overwrite: replace an existing PEFT adapter directory at OUT (refused by default)
+        base_model_name_or_path: where PEFT's AutoPeftModel finds the base: a Hub id or a path (default: HuggingFaceTB/SmolLM2-135M-Instruct for the embedded model, else the absolute --base path)
     """
+    from pathlib import Path
+
     from .artifact import load_artifact
+    from .models import EMBEDDED_HUB_ID
     from .peft_io import export_peft as run
 
     _refuse_existing(out, overwrite, "PEFT adapter")
     model, _ = _load(base)
-    path = run(load_artifact(adapter, model), out, model, base_model_name_or_path=base or model.name_or_path)
+    # a name PEFT can load: the embedded model's Hub id, or the base's absolute path (a bare directory
+    # name such as "SmolLM2-135M-Instruct" is neither, and AutoPeftModel could not find the base)
+    where = base_model_name_or_path or (EMBEDDED_HUB_ID if base is None else str(Path(base).resolve()))
+    path = run(load_artifact(adapter, model), out, model, base_model_name_or_path=where)
     print(f"wrote PEFT adapter to {path}", file=sys.stderr)
 
 
