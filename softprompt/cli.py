@@ -185,7 +185,8 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
           keep_checkpoints: int = 2, resume: bool = False, gradient_checkpointing: bool = False,
           max_length: int = 512, max_rows: int = 0, skip_bad_rows: bool = False, progress: bool = True,
           lora: str | None = None, merge_lora: bool = True, task: str = "generate", labels: str | None = None,
-          label_words: str | None = None, pooling: str = "mean", overwrite: bool = False):
+          label_words: str | None = None, pooling: str = "mean", overwrite: bool = False,
+          report_to: list[str] | None = None):
     """Train a prompt on a dataset; writes OUT/best and OUT/last (artifacts), metrics.jsonl, plot.png, checkpoints/.
 
     Runs data-parallel unchanged under `torchrun --nproc-per-node N -m softprompt.cli train ...`
@@ -233,6 +234,7 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
         label_words: classify on a decoder: the word the model predicts per class (default: the label names)
         pooling: classify on an encoder: mean or cls
         overwrite: start afresh in an OUT that already holds files: the earlier run's files are removed (refused by default; --resume continues it instead)
+        report_to: experiment trackers: tensorboard, mlflow, wandb (repeat, or comma-separate); needs softprompt[tracking]
     """
     _prepare_run_dir(out, resume, overwrite)
     args = dict(locals())
