@@ -40,6 +40,9 @@ BENCHES = {
                      lambda d: {f"acc_{r['method']}": round(r["accuracy"], 1) for r in d["results"]}),
     "compare_e2e": ("`softprompt compare` on E2E: prefix, prompt tuning and LoRA side by side",
                     lambda d: {f"bleu_{r['method']}": round(r["bleu"], 1) for r in d["rows"]}),
+    "cli_help": ("`softprompt --help` and every command's --help, whole processes",
+                 lambda d: {"median_s": round(min(d["medians_s"].values()), 3),
+                            "max_median_s": round(max(d["medians_s"].values()), 3)}),
 }
 
 
@@ -79,7 +82,7 @@ def entry(name: str, path: Path) -> list[str]:
                   "- machine: not recorded here (the README's text describes it)"]
         headline = legacy(d)
     lines += ["", "| figure | value |", "|---|---:|"] + [f"| {k} | {fmt(v)} |" for k, v in headline.items()]
-    return lines + [f"", f"From `bench/results/{path.name}`.", ""]
+    return lines + ["", f"From `bench/results/{path.name}`.", ""]
 
 
 def render() -> str:

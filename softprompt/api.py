@@ -1,15 +1,6 @@
-"""The public Python API, in PEFT's idiom: a handful of names exported from the package root.
-
-    import softprompt as sp
-    model, tok = sp.load_base()                                  # the embedded model, or a path
-    prompt = sp.create(model, sp.PrefixTuningConfig(num_virtual_tokens=20), tok)
-    sp.train(prompt, model, tok, rows, steps=200)                # dicts, a file, or a datasets.Dataset
-    print(sp.generate(model, tok, ["name[Aromi] ||"], prompt))
-    prompt.save_pretrained("out/e2e")
-    prompt = sp.load("out/e2e", model)
-
-Defaults are the command line's (softprompt/config.py and the config dataclasses are the one
-source). Encoder-decoder bases (T5, BART) take the same calls.
+"""The public Python API in PEFT's idiom, exported from the package root (its docstring shows the
+whole workflow, and tests/test_api.py runs it). Defaults are the command line's (softprompt/config.py
+and the config dataclasses are the one source). Every model family takes the same calls.
 """
 
 from __future__ import annotations

@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,8 @@ from safetensors.torch import save as st_save
 from . import __version__
 from .card_schema import CardError, check_card_fields
 from .methods import METHODS, PromptMethod
-from .families import family_named, family_of
+from .atomic import fsync_write, staged_dir, write_file
+from .families import family_of
 from .models import fingerprint
 
 FORMAT = "softprompt-artifact"
@@ -47,7 +46,7 @@ class ArtifactError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Writing
 
-def _data_section(blob: bytes) -> bytes:
+def data_section(blob: bytes) -> bytes:
     """The tensor bytes of a serialized safetensors blob (after the 8-byte length and JSON header)."""
     if len(blob) < 8:
         raise ArtifactError("tensor file is truncated (shorter than a safetensors header)")
@@ -93,13 +92,6 @@ def make_card(prompt: PromptMethod, model, tensors: dict[str, torch.Tensor], *, 
     return card
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _is_artifact_dir(path: Path) -> bool:
     return path.is_dir() and (not any(path.iterdir()) or (path / CARD_FILE).exists())
 
@@ -113,7 +105,7 @@ def save_artifact(prompt: PromptMethod, path: str | os.PathLike, model, *, metri
     """
     path = Path(path)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in prompt.export_tensors().items()}
-    data = _data_section(st_save(tensors))
+    data = data_section(st_save(tensors))
     card = make_card(prompt, model, tensors, metrics=metrics, dataset=dataset, base_name=base_name, extra=extra)
     card["tensor_sha256"] = hashlib.sha256(data).hexdigest()
     card["bytes"] = len(data)
@@ -121,40 +113,21 @@ def save_artifact(prompt: PromptMethod, path: str | os.PathLike, model, *, metri
     if path.suffix == ".safetensors":
         if path.is_dir():
             raise ArtifactError(f"{path} is a directory; give a new file name or a directory path without .safetensors")
-        blob = st_save(tensors, metadata={META_KEY: json.dumps(card)})
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            _fsync_write(Path(tmp), blob)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_file(path, st_save(tensors, metadata={META_KEY: json.dumps(card)}))
         return path
     if path.exists() and not _is_artifact_dir(path):
         raise ArtifactError(f"{path} exists and is not a softprompt artifact; refusing to overwrite it. "
                             "Choose a new path or remove it first.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        _fsync_write(tmp / TENSOR_FILE, st_save(tensors))
-        _fsync_write(tmp / CARD_FILE, json.dumps(card, indent=2).encode())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "a")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with staged_dir(path) as tmp:
+        fsync_write(tmp / TENSOR_FILE, st_save(tensors))
+        fsync_write(tmp / CARD_FILE, json.dumps(card, indent=2).encode())
     return path
 
 
 # --------------------------------------------------------------------------------------------
 # Reading
 
-def _read(path: Path) -> tuple[dict, bytes]:
+def read_raw(path: Path) -> tuple[dict, bytes]:
     """(card, safetensors blob) from either form, with no check beyond parsing."""
     if not path.exists():
         raise ArtifactError(f"no artifact at {path}: the path does not exist")
@@ -183,12 +156,21 @@ def _read(path: Path) -> tuple[dict, bytes]:
 
 def read_card(path: str | os.PathLike) -> dict:
     """The card of an artifact, checked for format and version (tensors not loaded)."""
-    card, _ = _read(Path(path))
-    _check_card(card, Path(path))
+    card, _ = read_raw(Path(path))
+    check_card(card, Path(path))
     return card
 
 
-def _check_card(card: dict, path: Path) -> None:
+def read_artifact(path: str | os.PathLike) -> tuple[dict, bytes]:
+    """(card, safetensors blob) of an artifact in either form, its card checked against the schema
+    (tensors are checked by `verified_tensors`). What the store and classifiers read through."""
+    path = Path(path)
+    card, blob = read_raw(path)
+    check_card(card, path)
+    return card, blob
+
+
+def check_card(card: dict, path: Path) -> None:
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise ArtifactError(f"{path}: the card's format is {card.get('format') if isinstance(card, dict) else card!r}, "
                             f"not {FORMAT!r}; this is not a softprompt artifact")
@@ -211,10 +193,10 @@ def _check_card(card: dict, path: Path) -> None:
 
 
 def verified_tensors(path: Path, card: dict, blob: bytes, model, allow_other_base: bool = False) -> dict:
-    """The tensors of an artifact read by `_read`, once its checksum holds and its base-model
+    """The tensors of an artifact read by `read_raw`, once its checksum holds and its base-model
     fingerprint is `model`'s (unless `allow_other_base`); every loader of an artifact goes through here."""
     try:
-        data = _data_section(blob)
+        data = data_section(blob)
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}; restore it or re-export it") from e
     digest = hashlib.sha256(data).hexdigest()
@@ -248,8 +230,8 @@ def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = Fa
         from .peft_io import import_peft
 
         return import_peft(path, model)
-    card, blob = _read(path)
-    _check_card(card, path)
+    card, blob = read_raw(path)
+    check_card(card, path)
     if (card.get("classifier") or {}).get("kind") == "head":  # a verbalizer's tensors are a plain prompt
         raise ArtifactError(f"{path} is a classifier (an encoder with a head, labels "
                             f"{card['classifier'].get('labels')}), not a prompt for generation: use `softprompt eval "
@@ -276,10 +258,3 @@ def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = Fa
     prompt = cls.from_export(geo, card.get("config") or {}, tensors)
     prompt.card = card
     return prompt
-
-
-def describe(path: str | os.PathLike) -> dict:
-    """A short summary of an artifact's card for listings."""
-    card = read_card(path)
-    return {k: card.get(k) for k in ("method", "num_virtual_tokens", "bytes", "created", "metrics", "dataset")} | {
-        "base_model": (card.get("base_model") or {}).get("name")}

@@ -12,8 +12,10 @@ folder (serve/http.py `confined`), and `store add` copies them into the store.
 
 from __future__ import annotations
 
-from .families import FAMILIES
 import re
+from pathlib import Path
+
+from .families import FAMILIES
 
 # Longer than any context we know of (P must also fit the model's context: see methods.check_size).
 MAX_VIRTUAL_TOKENS = 1 << 20
@@ -67,7 +69,7 @@ FIELDS = {
 
 def check_card_fields(card: dict) -> None:
     """Raise CardError (one line, naming the field) unless every known field has its type.
-    format, format_version and method are checked by the caller (artifact._check_card)."""
+    format, format_version and method are checked by the caller (artifact.check_card)."""
     n = card.get("num_virtual_tokens")
     lowest = 0 if card.get("method") == "head_only" else 1  # a linear probe has no prompt
     if not _int(n) or not lowest <= n <= MAX_VIRTUAL_TOKENS:

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -26,32 +27,15 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .atomic import fsync_dir as _fsync_dir
+from .atomic import fsync_write as _fsync
+
 TENSORS, STATE = "tensors.safetensors", "state.json"
 _NAME = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointError(ValueError):
     pass
-
-
-def _fsync(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict,
@@ -65,8 +49,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", suffix=".tmp", dir=root))
     try:
         _fsync(tmp / TENSORS, blob)
-        if os.environ.get("SOFTPROMPT_TEST_CHECKPOINT_SLEEP"):  # lets a test kill us mid-write
-            time.sleep(float(os.environ["SOFTPROMPT_TEST_CHECKPOINT_SLEEP"]))
+        if os.environ.get("SOFTPROMPT_TEST_CHECKPOINT_STOP") == str(step):  # a test kills us mid-write:
+            os.kill(os.getpid(), signal.SIGSTOP)  # it waits for this stop (no timing window), then kills
         _fsync(tmp / STATE, json.dumps(state, indent=1).encode())
         _fsync_dir(tmp)
         if final.exists():  # same step written again (a resumed run): swap it out

@@ -1,6 +1,4 @@
-"""The command line: a `{name: function}` map; flags come from each function's typed signature and
-its docstring's `Args:` section. A parameter without a default is positional. A `{name: function}`
-dict in the map is a command group (`softprompt store add ...`).
+"""softprompt: prompt tuning, prefix tuning and P-tuning on a frozen language model.
 
     softprompt info [--base PATH] [--json]
     softprompt init OUT [--method prompt_tuning] [--init text --text "..."]
@@ -21,6 +19,20 @@ import os
 import sys
 import types
 import typing
+
+# How this file works: a `{name: function}` map; flags come from each function's typed signature
+# and its docstring's `Args:` section; a parameter without a default is positional; a
+# `{name: function}` dict in the map is a command group (`softprompt store add ...`). Nothing heavy
+# is imported before a command runs, so `--help` answers at once.
+
+# Options whose values are a fixed set: listed in --help and checked by argparse. The library's own
+# constants are the source; tests/test_cli_help.py checks that these agree with them.
+CHOICES = {
+    "method": ("prefix_tuning", "prompt_tuning", "p_tuning", "prefix", "prompt", "ptuning", "p-tuning"),
+    "schedule": ("linear", "cosine", "constant"),
+    "task": ("generate", "classify"),
+    "pooling": ("mean", "cls"),
+}
 
 # -------------------------------------------------------------------------------------------
 # Commands
@@ -580,7 +592,8 @@ def card(adapter: str, out: str | None = None):
 def compare(data: str | None = None, out: str = "out/compare", base: str | None = None, template: str | None = None,
             target: str | None = None, eval_data: str | None = None, eval_fraction: float = 0.2, steps: int = 50,
             batch_size: int = 8, num_virtual_tokens: int = 20, lora_r: int = 8, lora_lr: float = 1e-3, seed: int = 0,
-            max_new_tokens: int = 16, tasks: int = 16, eval_inputs: int = 50, eval_max_new_tokens: int = 64):
+            max_new_tokens: int = 16, tasks: int = 16, eval_inputs: int = 50, eval_max_new_tokens: int = 64,
+            progress: bool = True):
     """Train prefix tuning, prompt tuning and LoRA (PEFT) on the same data and budget; report them side by side.
 
     Writes OUT/compare.json, OUT/compare.md (a markdown table) and OUT/compare.png, and prints the table.
@@ -603,6 +616,7 @@ def compare(data: str | None = None, out: str = "out/compare", base: str | None 
         tasks: rows (and distinct tasks, when mixed) in the tokens/s measurement
         eval_inputs: distinct held-out inputs scored (eval_loss over all their references; BLEU and ROUGE-L of greedy outputs); 0: all
         eval_max_new_tokens: at most this many new tokens per scored output
+        progress: a progress bar (with ETA) for each method's training, and a line per stage
     """
     if data is None:
         raise ValueError("--data is required (training data; same formats as train)")
@@ -654,9 +668,31 @@ def _base_type(tp):
     return tp, False
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line too (`softprompt train: error: ...`, exit 2); --help has the usage."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not when the help text already says it, nor when there is none (None, False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False \
+                or action.default == [] or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})" if text else f"(default: {action.default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = _Parser(prog="softprompt", description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, fn in COMMANDS.items():
         if isinstance(fn, dict):  # a command group: `softprompt store add ...`
             group = sub.add_parser(name, help=f"{name} commands: {', '.join(fn)}").add_subparsers(
@@ -670,8 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_command(sub, name: str, fn, full_name: str) -> None:
     summary, helps = _doc_args(fn)
-    p = sub.add_parser(name, help=summary.splitlines()[0], description=summary,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=summary.splitlines()[0], description=summary, formatter_class=_HelpFormatter)
+    p.add_argument("--config", dest="_config", metavar="FILE",
+                   help="a YAML or JSON file of this command's options (names as in Python, e.g. num_virtual_tokens); "
+                        "flags given on the command line override it")
     hints = typing.get_type_hints(fn)
     for pname, param in inspect.signature(fn).parameters.items():
         tp, is_list = _base_type(hints[pname])
@@ -685,13 +723,22 @@ def _add_command(sub, name: str, fn, full_name: str) -> None:
             p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, type=tp, action="append",
                            default=param.default, help=h)
         else:
-            p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, type=tp, default=param.default, help=h)
+            p.add_argument(f"--{pname.replace('_', '-')}", dest=pname, type=tp, default=param.default, help=h,
+                           choices=CHOICES.get(pname))
     p.set_defaults(_fn=fn, _name=full_name)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = vars(build_parser().parse_args(argv))
+    try:
+        args = vars(build_parser().parse_args(argv))
+        if args.get("_config"):  # the file's values become the defaults, then the flags are read again
+            args = vars(_with_config(argv, args))
+    except SystemExit as e:  # --help, --version (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
+    except ValueError as e:
+        return _fail(args["_name"], str(e))
+    args.pop("_config", None)
     fn, name = args.pop("_fn"), args.pop("_name")
     args.pop("command")
     args.pop("_sub", None)
@@ -716,6 +763,50 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(name, f"internal error: {type(e).__name__}: {e} (set SOFTPROMPT_DEBUG=1 for the traceback)")
     return 0
+
+
+def _with_config(argv, args: dict) -> argparse.Namespace:
+    """Parse `argv` again with the options of `--config FILE` (YAML or JSON) as defaults: the same
+    names and types as the flags (checked by the same parser), the command line overriding."""
+    path, fn = args["_config"], args["_fn"]
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror or e}") from None
+    try:
+        if path.endswith(".json"):
+            values = jsonlib.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as e:  # a parse error names the line
+        raise ValueError(f"--config {path} does not parse: {' '.join(str(e).split())}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a mapping of option names to values")
+    known = inspect.signature(fn).parameters
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"--config {path}: no option {', '.join(map(repr, unknown))} for `softprompt {args['_name']}` "
+                         f"(options: {', '.join(sorted(known))})")
+    # Values go through argparse as strings, so the file gets the same conversions and choices as flags.
+    flags = []
+    for key, value in values.items():
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            for v in value:
+                flags += [flag, str(v)]
+        elif known[key].default is inspect.Parameter.empty:
+            raise ValueError(f"--config {path}: {key!r} is positional; give it on the command line")
+        else:
+            flags += [flag, str(value)]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words = args["_name"].split()  # the command (and group) words; what follows them comes last and wins
+    return build_parser().parse_args(words + flags + argv[len(words):])
 
 
 def _fail(name: str, message: str, status: int = 2) -> int:

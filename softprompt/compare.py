@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -75,7 +76,7 @@ class _LoraCall:
         return self.peft_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
 
 
-def _train_lora(model, tok, train_tok, eval_tok, steps, batch_size, lr, r, seed, out: Path):
+def _train_lora(model, tok, train_tok, eval_tok, steps, batch_size, lr, r, seed, out: Path, progress: bool = False):
     from peft import LoraConfig, get_peft_model
 
     from .data import collate
@@ -90,7 +91,9 @@ def _train_lora(model, tok, train_tok, eval_tok, steps, batch_size, lr, r, seed,
     call = _LoraCall(pm)
     dev = next(model.parameters()).device
     pm.train()
-    for step in range(steps):
+    from tqdm.auto import tqdm
+
+    for step in tqdm(range(steps), desc="lora", unit="step", disable=not progress, dynamic_ncols=True):
         idx = torch.randint(0, len(train_tok), (batch_size,), generator=g).tolist()
         ids, mask, tmask = collate([train_tok.ids[i] for i in idx], [train_tok.n_target[i] for i in idx],
                                    tok.pad_token_id)
@@ -172,7 +175,7 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
                 eval_data: str | None = None, eval_fraction: float = 0.2, steps: int = 50, batch_size: int = 8,
                 num_virtual_tokens: int = 20, lora_r: int = 8, lora_lr: float = 1e-3, seed: int = 0,
                 max_new_tokens: int = 16, tasks: int = 16, eval_inputs: int = 50, eval_max_new_tokens: int = 64,
-                model=None, tokenizer=None) -> dict:
+                model=None, tokenizer=None, progress: bool = False) -> dict:
     """Train and measure every method; writes OUT/compare.{json,md,png} and returns the report.
 
     `eval_inputs`: held-out distinct inputs scored (0: all); `eval_max_new_tokens`: the longest
@@ -182,7 +185,7 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
     from .artifact import load_artifact, save_artifact
     from .data import DataConfig, read_examples, split_heldout, tokenize
     from .train import eval_loss
-    from .runs import default_lr, method_options, run_train
+    from .runs import method_options, run_train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,12 +212,17 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
     split_dir.mkdir(exist_ok=True)
     (split_dir / "train.jsonl").write_text("".join(json.dumps({"input": e.prompt, "output": e.target}) + "\n"
                                                    for e in train_ex))
-    for method in ("prefix_tuning", "prompt_tuning"):
+    def stage(i: int, what: str) -> None:
+        if progress:
+            print(f"compare [{i}/3] {what}", file=sys.stderr, flush=True)
+
+    for i, method in enumerate(("prefix_tuning", "prompt_tuning"), 1):
+        stage(i, f"{method}: training {steps} steps, then scoring {len(groups)} held-out inputs and timing {tasks} tasks")
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             res = run_train(str(split_dir / "train.jsonl"), str(out / method), method=method,
                             num_virtual_tokens=num_virtual_tokens, steps=steps, batch_size=batch_size, seed=seed,
-                            checkpoint_every=0, progress=False, model=model, tokenizer=tokenizer)
+                            checkpoint_every=0, progress=progress, model=model, tokenizer=tokenizer)
             train_s = time.perf_counter() - t0
         art = out / method / "last"
         prompt = load_artifact(art, model)
@@ -243,10 +251,11 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
                      "inference": "softprompt Engine"})
     # LoRA through PEFT, on the same rows (the model is modified in place by PEFT: done last)
     train_tok = tokenize(train_ex, tokenizer, dcfg)
+    stage(3, f"lora (PEFT, r={lora_r}): training {steps} steps, then scoring and timing")
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         pm, trainable, eval_l = _train_lora(model, tokenizer, train_tok, eval_tok, steps, batch_size, lora_lr,
-                                            lora_r, seed, out / "lora")
+                                            lora_r, seed, out / "lora", progress)
         train_s = time.perf_counter() - t0
     lora_bytes = sum(t.numel() * t.element_size() for n, t in pm.state_dict().items() if "lora_" in n)
     # scored before more adapters are loaded, with the trained one active: `model` now holds PEFT's

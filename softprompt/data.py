@@ -126,7 +126,7 @@ def row_to_example(row: dict, cfg: DataConfig, where: str) -> Example:
     return Example(prompt, target, where)
 
 
-def _jsonl_rows(path: Path):
+def jsonl_rows(path: Path):
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"
@@ -148,7 +148,7 @@ def _jsonl_rows(path: Path):
             yield where, row
 
 
-def _csv_rows(path: Path, delimiter: str | None):
+def csv_rows(path: Path, delimiter: str | None):
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     delim = delimiter or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
@@ -163,7 +163,7 @@ def _csv_rows(path: Path, delimiter: str | None):
         yield where, row
 
 
-def _hf_rows(spec: str):
+def hf_rows(spec: str):
     try:
         import datasets
     except ImportError as e:
@@ -180,16 +180,16 @@ def read_examples(path: str | os.PathLike, cfg: DataConfig = DataConfig(), bad: 
     """Examples from a file (by extension: .jsonl/.json, .csv, .tsv) or `hf:NAME[:SPLIT]`."""
     spec = str(path)
     if spec.startswith("hf:"):
-        rows = _hf_rows(spec)
+        rows = hf_rows(spec)
     else:
         p = Path(path)
         if not p.is_file():
             raise DataError(f"data file {p} does not exist")
         suffix = p.suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
-            rows = _jsonl_rows(p)
+            rows = jsonl_rows(p)
         elif suffix in (".csv", ".tsv", ".tab", ".txt"):
-            rows = _csv_rows(p, cfg.delimiter)
+            rows = csv_rows(p, cfg.delimiter)
         else:
             raise DataError(f"{p}: unknown data format {suffix!r}; use .jsonl, .csv, .tsv or hf:NAME")
     out = []
@@ -245,13 +245,11 @@ def join_target(prompt: str, target: str) -> str:
 # Tokenizing and batching
 
 
-@dataclass
-class TokenizedData:
-    """Token ids of `prompt + target + eos` per example and the number of target tokens (with eos)."""
+class TokenRows:
+    """What the training loop reads of any tokenized data: `ids` per row (and so their lengths, for
+    length-grouped batches). Each task adds what a row is scored against."""
 
     ids: list[list[int]]
-    n_target: list[int]
-    examples: list[Example]
 
     def __len__(self):
         return len(self.ids)
@@ -259,6 +257,15 @@ class TokenizedData:
     @property
     def lengths(self) -> list[int]:
         return [len(x) for x in self.ids]
+
+
+@dataclass
+class TokenizedData(TokenRows):
+    """Token ids of `prompt + target + eos` per example and the number of target tokens (with eos)."""
+
+    ids: list[list[int]]
+    n_target: list[int]
+    examples: list[Example]
 
 
 def bad_row(where: str, reason: str, skip_bad_rows: bool, bad: BadRows | None) -> None:

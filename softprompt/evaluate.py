@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .generate import StopStrings, SamplingParams, eos_ids, generate_ids
+from .generate import SamplingParams, StopStrings, cut_at_stop, eos_ids, generate_ids
 from . import hf
 from .prefix import prefixed_forward
 
@@ -140,10 +140,7 @@ def predict(model, tokenizer, prompts: Sequence[str], prefix: torch.Tensor | Non
 
 
 def _cut(text: str, stop: Sequence[str]) -> str:
-    for s in stop:
-        if s in text:
-            text = text[: text.index(s)]
-    return text.strip()
+    return cut_at_stop(text, stop)[0].strip()
 
 
 def evaluate_groups(model, tokenizer, groups, prefix, *, chat_template: bool = False, max_new_tokens: int = 64,

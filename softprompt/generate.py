@@ -190,6 +190,13 @@ def append_tokens(out: list[list[int]], nxt: torch.Tensor, done: torch.Tensor, e
             done[i] = True
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the earliest stop string in it (not included), and whether one was found: the one
+    place a stop string ends a text (decoding, evaluation, the serving engine)."""
+    hits = [h for h in (text.find(s) for s in stop) if h >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
 class StopStrings:
     """Ends a row when its decoded text contains a stop string; the stop string is not returned."""
 
@@ -198,11 +205,10 @@ class StopStrings:
         self.cut: dict[int, str] = {}
 
     def __call__(self, row: int, ids: list[int]) -> int | None:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        hits = [text.index(s) for s in self.stop if s in text]
-        if not hits:
+        text, hit = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), self.stop)
+        if not hit:
             return None
-        self.cut[row] = text[: min(hits)]
+        self.cut[row] = text
         return len(ids)
 
 

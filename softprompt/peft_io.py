@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .methods import PrefixTuning, PromptMethod, PromptTuning, PTuning
+from .atomic import fsync_write, staged_dir
 from .families import FAMILIES, family_named, family_of
 from .models import geometry
 
@@ -141,18 +140,7 @@ def export_peft(prompt: PromptMethod, path: str | os.PathLike, model, base_model
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and any(path.iterdir()) and not is_peft_dir(path):
         raise PeftFormatError(f"{path} exists and is not a PEFT adapter directory; refusing to overwrite it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:  # an existing adapter is kept until the new one is complete
         save_file({"prompt_embeddings": emb.float().contiguous()}, tmp / "adapter_model.safetensors")
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-        if path.exists():  # aside first: a failure between the two renames keeps the old adapter
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "a")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        fsync_write(tmp / "adapter_config.json", json.dumps(cfg, indent=2).encode())
     return path

@@ -36,9 +36,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sqlite3
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +45,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import compiled
-from .artifact import (CARD_FILE, META_KEY, TENSOR_FILE, ArtifactError, _check_card, _data_section, _read,
+from .atomic import fsync_write, staged_dir, write_file
+from .artifact import (CARD_FILE, META_KEY, TENSOR_FILE, ArtifactError, check_card, data_section, read_raw,
                        load_artifact, make_card, model_fingerprint)
 from .card_schema import card_file_path
 from .methods import PromptMethod
@@ -267,14 +266,14 @@ class Store:
                 raise StoreError("adding an in-memory prompt needs the base model it was made for (model=...)")
             # The card exactly as save_artifact writes it, built in memory: no staging file to fsync.
             tensors = {k: v.detach().float().cpu().contiguous() for k, v in source.export_tensors().items()}
-            data = _data_section(st_save(tensors))
+            data = data_section(st_save(tensors))
             card = make_card(source, model, tensors, metrics=(getattr(source, "card", None) or {}).get("metrics"))
             card.update(tensor_sha256=_sha(data), bytes=len(data))
             return card, st_save(tensors, metadata={META_KEY: json.dumps(card)})
         path = Path(source)
-        card, blob = _read(path)
-        _check_card(card, path)
-        data = _data_section(blob)
+        card, blob = read_raw(path)
+        check_card(card, path)
+        data = data_section(blob)
         if _sha(data) != card.get("tensor_sha256"):
             raise StoreError(f"{path}: the tensor file is truncated or altered (its sha256 does not match the "
                              "card's tensor_sha256); restore or re-export it before adding it")
@@ -296,7 +295,7 @@ class Store:
         card, attachments = self._attachments(card, source)
         tensors = st_load(blob)
         blob = st_save(tensors, metadata={META_KEY: json.dumps(card)})  # always the single-file form
-        if _sha(_data_section(blob)) != card["tensor_sha256"]:  # safetensors' layout is deterministic
+        if _sha(data_section(blob)) != card["tensor_sha256"]:  # safetensors' layout is deterministic
             raise StoreError(f"{source}: re-serializing changed the tensor bytes; not adding it")
         sha = _sha(blob)
         obj = self.object_path(sha)
@@ -539,10 +538,10 @@ class Store:
         try:
             if self._blobs.remote:
                 self._fetch(Path(row["path"]), row["sha256"])
-            card, blob = _read(Path(row["path"]))
+            card, blob = read_raw(Path(row["path"]))
             row["file_ok"] = _sha(blob) == row["sha256"]
             row["card"] = card
-            _check_card(card, Path(row["path"]))  # a card that fails the schema is shown, and said to fail
+            check_card(card, Path(row["path"]))  # a card that fails the schema is shown, and said to fail
         except ArtifactError as e:
             row["file_ok"] = row.get("file_ok", False)
             row["card"] = row.get("card")
@@ -568,27 +567,15 @@ class Store:
         if _sha(blob) != row["sha256"]:
             raise StoreError(f"task {ref}: the store file {row['path']} changed on disk behind the index's back; "
                              "not exporting it")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-        try:
-            if dest.suffix == ".safetensors":
-                if dest.is_dir():
-                    raise StoreError(f"{dest} is a directory; give a file name or a path without .safetensors")
-                (tmp / "f").write_bytes(blob)
-                os.replace(tmp / "f", dest)
-            else:
-                card, _ = _read(Path(row["path"]))
-                (tmp / TENSOR_FILE).write_bytes(st_save(st_load(blob)))  # same tensor bytes, no metadata
-                (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
-                if dest.exists():  # --overwrite of an artifact: aside first, so a failure keeps the old one
-                    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-                    os.replace(dest, old / "a")
-                    os.replace(tmp, dest)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if dest.suffix == ".safetensors":
+            if dest.is_dir():
+                raise StoreError(f"{dest} is a directory; give a file name or a path without .safetensors")
+            write_file(dest, blob)
+            return dest
+        card, _ = read_raw(Path(row["path"]))
+        with staged_dir(dest) as tmp:  # --overwrite of an artifact: the old one stays until this one is whole
+            fsync_write(tmp / TENSOR_FILE, st_save(st_load(blob)))  # same tensor bytes, no metadata
+            fsync_write(tmp / CARD_FILE, json.dumps(card, indent=2).encode())
         return dest
 
     def verify(self) -> list[str]:

@@ -339,8 +339,20 @@ class Trainer:
         ot, ometa = ckpt.optimizer_to_flat(self.opt)
         rt, rmeta = ckpt.rng_to_flat()
         state = {"optimizer": ometa, "rng": rmeta, "best": self.best, "bad_evals": self.bad_evals,
-                 "config": asdict(self.cfg), "world": self.dist.world, "n_train": len(self.data)}
+                 "config": asdict(self.cfg), "world": self.dist.world, "n_train": len(self.data),
+                 "data_sha256": self.data_fingerprint()}
         return tensors | ot | rt, state
+
+    def data_fingerprint(self) -> str:
+        """sha256 of the training rows' tokens (and targets or labels): a resume on other data is refused."""
+        if not hasattr(self, "_data_sha"):
+            import hashlib
+
+            h = hashlib.sha256()
+            for field in ("ids", "n_target", "labels"):
+                h.update(json.dumps(getattr(self.data, field, None)).encode())
+            self._data_sha = h.hexdigest()
+        return self._data_sha
 
     def save_checkpoint(self) -> Path | None:
         if self.out is None or not self.dist.main:
@@ -362,6 +374,9 @@ class Trainer:
         if state.get("n_train") != len(self.data):
             raise TrainingError(f"--resume: {path} was trained on {state.get('n_train')} rows, this data has "
                                 f"{len(self.data)}; use the same data, or a new --out")
+        if state.get("data_sha256", self.data_fingerprint()) != self.data_fingerprint():  # older: no digest
+            raise TrainingError(f"--resume: {path} was trained on other data (same {len(self.data)} rows, other "
+                                "tokens or labels); use the same data, or a new --out")
         self.prompt.load_state_dict({k.removeprefix("prompt/"): v for k, v in tensors.items() if k.startswith("prompt/")})
         ckpt.optimizer_from_flat(self.opt, tensors, state["optimizer"])
         ckpt.rng_from_flat(tensors, state["rng"])

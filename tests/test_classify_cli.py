@@ -46,10 +46,19 @@ def test_train_and_eval_an_encoder_classifier(bases, tmp_path, capsys):
     assert card["task"] == "classify" and card["classifier"]["labels"] == ["neg", "pos"]
     assert "head.weight" in card["tensors"] and "accuracy" in card["metrics"] and "f1" in card["metrics"]
     capsys.readouterr()
-    assert main(["eval", "--adapter", str(out / "best"), "--data", str(data), "--base", str(enc), "--json"]) == 0
+    preds = tmp_path / "preds.jsonl"
+    assert main(["eval", "--adapter", str(out / "best"), "--data", str(data), "--base", str(enc), "--json",
+                 "--predictions", str(preds)]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["n"] == 24 and 0 <= res["accuracy"] <= 100 and 0 <= res["f1"] <= 100
-    assert res["accuracy"] == pytest.approx(card["metrics"]["accuracy"])
+    # the predictions are the artifact's own, recomputed in this process; the metrics are theirs, by hand
+    got = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert [(g["text"], g["label"]) for g in got] == [(s, ["neg", "pos"][y]) for s, y in rows()]
+    assert [g["prediction"] for g in got] == predicted_by_hand(out / "best", enc, [s for s, _ in rows()])
+    gold, pred = [g["label"] for g in got], [g["prediction"] for g in got]
+    assert res["n"] == 24
+    assert res["accuracy"] == pytest.approx(100 * sum(p == g for p, g in zip(pred, gold)) / 24)
+    assert res["f1"] == pytest.approx(macro_f1(pred, gold, ["neg", "pos"]))
+    assert res["accuracy"] == pytest.approx(card["metrics"]["accuracy"])  # eval data = training's eval data
     # refusals: one line, exit 2
     assert main(["train", str(data), str(tmp_path / "r2"), "--task", "classify", "--base", str(enc)]) == 2
     assert "--labels" in capsys.readouterr().err
@@ -73,4 +82,30 @@ def test_train_and_eval_a_decoder_with_label_words(bases, tmp_path, capsys):
     assert card["classifier"]["template"] == "{text}\nAnswer:"
     capsys.readouterr()
     assert main(["eval", "--adapter", str(out / "best"), "--data", str(data), "--base", str(dec)]) == 0
-    assert "accuracy" in capsys.readouterr().out
+    pred = predicted_by_hand(out / "best", dec, [s for s, _ in rows()])
+    gold = [["neg", "pos"][y] for _, y in rows()]
+    acc = 100 * sum(p == g for p, g in zip(pred, gold)) / 24
+    assert capsys.readouterr().out.startswith(f"24 rows, 2 classes (neg, pos): accuracy {acc:.2f}%  "
+                                              f"macro-F1 {macro_f1(pred, gold, ['neg', 'pos']):.2f}  (")
+
+
+def predicted_by_hand(artifact, base, texts):
+    """Label names the artifact predicts for `texts`, by the classifier's probabilities in this process."""
+    from softprompt.classify.artifact import classify_texts, load_classifier
+    from softprompt.classify.runs import load_classification_base
+
+    model, tok, _ = load_classification_base(str(base))
+    clf = load_classifier(artifact, model)
+    return [clf.labels[i] for i in classify_texts(clf, model, tok, texts).argmax(-1).tolist()]
+
+
+def macro_f1(pred, gold, labels):
+    """Macro-F1 in percent over the classes that occur in gold or predictions."""
+    f1s = []
+    for c in labels:
+        tp = sum(p == g == c for p, g in zip(pred, gold))
+        fp = sum(p == c != g for p, g in zip(pred, gold))
+        fn = sum(g == c != p for p, g in zip(pred, gold))
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return 100 * sum(f1s) / len(f1s)

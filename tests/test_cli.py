@@ -60,7 +60,8 @@ def test_errors_are_one_line_with_status_2(base_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("softprompt generate: error: no artifact at")
     assert main(["init", str(tmp_path / "x"), "--base", str(base_dir), "--method", "lora"]) == 2
-    assert "unknown method 'lora'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice: 'lora'" in err and len(err.strip().splitlines()) == 1
     assert main(["info", "--base", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", "ba", "--base", str(base_dir), "--temperature", "-1"]) == 2

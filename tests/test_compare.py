@@ -38,10 +38,18 @@ def test_a_row_per_method_with_every_figure(run):
     rep, out, _, _ = run
     assert [r["method"] for r in rep["rows"]] == ["prefix_tuning", "prompt_tuning", "lora"]
     assert rep["eval_inputs"] == 2 and rep["eval_references"] == 3
+    # Sizes by hand for the tiny llama (d 48, 2 layers, 2 KV heads of 8: a layer's K or V is 16 wide), P = 2:
+    # prefix tuning's MLP Embedding(2, 16) -> Linear(16, 512) -> Linear(512, 2 layers * (K, V) * 16), its
+    # artifact the (2, 2, 2, 2, 8) float32 prefix; prompt tuning a (2, 48) prompt; LoRA r=2 on q (48->48) and
+    # v (48->16) in 2 layers: A (2, 48) each, B (48, 2) and (16, 2). (BLEU/ROUGE-L: the next test.)
+    params = {"prefix_tuning": 2 * 16 + (16 * 512 + 512) + (512 * 64 + 64), "prompt_tuning": 2 * 48,
+              "lora": 2 * (2 * 48 + 48 * 2 + 2 * 48 + 16 * 2)}
+    nbytes = {"prefix_tuning": 2 * 2 * 2 * 2 * 8 * 4, "prompt_tuning": 2 * 48 * 4, "lora": params["lora"] * 4}
+    assert {r["method"]: r["trainable_parameters"] for r in rep["rows"]} == params
+    assert {r["method"]: r["artifact_bytes"] for r in rep["rows"]} == nbytes
     for r in rep["rows"]:
-        assert r["trainable_parameters"] > 0 and r["artifact_bytes"] > 0 and r["eval_loss"] > 0
-        assert r["tokens_per_s_1_task"] > 0 and r["tokens_per_s_mixed"] > 0
-        assert 0 <= r["bleu"] <= 100 and 0 <= r["rouge_l"] <= 100
+        assert r["eval_loss"] == pytest.approx(heldout_loss_by_hand(out, r["method"]), rel=1e-5)
+        assert r["tokens_per_s_1_task"] > 0 and r["tokens_per_s_mixed"] > 0  # timings: no exact value
     assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(rep))
     md = (out / "compare.md").read_text()
     assert md == markdown(rep) and md.count("\n| ") == 3
@@ -74,3 +82,28 @@ def test_scores_are_those_of_the_outputs_each_method_generates(run):
 
 def outputs(method_dir):
     return [json.loads(line)["output"] for line in (method_dir / "predictions.jsonl").read_text().splitlines()]
+
+
+@torch.no_grad()
+def heldout_loss_by_hand(out, method):
+    """Target-token cross-entropy (target words + eos) over the 3 held-out rows of the 2 scored inputs,
+    from the saved artifact on a fresh base, one row at a time with the full logits."""
+    from softprompt.artifact import load_artifact
+    from softprompt.lora import apply_lora
+    from softprompt.prefix import prefixed_forward
+
+    tok = tiny_tokenizer()
+    if method == "lora":
+        model, kv = apply_lora(tiny_model("llama"), out / "lora", merge=False), None
+    else:
+        model = tiny_model("llama")
+        kv = load_artifact(out / method / "last", model).to_kv_prefix(model)
+    total, n = 0.0, 0
+    for prompt, target in [("fa fe", "da de"), ("fi fo", "da di"), ("fa fe", "do du")]:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        t = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        x = torch.tensor([p + t])
+        logp = prefixed_forward(model, x, torch.ones_like(x), [kv], use_cache=False).logits[0].log_softmax(-1)
+        total -= sum(float(logp[len(p) - 1 + i, y]) for i, y in enumerate(t))
+        n += len(t)
+    return total / n

@@ -51,18 +51,39 @@ def _logprob(model, tok, kv, prompt, ids):
 
 
 def test_beam_search(setup):
+    from softprompt.generate import SamplingParams, generate_ids
+
     model, tok, kv = setup
     eos = tok.eos_token_id
-    greedy = generate(model, tok, ["ba be bi"], kv, max_new_tokens=5, ignore_eos=True)
-    ids1 = beam_search(model, tok, "ba be bi", kv, num_beams=1, max_new_tokens=5)
-    if eos not in ids1:
-        assert tok.decode(ids1) == greedy[0]
+    x = torch.tensor([tok("ba be bi", add_special_tokens=False)["input_ids"]])
+    greedy = generate_ids(model, x, torch.ones_like(x), [kv], SamplingParams(max_new_tokens=5), {eos})[0]
+    # one beam is greedy decoding, up to (not including) eos
+    assert beam_search(model, tok, "ba be bi", kv, num_beams=1, max_new_tokens=5) == [t for t in greedy if t != eos]
     ids4 = beam_search(model, tok, "ba be bi", kv, num_beams=4, max_new_tokens=5, length_penalty=0.0)
-    assert len(ids4) >= 1
-    if len(ids4) == 5 and len(ids1) == 5:  # same length: the wider search is at least as likely
-        assert _logprob(model, tok, kv, "ba be bi", ids4) >= _logprob(model, tok, kv, "ba be bi", ids1) - 1e-4
+    # length_penalty 0 ranks by total log-probability (eos included when the beam ended on it): the
+    # wider search finds a sequence at least as likely as greedy's, and here a strictly likelier one
+    def total(ids):
+        return _logprob(model, tok, kv, "ba be bi", ids + ([eos] if len(ids) < 5 else []))
+    assert ids4 != greedy and total(ids4) > total(greedy) + 1e-3
     assert predict(model, tok, ["ba be bi"], kv, max_new_tokens=5, num_beams=4)[0] == tok.decode(
         beam_search(model, tok, "ba be bi", kv, num_beams=4, max_new_tokens=5), skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+def test_beam_search_equals_transformers(num_beams):
+    """An independent reference: transformers' own beam search (no prefix: `generate` takes none), with
+    length_penalty 0 (sum of log-probabilities) on prompts where beams end on eos and where they don't."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    eos = tok.eos_token_id
+    for text in ["ba be bi", "co cu", "da de di do du", "fa"]:
+        x = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        for n in (5, 12):
+            want = model.generate(x, attention_mask=torch.ones_like(x), num_beams=num_beams, max_new_tokens=n,
+                                  length_penalty=0.0, do_sample=False, early_stopping=False, eos_token_id=eos,
+                                  pad_token_id=0)[0, x.shape[1]:].tolist()
+            want = want[:want.index(eos)] if eos in want else want
+            assert beam_search(model, tok, text, None, num_beams=num_beams, max_new_tokens=n,
+                               length_penalty=0.0) == want, (text, n)
 
 
 def test_eval_job(setup, tmp_path, capsys):

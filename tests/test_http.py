@@ -134,6 +134,43 @@ def test_errors_have_openai_shape_and_status(stack):
     assert r.status_code == 401
 
 
+class HeldRow:
+    """Holds an engine's one request mid-flight, with events rather than sleeps: the server's `submit`
+    returns (and so its timeout starts) only once the row is decoding, and the engine then takes no
+    further step until the server cancels the handle. Afterwards `freed()` stops the engine (joining
+    its loop, so the step that handled the cancel has ended) and gives (completion, status)."""
+
+    def __init__(self, engine):
+        self.engine, self.handles = engine, []
+        self.decoding, self.cancelled = threading.Event(), threading.Event()
+        step, submit = engine.step, engine.submit
+
+        def held_step():
+            if self.decoding.is_set():
+                self.cancelled.wait(20)
+            busy = step()
+            if engine.status()["running_rows"]:
+                self.decoding.set()
+            return busy
+
+        def held_submit(req):
+            h = submit(req)
+            cancel = h.cancel
+            h.cancel = lambda: (cancel(), self.cancelled.set())
+            self.handles.append(h)
+            assert self.decoding.wait(20), "the row never started decoding"
+            return h
+
+        engine.step, engine.submit = held_step, held_submit
+
+    def freed(self):
+        assert self.cancelled.wait(20), "the server never cancelled the request"
+        (h,) = self.handles
+        done = h.result(timeout=20)
+        self.engine.stop()
+        return done, self.engine.status()
+
+
 def test_queue_full_is_429_with_retry_after_and_timeout_is_504():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     full = Engine(model, tok, max_queue=0)
@@ -142,13 +179,30 @@ def test_queue_full_is_429_with_retry_after_and_timeout_is_504():
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "queue_full"
     slow = Engine(model, tok)
+    held = HeldRow(slow)  # the row cannot finish before the 1 ms timeout, however fast the machine
     with Server(create_app(slow, config=ServerConfig(base_model_id="b", request_timeout_s=0.001))) as url:
         r = httpx.post(url + "/v1/completions", json={"model": "b", "prompt": "ba", "max_tokens": 200})
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
-        deadline = time.time() + 10
-        while slow.status()["running_rows"] and time.time() < deadline:
-            time.sleep(0.05)
-        assert slow.status()["running_rows"] == 0  # the timed-out row was freed
+        done, status = held.freed()
+    assert done.finish_reason == "cancelled" and len(done.token_ids) == 1  # freed mid-flight, after 1 token
+    assert status["running_rows"] == 0 and status["waiting"] == 0 and status["cancelled"] == 1
+
+
+def test_non_streaming_client_disconnect_frees_its_row():
+    """A client that closes its connection while a (non-streaming) completion decodes: its row is freed."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    engine = Engine(model, tok)
+    held = HeldRow(engine)
+    with Server(create_app(engine, config=ServerConfig(base_model_id="b"))) as url:
+        body = json.dumps({"model": "b", "prompt": "ba be", "max_tokens": 200}).encode()
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert held.decoding.wait(20)
+        # the connection is closed: the server notices and cancels
+        done, status = held.freed()
+    assert done.finish_reason == "cancelled" and len(done.token_ids) == 1
+    assert status["running_rows"] == 0 and status["waiting"] == 0 and status["cancelled"] == 1
 
 
 def test_client_disconnect_frees_its_row(stack):

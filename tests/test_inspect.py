@@ -33,7 +33,7 @@ def test_text_init_nearest_token_is_itself():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
-def test_attention_shares_sum_to_one(arch, method):
+def test_attention_shares_sum_to_one_and_ignore_padding(arch, method):
     model, tok = tiny_model(arch), tiny_tokenizer()
     impl = model.config._attn_implementation
     prompt = methods.create(method, model, tok, num_virtual_tokens=4, seed=1)
@@ -46,24 +46,77 @@ def test_attention_shares_sum_to_one(arch, method):
     assert torch.allclose(pre + real, torch.ones(L, Hq, dtype=pre.dtype), atol=1e-5)
     assert (pre > 0).all() and (pre < 1).all()
     assert share["num_query_tokens"] == int(mask.sum())
+    # Padding changes nothing: the batch's share is the token-weighted mean of each row's share run
+    # alone, unpadded (attention leaking onto pad slots, or pad queries counted, would move it).
+    alone = [(len(r), attention_share(model, kv, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)))
+             for r in ROWS]
+    want = sum(n * torch.tensor(a["prefix"]) for n, a in alone) / sum(n for n, _ in alone)
+    torch.testing.assert_close(pre, want.to(pre.dtype), atol=1e-5, rtol=0)
     assert model.config._attn_implementation == impl  # restored
 
 
-def test_attention_share_matches_a_hand_computation():
-    """One row, one layer's first head: the mean over query tokens of the softmax mass on the prefix slots."""
-    model = tiny_model("llama")
-    prompt = methods.create("prefix_tuning", model, num_virtual_tokens=3, projection_dim=0, seed=2)
-    kv = prompt.to_kv_prefix(model)
-    ids = torch.tensor([[5, 17, 33, 8]])
-    mask = torch.ones_like(ids)
-    share = attention_share(model, kv, ids, mask)
-    from softprompt.inspect import eager_attention
+@torch.no_grad()
+def shares_by_hand(model, kv, ids, mask):
+    """The prefix's and the real tokens' attention shares (L, Hq) recomputed from the tiny llama's
+    weights: per layer, RMSNorm of the layer's input, q/k projections, RoPE at positions P, P+1, ...
+    counted over real tokens only (rotate-half convention, theta from the config), scores
+    q.k / sqrt(D) over [the P prefix keys (stored rotated, as in a cache), the real keys at or
+    before the query]: padding is never a column. Averaged over real query tokens.
+    Only the layer inputs come from the model (its hidden states), never its attention weights."""
     from softprompt.prefix import prefixed_forward
 
-    with eager_attention(model):
-        out = prefixed_forward(model, ids, mask, [kv], output_attentions=True)
-    att = out.attentions[1][0, 2]  # layer 1, head 2: (T, P + T)
-    assert share["prefix"][1][2] == pytest.approx(float(att[:, :3].sum(-1).mean()), abs=1e-6)
+    cfg = model.config
+    L, Hq, Hkv, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    theta = cfg.rope_parameters["rope_theta"]
+    P = kv.shape[3]
+    hidden = prefixed_forward(model, ids, mask, [kv], use_cache=True, output_hidden_states=True).hidden_states
+    inv_freq = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+
+    def rope(x, pos):  # x (H, T, D), pos (T,)
+        ang = pos.double()[:, None] * inv_freq[None]  # (T, D/2)
+        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+        rot = torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1)
+        return x * cos + rot * sin
+
+    pre, real = torch.zeros(L, Hq, dtype=torch.float64), torch.zeros(L, Hq, dtype=torch.float64)
+    n = 0
+    for b in range(ids.shape[0]):
+        keep = mask[b].bool()
+        T = int(keep.sum())
+        pos = P + torch.arange(T)
+        n += T
+        for layer in range(L):
+            blk = model.model.layers[layer]
+            x = hidden[layer][b, keep].double()  # (T, d): real tokens only
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * blk.input_layernorm.weight.double()
+            q = rope((x @ blk.self_attn.q_proj.weight.double().T).view(T, Hq, D).transpose(0, 1), pos)
+            k = rope((x @ blk.self_attn.k_proj.weight.double().T).view(T, Hkv, D).transpose(0, 1), pos)
+            k = torch.cat([kv[layer, 0].double(), k], 1).repeat_interleave(Hq // Hkv, 0)  # (Hq, P + T, D)
+            scores = q @ k.transpose(1, 2) / D ** 0.5  # (Hq, T, P + T)
+            causal = torch.ones(T, T).tril().bool()
+            scores[:, :, P:] = scores[:, :, P:].masked_fill(~causal, float("-inf"))
+            att = scores.softmax(-1)
+            pre[layer] += att[..., :P].sum(-1).sum(-1)
+            real[layer] += att[..., P:].sum(-1).sum(-1)
+    return pre / n, real / n
+
+
+@pytest.mark.parametrize("method", ["prefix_tuning", "prompt_tuning"])
+def test_attention_share_matches_a_hand_computation(method):
+    """Every layer and head of a left-padded batch against softmax(QK^T/sqrt(D) + mask) computed here."""
+    model = tiny_model("llama")
+    prompt = methods.create(method, model, num_virtual_tokens=3, seed=2,
+                            **({"projection_dim": 0} if method == "prefix_tuning" else {}))
+    kv = prompt.to_kv_prefix(model)
+    with torch.no_grad():
+        kv = kv * 4  # a prefix that draws a sizeable share, so a mistake moves it visibly
+    ids, mask = left_padded(ROWS)
+    share = attention_share(model, kv, ids, mask)
+    pre, real = shares_by_hand(model, kv, ids, mask)
+    assert share["num_query_tokens"] == int(mask.sum()) == 15
+    assert 0.05 < float(pre.min()) and float(pre.max()) < 0.95  # not a degenerate 0 or 1
+    torch.testing.assert_close(torch.tensor(share["prefix"], dtype=torch.float64), pre, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(share["real"], dtype=torch.float64), real, atol=1e-5, rtol=0)
 
 
 def test_inspect_report_png_and_summary(tmp_path):

@@ -29,6 +29,29 @@ def make_lora(tmp_path, seed: int = 0):
     return out
 
 
+def merged_by_hand(lora_dir):
+    """The tiny llama with the adapter's deltas added to its weights, read from the files alone (not PEFT)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((lora_dir / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    w = load_file(lora_dir / "adapter_model.safetensors")
+    model = tiny_model("llama")
+    params = dict(model.named_parameters())
+    n = 0
+    with torch.no_grad():
+        for k, a in w.items():
+            if ".lora_A." in k:
+                b = w[k.replace(".lora_A.", ".lora_B.")]
+                name = k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                params[name] += scale * b @ a
+                n += 1
+    assert n == 4  # q_proj and v_proj in 2 layers
+    return model
+
+
 @pytest.mark.parametrize("merge", [True, False])
 def test_prefix_on_lora_loads_there_and_is_refused_on_bare_base(tmp_path, merge):
     lora = make_lora(tmp_path)
@@ -46,7 +69,14 @@ def test_prefix_on_lora_loads_there_and_is_refused_on_bare_base(tmp_path, merge)
     loaded = load_artifact(art, adapted)
     assert torch.equal(loaded.to_kv_prefix(adapted), prompt.to_kv_prefix(adapted))
     out = prefixed_forward(adapted, ids, mask, [loaded.to_kv_prefix(adapted)], use_cache=False)
-    assert torch.isfinite(out.logits).all()
+    # The prefix on the adapted model equals the prefix on a base whose weights are merged by hand from
+    # the adapter file (W + alpha/r * B @ A): the LoRA deltas are applied at their scale, and the prefix counts.
+    ref = merged_by_hand(lora)
+    kv = loaded.to_kv_prefix(adapted)
+    torch.testing.assert_close(out.logits, prefixed_forward(ref, ids, mask, [kv], use_cache=False).logits,
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.logits, prefixed_forward(ref, ids, mask, [None], use_cache=False).logits,
+                              atol=1e-3)
     with pytest.raises(ArtifactError, match="was made for base model .*fingerprint"):
         load_artifact(art, bare)
 

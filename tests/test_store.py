@@ -4,9 +4,7 @@ round trips (export/import, PEFT), the TaskRegistry hook, and the `softprompt st
 import json
 import multiprocessing as mp
 import os
-import random
 import signal
-import time
 
 import pytest
 import torch
@@ -64,12 +62,44 @@ def test_versions_resolve_latest_and_are_never_reused(llama, tmp_path):
     assert list((tmp_path / "s" / "objects").glob("*/*")) == []  # files go with their last row
 
 
-def _writer(root, paths, ready):
+def _writer(root, paths, stage, k, run):
+    """Add new content (the metric differs) until killed: SIGKILL at the k-th add, at `stage`:
+    "write" before the temp file's rename into objects/, "renamed" after it (the file is in, the row
+    not yet), "commit" inside the row's transaction before COMMIT. Exact points, no timing."""
+    import softprompt.store as S
+
     torch.set_num_threads(1)
+    calls = [0]
+
+    def hit():
+        calls[0] += 1
+        if calls[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if stage == "write":
+        replace = os.replace
+        os.replace = lambda *a: (hit(), replace(*a))[1]  # only _put renames during an add
+    elif stage == "renamed":
+        fsync_dir = S._fsync_dir
+        S._fsync_dir = lambda p: (fsync_dir(p), hit())[0]
+    else:
+        class Conn:  # the store's connection, killed just before its write transaction commits
+            def __init__(self, db):
+                self.db = db
+
+            def execute(self, sql, *a):
+                if sql.startswith("UPDATE meta"):
+                    hit()
+                return self.db.execute(sql, *a)
+
+            def __getattr__(self, name):
+                return getattr(self.db, name)
+
+        db = S.Store._db
+        S.Store._db = lambda self: Conn(db(self))
     store = Store(root)
-    ready.set()
-    for i in range(10**6):  # until killed; each add is new content (the metric differs)
-        store.add(f"t{i % 3}", paths[i % len(paths)], metrics={"i": i})
+    for i in range(10**6):
+        store.add(f"t{i % 3}", paths[i % len(paths)], metrics={"i": i, "run": run})  # new bytes every add
 
 
 def test_writer_killed_mid_add_leaves_index_and_files_consistent(llama, tmp_path):
@@ -77,19 +107,23 @@ def test_writer_killed_mid_add_leaves_index_and_files_consistent(llama, tmp_path
     paths = [make(llama, tmp_path, f"a{i}", seed=i, method=m)[0]
              for i, m in enumerate(["prefix_tuning", "prompt_tuning"])]
     Store(root)
-    rng = random.Random(0)
-    for _ in range(6):
-        ready = FORK.Event()
-        proc = FORK.Process(target=_writer, args=(root, paths, ready))
+    kills = [("write", 3), ("renamed", 2), ("commit", 4), ("write", 1), ("renamed", 3), ("commit", 2)]
+    for run, (stage, k) in enumerate(kills):
+        proc = FORK.Process(target=_writer, args=(root, paths, stage, k, run))
         proc.start()
-        ready.wait(30)
-        time.sleep(rng.uniform(0.05, 0.4))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join()
-        assert proc.exitcode == -signal.SIGKILL
+        proc.join(60)
+        if proc.is_alive():  # it never reached its kill point: fail, without leaving it running
+            proc.kill()
+            proc.join()
+            pytest.fail(f"the writer never reached {stage} #{k}")
+        assert proc.exitcode == -signal.SIGKILL, (stage, k, proc.exitcode)
+    # Each run completed the k - 1 adds before its kill, and nothing of the killed one is visible.
+    assert len(Store(root).ls(all_versions=True)) == sum(k - 1 for _, k in kills) == 9
+    leftovers = list((root / "tmp").iterdir())
+    assert len(leftovers) == 2  # the two "write" kills left their temp files (gc removes them below)
     store = Store(root)
     rows = store.ls(all_versions=True)
-    assert len(rows) > 6 and store.verify() == []  # every row's file exists and matches its sha256
+    assert len(rows) == 9 and store.verify() == []  # every row's file exists and matches its sha256
     for row in rows[:: max(1, len(rows) // 10)]:
         store.open(f"{row['name']}@{row['version']}", llama)
     # Versions per name stay dense: a killed add never burned a number.
@@ -102,7 +136,8 @@ def test_writer_killed_mid_add_leaves_index_and_files_consistent(llama, tmp_path
     orphan.write_bytes(b"x")
     (root / "tmp" / "dead.tmp").write_bytes(b"half")
     removed = store.gc()
-    assert orphan in removed and root / "tmp" / "dead.tmp" in removed
+    assert orphan in removed and root / "tmp" / "dead.tmp" in removed and set(leftovers) <= set(removed)
+    assert len(removed) == 2 + 1 + 4 + 1  # temp files; the orphans of 2 "renamed" and 2 "commit" kills, and ours
     assert not orphan.exists() and store.verify() == [] and len(store.ls(all_versions=True)) == len(rows)
     assert {p.name.removesuffix(".safetensors") for p in (root / "objects").glob("*/*")} == {r["sha256"] for r in rows}
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from softprompt import methods
 from softprompt.artifact import load_artifact, read_card
-from softprompt.checkpoint import latest_checkpoint, list_checkpoints
+from softprompt.checkpoint import TENSORS, latest_checkpoint, list_checkpoints
 from softprompt.data import TokenizedData, collate
 from softprompt.train import TrainConfig, Trainer, TrainingError, gradient_checkpointing, lr_at, target_loss
 from tiny_tokenizer import tiny_tokenizer
@@ -120,13 +119,33 @@ def test_resume_equals_uninterrupted_run_exactly(tmp_path, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_other_options(tmp_path):
+@pytest.mark.parametrize("change, refusal", [
+    ({"batch_size": 2}, "batch_size=4"), ({"seed": 6}, "seed=5"), ({"schedule": "cosine"}, "schedule='linear'"),
+    ({"lr": 2e-2}, "lr=0.01"), ({"warmup_steps": 0}, "warmup_steps=2"), ({"steps": 5}, "steps=3"),
+    ({"data": toy_data(20)}, "trained on 24 rows, this data has 20"),
+    ({"data": toy_data(24, seed=3)}, "other data \\(same 24 rows"),  # same size, other rows
+    ({}, None),  # the same options and data: resumed
+])
+def test_resume_refuses_other_options_or_data(tmp_path, change, refusal):
     make_trainer(tmp_path / "r", steps=3, checkpoint_every=3).run()
-    model = tiny_model("llama")
-    prompt = methods.create("prefix_tuning", model, None, num_virtual_tokens=3, projection_dim=16)
-    t = Trainer(model, None, prompt, toy_data(), TrainConfig(steps=3, batch_size=2, lr=1e-2), out=tmp_path / "r")
-    with pytest.raises(TrainingError, match="batch_size=4"):
-        t.resume()
+    change = dict(change)
+    data = change.pop("data", toy_data())
+    t = make_trainer(tmp_path / "r", steps=3, checkpoint_every=3)
+    t.cfg, t.data = TrainConfig(**{**t.cfg.__dict__, **change}), data
+    if refusal is None:
+        assert t.resume() and t.step == 3
+    else:
+        with pytest.raises(TrainingError, match=refusal):
+            t.resume()
+
+
+def test_keep_checkpoints_prunes_the_oldest(tmp_path):
+    make_trainer(tmp_path / "k", steps=10, checkpoint_every=2, keep_checkpoints=2).run()
+    assert [p.name for p in list_checkpoints(tmp_path / "k" / "checkpoints")] == ["step-000008", "step-000010"]
+    make_trainer(tmp_path / "one", steps=4, checkpoint_every=1, keep_checkpoints=1).run()
+    assert [p.name for p in list_checkpoints(tmp_path / "one" / "checkpoints")] == ["step-000004"]
+    make_trainer(tmp_path / "all", steps=4, checkpoint_every=2, keep_checkpoints=0).run()  # 0: keep every one
+    assert [p.name for p in list_checkpoints(tmp_path / "all" / "checkpoints")] == ["step-000002", "step-000004"]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -204,20 +223,23 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     common = [str(data), None, "--base", str(base), "--method", "prefix_tuning", "--projection-dim", "8",
               "--num-virtual-tokens", "2", "--steps", "8", "--batch-size", "4", "--checkpoint-every", "2",
               "--lr", "0.01", "--no-progress", "--keep-checkpoints", "5"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SOFTPROMPT_TEST_CHECKPOINT_SLEEP="0.5", OMP_NUM_THREADS="1")
+    # The run stops itself (SIGSTOP) inside checkpoint 4's write, after its tensors and before its state:
+    # waiting for that stop is exact (no polling window), then SIGKILL lands mid-write.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SOFTPROMPT_TEST_CHECKPOINT_STOP="4", OMP_NUM_THREADS="1")
     run = list(common)
     run[1] = str(tmp_path / "run")
-    proc = subprocess.Popen(_cli(run), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cli(run), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = tmp_path / "run" / "checkpoints"
-    deadline = time.time() + 60
-    while time.time() < deadline:  # wait until checkpoint 2 is complete and checkpoint 4 is being written
-        if (ck / "step-000002").exists() and list(ck.glob(".step-000004.*")):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"the run ended (status {status}) instead of stopping in checkpoint 4"
+        (half,) = ck.glob(".step-000004.*")  # checkpoint 4 half written: its tensors, no state yet
+        assert (ck / "step-000002").is_dir() and [p.name for p in half.iterdir()] == [TENSORS]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert [p.name for p in list_checkpoints(ck)] == ["step-000002"]
-    env.pop("SOFTPROMPT_TEST_CHECKPOINT_SLEEP")
+    env.pop("SOFTPROMPT_TEST_CHECKPOINT_STOP")
     out = subprocess.run(_cli(run + ["--resume"]), env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "resumed from step 2" in out.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import ArtifactError, _check_card, _read, save_artifact, verified_tensors
+from ..artifact import ArtifactError, read_artifact, verified_tensors
 from ..methods import METHODS
 from ..models import geometry
 from .model import HEAD_ONLY, Classifier, EncoderClassifier, VerbalizerClassifier
@@ -22,22 +22,15 @@ def is_classifier_card(card: dict) -> bool:
     return isinstance(card, dict) and card.get("task") == "classify" and isinstance(card.get("classifier"), dict)
 
 
-def save_classifier(classifier: Classifier, path, model, **kw) -> Path:
-    return save_artifact(classifier, path, model, **kw)
-
-
 def read_classifier_card(path) -> dict:
-    card, _ = _read(Path(path))
-    _check_card(card, Path(path))
-    return card
+    return read_artifact(path)[0]
 
 
 def load_classifier(path: str | os.PathLike, model, *, allow_other_base: bool = False) -> Classifier:
     """A Classifier for `model` from an artifact; refuses a prompt artifact (no labels), a classifier
     made for other base weights, an encoder classifier on a decoder (and back), and bad shapes."""
     path = Path(path)
-    card, blob = _read(path)
-    _check_card(card, path)
+    card, blob = read_artifact(path)
     if not is_classifier_card(card):
         raise ArtifactError(f"{path} is a {card.get('method')} prompt for generation, not a classifier (its card has "
                             "no labels); train one with `softprompt train --task classify --labels ...`")

@@ -12,26 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import BadRows, DataConfig, DataError, Example, _csv_rows, _hf_rows, _jsonl_rows, bad_row, read_examples
+from ..data import (BadRows, DataConfig, DataError, Example, TokenRows, bad_row, csv_rows, hf_rows, jsonl_rows,
+                    read_examples)
 
 TEXT_FIELDS = ("text", "sentence", "input", "prompt", "content")
 
 
 @dataclass
-class ClassificationData:
-    """Token ids of each row's rendered text and its class index; `ids`/`lengths` are what the
-    training loop's batching reads."""
+class ClassificationData(TokenRows):
+    """Token ids of each row's rendered text and its class index."""
 
     ids: list[list[int]]
     labels: list[int]
     examples: list[Example]
-
-    def __len__(self):
-        return len(self.ids)
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(x) for x in self.ids]
 
 
 def parse_labels(labels) -> list[str]:
@@ -55,12 +48,12 @@ def default_text_field(path, delimiter: str | None = None) -> str:
     """The text column of a file: the first of TEXT_FIELDS that its first row has."""
     spec = str(path)
     if spec.startswith("hf:"):
-        rows = _hf_rows(spec)
+        rows = hf_rows(spec)
     else:
         p = Path(path)
         if not p.is_file():
             raise DataError(f"data file {p} does not exist")
-        rows = _jsonl_rows(p) if p.suffix.lower() in (".jsonl", ".json", ".ndjson") else _csv_rows(p, delimiter)
+        rows = jsonl_rows(p) if p.suffix.lower() in (".jsonl", ".json", ".ndjson") else csv_rows(p, delimiter)
     for _, row in rows:
         if isinstance(row, dict):
             for f in TEXT_FIELDS:

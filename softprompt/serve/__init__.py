@@ -1,8 +1,20 @@
-"""Serving: the engine (many tasks on one frozen model, mixed batches) apart from any HTTP layer."""
+"""Serving: the engine (many tasks on one frozen model, mixed batches) apart from any HTTP layer.
 
-from .engine import Engine
-from .handle import Completion, Event, Handle, Request
-from .tasks import PrefixCache, QueueFull, RequestError, TaskRefused, TaskRegistry, UnknownTask
+Names load on first use, so importing `softprompt.serve.main` (the CLI does, for `serve`'s flags)
+does not pull in torch."""
 
-__all__ = ["Engine", "Request", "Completion", "Event", "Handle", "TaskRegistry", "PrefixCache", "QueueFull",
-           "RequestError", "UnknownTask", "TaskRefused"]
+_EXPORTS = {"Engine": "engine", "Request": "handle", "Completion": "handle", "Event": "handle", "Handle": "handle",
+            "TaskRegistry": "tasks", "PrefixCache": "tasks", "QueueFull": "tasks", "RequestError": "tasks",
+            "UnknownTask": "tasks", "TaskRefused": "tasks"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'softprompt.serve' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 
 import torch
 
-from ..generate import SamplingParams, eos_ids, penalize, pick_next, safe_logits, token_logprobs
+from ..generate import SamplingParams, cut_at_stop, eos_ids, penalize, pick_next, safe_logits, token_logprobs
 from .handle import Completion, Handle, Request, TokenLogprob
 from .loader import TaskLoader, done_future
 from .tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
@@ -104,10 +104,6 @@ class BaseEngine:
                       "faults": 0, "restarts": 0}
 
     # ---- public API ---------------------------------------------------------------------
-    def add_task(self, name: str, source) -> None:
-        """Register (or replace) a task; the cache is keyed by source, so a replaced task is never stale."""
-        self.tasks.add(name, source)
-
     def submit(self, request: Request) -> Handle:
         """Queue a request; returns its handle at once. Raises QueueFull when the queue is at its limit.
         A request refused at the door (see check_request) gets a handle that is already finished."""
@@ -326,9 +322,8 @@ class BaseEngine:
             reason = "stop"
         text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
         if r.params.stop:
-            hits = [h for h in (text.find(s) for s in r.params.stop) if h >= 0]
-            if hits:
-                text, reason = text[:min(hits)], "stop"
+            text, hit = cut_at_stop(text, r.params.stop)
+            reason = "stop" if hit else reason
         if reason is None and len(r.ids) >= r.params.max_new_tokens:
             reason = "length"
         if reason:

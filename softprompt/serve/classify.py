@@ -110,7 +110,3 @@ class ClassifyService:
             probs = classify_texts(clf, model, tok, texts)
         return [{"label": clf.labels[int(p.argmax())], "probabilities": dict(zip(clf.labels, map(float, p)))}
                 for p in probs]
-
-    def labels(self, task: str) -> list[str]:
-        with self._lock:
-            return list(self._load(task)[0].labels)

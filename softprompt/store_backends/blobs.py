@@ -10,35 +10,15 @@ every copy is checked against the index's sha256 before it is used, as a local f
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from ..atomic import fsync_dir, write_file  # noqa: F401  (fsync_dir: imported from here by store.py)
 
 
 def write_atomic(path: Path, blob: bytes, tmp_dir: Path, durable: bool = True) -> None:
-    """Write `path` whole or not at all: a temp file in `tmp_dir` (same filesystem), renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=tmp_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    if durable:
-        fsync_dir(path.parent)  # the rename itself is durable before the row that names it
+    """Write `path` whole or not at all (softprompt/atomic.py); with `durable`, the rename itself is
+    on disk before the index row that names the file."""
+    write_file(path, blob, tmp_dir, durable)
 
 
 class LocalBlobs:

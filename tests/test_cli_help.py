@@ -1,0 +1,89 @@
+"""The command line as a user meets it: --version, --help without loading torch, every default
+printed once, fixed sets of values listed (and agreeing with the library's own constants)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from softprompt import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "softprompt.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_version():
+    import softprompt
+
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"softprompt {softprompt.__version__}"
+
+
+def test_help_loads_nothing_heavy():
+    code = ("import sys; from softprompt.cli import build_parser\n"
+            "try:\n    build_parser().parse_args(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'peft') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+
+
+def _helps():
+    parser = cli.build_parser()
+    for action in parser._subparsers._group_actions:
+        for name, sub in action.choices.items():
+            if name == "store":
+                for sname, ssub in sub._subparsers._group_actions[0].choices.items():
+                    yield f"store {sname}", ssub.format_help()
+            else:
+                yield name, sub.format_help()
+
+
+@pytest.mark.parametrize("name,text", list(_helps()))
+def test_defaults_are_printed_once_and_never_none(name, text):
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat and "(default: False)" not in flat
+    for option in re.split(r"\s(?=--[a-z])", flat):  # each option's help: at most one default
+        assert option.lower().count("default") <= 1 or "(default:" not in option, (name, option[:120])
+
+
+def test_choices_agree_with_the_library():
+    from softprompt import methods
+    from softprompt.encoder import POOLINGS
+    from softprompt.train import SCHEDULES
+
+    assert set(cli.CHOICES["method"]) == set(methods.METHODS) | set(methods.ALIASES)
+    assert tuple(cli.CHOICES["schedule"]) == SCHEDULES
+    assert tuple(cli.CHOICES["pooling"]) == POOLINGS
+    out = run("train", "--help")
+    assert "{linear,cosine,constant}" in out.stdout
+
+
+def test_a_value_outside_the_choices_is_one_line_and_exit_2(tmp_path):
+    out = run("train", str(tmp_path / "d.jsonl"), str(tmp_path / "o"), "--schedule", "wavy")
+    assert out.returncode == 2 and "invalid choice: 'wavy'" in out.stderr
+
+
+def test_config_file_sets_options_and_flags_override_it(tmp_path):
+    from softprompt.cli import _with_config, build_parser
+
+    yaml_file, json_file = tmp_path / "c.yaml", tmp_path / "c.json"
+    yaml_file.write_text("steps: 3\nbatch_size: 4\nschedule: constant\ngradient_checkpointing: true\n")
+    json_file.write_text('{"steps": 5, "lr": 0.01}')
+    for path, want in ((yaml_file, dict(steps=7, batch_size=4, schedule="constant", gradient_checkpointing=True)),
+                       (json_file, dict(steps=7, lr=0.01, batch_size=8))):
+        argv = ["train", "d.jsonl", "out", "--config", str(path), "--steps", "7"]
+        got = vars(_with_config(argv, vars(build_parser().parse_args(argv))))
+        assert {k: got[k] for k in want} == want  # the file's values, the command line's --steps
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stepz: 3\n")
+    out = run("train", "d.jsonl", str(tmp_path / "o"), "--config", str(bad))
+    assert out.returncode == 2 and "no option 'stepz'" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    bad.write_text("schedule: wavy\n")
+    out = run("train", "d.jsonl", str(tmp_path / "o"), "--config", str(bad))
+    assert out.returncode == 2 and "invalid choice: 'wavy'" in out.stderr
