@@ -161,7 +161,8 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
     print(family_of(model).generate(model, tok, [prompt], kv, params)[0])
 
 
-def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool = False):
+def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool = False,
+                base_model_name_or_path: str | None = None):
     """Export an artifact as a PEFT adapter directory (PeftModel.from_pretrained loads it).
 
     Args:
@@ -169,13 +170,20 @@ def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool
         out: the PEFT adapter directory to write
         base: a local HuggingFace model directory (default: the embedded model)
         overwrite: replace an existing PEFT adapter directory at OUT (refused by default)
+        base_model_name_or_path: where PEFT's AutoPeftModel finds the base: a Hub id or a path (default: HuggingFaceTB/SmolLM2-135M-Instruct for the embedded model, else the absolute --base path)
     """
+    from pathlib import Path
+
     from .artifact import load_artifact
+    from .models import EMBEDDED_HUB_ID
     from .peft_io import export_peft as run
 
     _refuse_existing(out, overwrite, "PEFT adapter")
     model, _ = _load(base)
-    path = run(load_artifact(adapter, model), out, model, base_model_name_or_path=base or model.name_or_path)
+    # a name PEFT can load: the embedded model's Hub id, or the base's absolute path (a bare directory
+    # name such as "SmolLM2-135M-Instruct" is neither, and AutoPeftModel could not find the base)
+    where = base_model_name_or_path or (EMBEDDED_HUB_ID if base is None else str(Path(base).resolve()))
+    path = run(load_artifact(adapter, model), out, model, base_model_name_or_path=where)
     print(f"wrote PEFT adapter to {path}", file=sys.stderr)
 
 
@@ -189,7 +197,8 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
           keep_checkpoints: int = 2, resume: bool = False, gradient_checkpointing: bool = False,
           max_length: int = 512, max_rows: int = 0, skip_bad_rows: bool = False, progress: bool = True,
           lora: str | None = None, merge_lora: bool = True, task: str = "generate", labels: str | None = None,
-          label_words: str | None = None, pooling: str = "mean", overwrite: bool = False):
+          label_words: str | None = None, pooling: str = "mean", overwrite: bool = False,
+          report_to: list[str] | None = None):
     """Train a prompt on a dataset; writes OUT/best and OUT/last (artifacts), metrics.jsonl, plot.png, checkpoints/.
 
     Runs data-parallel unchanged under `torchrun --nproc-per-node N -m softprompt.cli train ...`
@@ -237,6 +246,7 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
         label_words: classify on a decoder: the word the model predicts per class (default: the label names)
         pooling: classify on an encoder: mean or cls
         overwrite: start afresh in an OUT that already holds files: the earlier run's files are removed (refused by default; --resume continues it instead)
+        report_to: experiment trackers: tensorboard, mlflow, wandb (repeat, or comma-separate); needs softprompt[tracking]
     """
     _prepare_run_dir(out, resume, overwrite)
     args = dict(locals())

@@ -33,6 +33,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: see `penalize`
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         for name in ("max_new_tokens", "top_k"):
@@ -48,6 +50,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):
@@ -56,6 +62,33 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < TEMPERATURE_FLOOR
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+
+def penalize(logits: torch.Tensor, generated: list[int], params: SamplingParams) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties on one row's logits (1, V), before temperature:
+    `logit[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty`, where c[j] counts token j
+    among the tokens generated so far (the prompt's tokens are not counted)."""
+    if not params.penalized or not generated:
+        return logits
+    counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.shape[-1])
+    counts = counts[: logits.shape[-1]].to(logits.dtype)
+    return logits - counts * params.frequency_penalty - (counts > 0).to(logits.dtype) * params.presence_penalty
+
+
+def token_logprobs(logits: torch.Tensor, token_id: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The model's log-probability of `token_id` under one position's logits (V,), and the `top`
+    most likely (id, logprob) pairs. Taken from the raw logits (before temperature, penalties and
+    top-k/top-p cuts), as OpenAI and vLLM report them; the same tensor the token was picked from."""
+    lp = safe_logits(logits.unsqueeze(0))[0].log_softmax(-1)  # (V,)
+    best = ()
+    if top:
+        values, ids = torch.topk(lp, min(top, lp.shape[-1]))
+        best = tuple(zip(ids.tolist(), values.tolist()))
+    return float(lp[token_id]), best
 
 
 def safe_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -115,6 +148,9 @@ def generate_ids(
     stop_check(row, ids) -> int | None: called after each token; returns how many ids to keep
     when the row should stop (stop strings), or None to go on.
     """
+    if params.penalized:  # the engine applies them (serve.Engine); this loop stays the plain one
+        raise ValueError("presence and frequency penalties are applied by the serving engine (softprompt.serve), "
+                         "not by generate_ids")
     B = input_ids.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
     if params.max_new_tokens == 0:

@@ -39,13 +39,17 @@ def run_train(data, out, method="prefix_tuning", base=None, template=None, targe
               warmup_steps=0, schedule="linear", max_grad_norm=1.0, seed=0, eval_every=0, eval_generate=0,
               metric="eval_loss", patience=0, checkpoint_every=50, keep_checkpoints=2, resume=False,
               gradient_checkpointing=False, max_length=512, max_rows=0, skip_bad_rows=False, progress=True,
-              model=None, tokenizer=None):
-    """Train and save; returns the `TrainResult`. `model`/`tokenizer` skip loading (tests, demo)."""
+              model=None, tokenizer=None, report_to=None):
+    """Train and save; returns the `TrainResult`. `model`/`tokenizer` skip loading (tests, demo).
+    `report_to`: experiment trackers (tracking.py: tensorboard, mlflow, wandb)."""
     from . import methods
     from .data import BadRows, DataConfig, group_references, read_examples, split_heldout
     from .families import family_of
     from .train import TrainConfig, Trainer, init_distributed
 
+    from .tracking import Reporters, parse_report_to
+
+    parse_report_to(report_to)  # a bad name fails before the data and the model load
     dist = init_distributed()
     name = methods.canonical(method)
     lr = lr if lr is not None else default_lr(name, projection_dim)
@@ -91,8 +95,14 @@ def run_train(data, out, method="prefix_tuning", base=None, template=None, targe
     prompt = family.create(name, model, tokenizer,
                     **method_options(name, num_virtual_tokens, init, init_text, projection_dim, seed))
     prompt.to(next(model.parameters()).device)
+    run_config = {"method": name, "method_options": method_options(name, num_virtual_tokens, init, init_text,
+                                                                   projection_dim, seed),
+                  "train": cfg.__dict__, "data": dcfg.__dict__, "data_path": str(data), "eval_data": eval_data,
+                  "world": dist.world, "bad_rows": bad.count}
+    reporter = Reporters(report_to, out, json.loads(json.dumps(run_config, default=str))) if dist.main else None
     trainer = Trainer(model, tokenizer, prompt, train_tok, cfg, out=out, eval_data=eval_tok, eval_groups=groups,
-                      dist=dist, progress=progress, card={"dataset": str(data)}, objective=objective)
+                      dist=dist, progress=progress, card={"dataset": str(data)}, objective=objective,
+                      reporter=reporter or None)
     if resume:
         if trainer.resume():
             _say(f"resumed from step {trainer.step}", dist.main)
@@ -100,13 +110,16 @@ def run_train(data, out, method="prefix_tuning", base=None, template=None, targe
             _say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", dist.main)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps({
-            "method": name, "method_options": method_options(name, num_virtual_tokens, init, init_text,
-                                                             projection_dim, seed),
-            "train": cfg.__dict__, "data": dcfg.__dict__, "data_path": str(data), "eval_data": eval_data,
-            "world": dist.world, "bad_rows": bad.count}, indent=2, default=str))
+        (out / "run.json").write_text(json.dumps(run_config, indent=2, default=str))
     t0 = time.perf_counter()
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    except BaseException:
+        if reporter:
+            reporter.close(None, failed=True)
+        raise
+    if reporter:
+        reporter.close(out / "best")
     if dist.main:
         best = ", ".join(f"{k}={v:.4g}" for k, v in (result.best or {}).items() if isinstance(v, float))
         _say(f"done: {result.step} steps in {time.perf_counter() - t0:.0f} s ({result.stopped}); "

@@ -217,7 +217,7 @@ class Trainer:
     def __init__(self, model, tokenizer, prompt, train_data: TokenizedData, cfg: TrainConfig,
                  out: str | os.PathLike | None = None, eval_data: TokenizedData | None = None,
                  eval_groups: list | None = None, dist: Dist | None = None, progress: bool = False,
-                 card: dict | None = None, objective=None):
+                 card: dict | None = None, objective=None, reporter=None):
         if cfg.lr is None:  # the one source of defaults: the method's measured learning rate
             from dataclasses import replace
 
@@ -235,6 +235,7 @@ class Trainer:
         self.dist = dist or Dist()
         self.out = Path(out) if out is not None else None
         self.progress, self.card = progress, dict(card or {})
+        self.reporter = reporter  # experiment trackers (tracking.Reporters): the rows metrics.jsonl gets
         if cfg.batch_size % self.dist.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {self.dist.world} processes")
         self.params = [p for p in prompt.parameters() if p.requires_grad]
@@ -444,6 +445,8 @@ class Trainer:
         if self.out is not None and self.dist.main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.reporter is not None and self.dist.main:
+            self.reporter.log(row, row.get("step", self.step))
 
     def _save_artifact(self, name: str, metrics: dict) -> None:
         if self.out is None or not self.dist.main:

@@ -68,3 +68,46 @@ def test_refuses_adapter_for_another_geometry(tmp_path):
     peft.save_pretrained(tmp_path / "a")
     with pytest.raises(PeftFormatError, match="does not fit this model"):
         import_peft(tmp_path / "a", qwen)
+
+
+def test_auto_peft_model_finds_the_base_of_a_cli_export(tmp_path, monkeypatch):
+    """`softprompt export-peft` names the base where PEFT can find it: AutoPeftModel loads the
+    export with no base given and gives our logits (offline: the base is a local directory)."""
+    from conftest import tiny_model
+    from peft import AutoPeftModelForCausalLM
+    from tiny_tokenizer import tiny_tokenizer
+
+    from softprompt.artifact import save_artifact
+    from softprompt.cli import main
+    from softprompt.models import load_base
+
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    model, _ = load_base(base)
+    ours = methods.create("prompt_tuning", model, num_virtual_tokens=3, seed=2, init="random")
+    art = save_artifact(ours, tmp_path / "a.safetensors", model)
+    monkeypatch.chdir(tmp_path)  # a relative --base still becomes a path PEFT finds from anywhere
+    assert main(["export-peft", str(art), "exp", "--base", "base"]) == 0
+    cfg = json.loads((tmp_path / "exp" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base.resolve())
+    monkeypatch.chdir("/")
+    peft = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "exp").eval()
+    ids = torch.tensor([ROWS[1]])
+    with torch.no_grad():
+        ref = peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.shape[1]:]
+    assert (run(ours, model, ids) - ref).abs().max().item() < TOL
+    assert main(["export-peft", str(art), str(tmp_path / "exp2"), "--base", str(base),
+                 "--base-model-name-or-path", "org/name"]) == 0
+    assert json.loads((tmp_path / "exp2" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/name"
+
+
+def test_export_of_the_embedded_model_names_its_hub_id(model, tmp_path, monkeypatch):
+    from softprompt import cli
+    from softprompt.artifact import save_artifact
+
+    art = save_artifact(methods.create("prompt_tuning", model, num_virtual_tokens=2, seed=0), tmp_path / "a", model)
+    monkeypatch.setattr(cli, "_load", lambda base, *a: (model, None))  # stands in for the embedded model
+    assert cli.main(["export-peft", str(art), str(tmp_path / "exp")]) == 0
+    cfg = json.loads((tmp_path / "exp" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

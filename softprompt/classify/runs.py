@@ -251,7 +251,7 @@ def train_from_cli(a: dict):
         raise ValueError(f"--task must be generate or classify, got {a['task']!r}")
     if not a["labels"]:
         raise ValueError("--task classify needs --labels (e.g. --labels negative,positive)")
-    for flag in ("lora", "chat_template", "eval_generate", "gradient_checkpointing"):
+    for flag in ("lora", "chat_template", "eval_generate", "gradient_checkpointing", "report_to"):
         if a.get(flag):
             raise ValueError(f"--{flag.replace('_', '-')} is not supported with --task classify")
     metric = "accuracy" if a["metric"] == "eval_loss" else a["metric"]

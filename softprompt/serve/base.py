@@ -16,8 +16,8 @@ from concurrent.futures import Future
 
 import torch
 
-from ..generate import SamplingParams, cut_at_stop, eos_ids, pick_next, safe_logits
-from .handle import Completion, Handle, Request
+from ..generate import SamplingParams, cut_at_stop, eos_ids, penalize, pick_next, safe_logits, token_logprobs
+from .handle import Completion, Handle, Request, TokenLogprob
 from .loader import TaskLoader, done_future
 from .tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
 
@@ -52,7 +52,7 @@ def check_request(request: Request, vocab_size: int | None) -> None:
 class Row:
     """One request being decoded: its sampling state and what it has streamed."""
 
-    __slots__ = ("handle", "params", "gen", "ids", "text", "sent", "prompt_tokens", "logits")
+    __slots__ = ("handle", "params", "gen", "ids", "text", "sent", "prompt_tokens", "logits", "logprobs")
 
     def __init__(self, handle: Handle, params: SamplingParams, prompt_tokens: int):
         self.handle, self.params, self.prompt_tokens = handle, params, prompt_tokens
@@ -62,6 +62,7 @@ class Row:
         self.text = ""
         self.sent = 0  # characters of text already streamed
         self.logits: list[torch.Tensor] | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if handle.request.logprobs is not None else None
 
 
 class BaseEngine:
@@ -73,6 +74,7 @@ class BaseEngine:
     """
 
     thread_name = "softprompt-engine"
+    prompt_logprobs = False  # whether a subclass scores prompt tokens (Request.prompt_logprobs)
 
     def __init__(self, model, tokenizer, tasks: TaskRegistry | Mapping | None = None, *, max_batch_size: int = 32,
                  max_queue: int = 1024, max_new_tokens_limit: int = 2048, prefix_cache_bytes: int = 256 * 2**20):
@@ -213,6 +215,9 @@ class BaseEngine:
     def _prepare_common(self, req: Request, add_special_tokens: bool):
         """(sampling params, the task's compiled prefix or None, prompt token ids), or RequestError."""
         params = req.sampling()
+        if req.prompt_logprobs and not self.prompt_logprobs:
+            raise RequestError("echo with logprobs (the prompt tokens' logprobs) needs a decoder-only base; "
+                               "this model's prompt is an encoder input, which has no logprobs", code="bad_request")
         if params.max_new_tokens > self.max_new_tokens_limit:
             raise RequestError(f"max_new_tokens {params.max_new_tokens} is over this engine's limit "
                                f"{self.max_new_tokens_limit}")
@@ -301,7 +306,15 @@ class BaseEngine:
         """One row's token: pick it, stream the text it completes, finish the row when done."""
         if r.logits is not None:
             r.logits.append(logits[i].detach().clone())
-        tok = greedy if r.params.greedy else int(pick_next(logits[i:i + 1], r.params, r.gen)[0])
+        row = logits[i:i + 1]
+        if r.params.penalized:  # they move the argmax too
+            row = penalize(row, r.ids, r.params)
+            greedy = int(safe_logits(row).argmax(-1))
+        tok = greedy if r.params.greedy else int(pick_next(row, r.params, r.gen)[0])
+        lp = None
+        if r.logprobs is not None:  # the model's own distribution: the logits before any penalty
+            lp = TokenLogprob(tok, *token_logprobs(logits[i], tok, r.handle.request.logprobs))
+            r.logprobs.append(lp)
         r.ids.append(tok)
         self.stats["generated_tokens"] += 1
         reason = None
@@ -320,7 +333,7 @@ class BaseEngine:
             if r.params.stop:
                 ready = min(ready, len(text) - max(len(s) for s in r.params.stop) + 1)
         ready = max(ready, r.sent)
-        r.handle._push(tok, text[r.sent:ready])
+        r.handle._push(tok, text[r.sent:ready], lp)
         r.sent, r.text = ready, text
         if reason:
             r.handle._finish(self._completion(r, reason))
@@ -331,4 +344,5 @@ class BaseEngine:
         req = r.handle.request
         return Completion(request_id=req.request_id, task=req.task, text=r.text, token_ids=list(r.ids),
                           finish_reason=reason, prompt_tokens=r.prompt_tokens,
-                          logits=torch.stack(r.logits) if r.logits else None)
+                          logits=torch.stack(r.logits) if r.logits else None, logprobs=r.logprobs,
+                          prompt_logprobs=r.handle.prompt_logprobs)

@@ -22,8 +22,9 @@ import torch
 
 from .. import hf
 from ..prefix import prefixed_forward
+from ..generate import token_logprobs
 from .base import BaseEngine, Row, fault
-from .handle import Handle, Request
+from .handle import Handle, Request, TokenLogprob
 from .tasks import RequestError, TaskRegistry
 
 
@@ -41,6 +42,8 @@ class Engine(BaseEngine):
     model, tokenizer: from `load_base()`; tasks: a TaskRegistry or a {name: artifact path} map.
     Limits as in `BaseEngine`; `keep_logits` keeps each row's logits (for tests and scoring).
     """
+
+    prompt_logprobs = True
 
     def __init__(self, model, tokenizer, tasks: TaskRegistry | Mapping | None = None, *, max_batch_size: int = 32,
                  max_queue: int = 1024, max_new_tokens_limit: int = 2048, prefix_cache_bytes: int = 256 * 2**20,
@@ -109,15 +112,18 @@ class Engine(BaseEngine):
             ids[i, T - len(row_ids):] = torch.tensor(row_ids)
             mask[i, T - len(row_ids):] = 1
         rows = [r for r, _, _ in new]
-        try:
+        scored = [i for i, r in enumerate(rows) if r.handle.request.prompt_logprobs]
+        try:  # every position's logits only when a row asked for its prompt's logprobs
             out = prefixed_forward(self.model, ids, mask, [kv for _, _, kv in new], use_cache=True,
-                                   logits_to_keep=1, growing=True)
+                                   logits_to_keep=0 if scored else 1, growing=True)
         except Exception as e:  # the prefill of these rows failed before they joined the batch: they alone end
             for r in rows:
                 self._fail(r.handle, fault("the prefill", e))
             return
         for r, p in zip(rows, out.position_ids[:, -1].tolist()):
             r.pos = p
+        for i in scored:
+            rows[i].handle.prompt_logprobs = _prompt_logprobs(out.logits[i], new[i][1], rows[i].handle.request.logprobs)
         self._merge(rows, out.cache, out.attention_mask)
         self._emit(rows, out.logits[:, -1])
         self._compact()
@@ -172,6 +178,14 @@ class Engine(BaseEngine):
         self._compact()
         with self._lock:
             self._cancel_waiting()
+
+
+def _prompt_logprobs(logits: torch.Tensor, ids: list[int], top: int | None) -> list[TokenLogprob]:
+    """Each prompt token's logprob given the tokens before it (and the prefix); the first has none.
+    logits: (T, V) of the left-padded prefill row, so the prompt's own positions are its last len(ids)."""
+    logits = logits[logits.shape[0] - len(ids):]
+    return [TokenLogprob(ids[0], None)] + [TokenLogprob(t, *token_logprobs(logits[j], t, top or 0))
+                                           for j, t in enumerate(ids[1:])]
 
 
 def _lpad_mask(m: torch.Tensor, S: int) -> torch.Tensor:

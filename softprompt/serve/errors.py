@@ -58,6 +58,10 @@ def install(app: FastAPI) -> None:
         errs = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errs):
             return ErrorJSON(error_body("the body is not valid JSON", "invalid_request_error", "invalid_json"), 400)
+        refused = next((e for e in errs if e.get("type") == "refused_parameter"), None)
+        if refused is not None:  # an OpenAI field we do not implement, or a combination we refuse (schemas.py)
+            return ErrorJSON(error_body(refused["ctx"]["message"], "invalid_request_error", "unsupported_parameter",
+                                        refused["ctx"]["field"]), 400)
         bad_text = next((e for e in errs if e.get("type") == "string_unicode"), None)
         if bad_text is not None:  # a lone surrogate: text no tokenizer can encode, refused as the engine does
             param = ".".join(str(x) for x in bad_text.get("loc", ())[1:]) or None

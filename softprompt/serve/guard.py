@@ -79,15 +79,18 @@ class Auth:
 class BodyGuard:
     """Read the whole body first, at most `limit` bytes within `timeout_s`, then hand it to the app."""
 
-    def __init__(self, app, limit: int, timeout_s: float = 30.0):
+    def __init__(self, app, limit: int, timeout_s: float = 30.0, upload_limit: int | None = None, is_upload=None):
         self.app, self.limit, self.timeout_s = app, limit, timeout_s
+        # one route (a task artifact uploaded by an operator) may carry a larger body
+        self.upload_limit, self.is_upload = upload_limit, is_upload
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.upload_limit if self.is_upload is not None and self.is_upload(scope) else self.limit
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.strip().isdigit() and int(length) > self.limit:
-            return await self._too_large(send)
+        if length is not None and length.strip().isdigit() and int(length) > limit:
+            return await self._too_large(send, limit)
         body, more = bytearray(), True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
@@ -101,8 +104,8 @@ class BodyGuard:
                 return  # the client is gone: nobody to answer
             body += msg.get("body", b"")
             more = msg.get("more_body", False)
-            if len(body) > self.limit:
-                return await self._too_large(send)
+            if len(body) > limit:
+                return await self._too_large(send, limit)
         replayed = False
 
         async def replay():
@@ -114,6 +117,6 @@ class BodyGuard:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send):
-        await send_error(send, 413, f"request body is over the limit of {self.limit} bytes", "invalid_request_error",
+    async def _too_large(self, send, limit: int):
+        await send_error(send, 413, f"request body is over the limit of {limit} bytes", "invalid_request_error",
                          "body_too_large")

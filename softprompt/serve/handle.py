@@ -11,6 +11,7 @@ import asyncio
 import threading
 import uuid
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +32,10 @@ class Request:
     seed: int | None = None
     stop: tuple[str, ...] | list[str] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # report each new token's logprob and this many top alternatives (0: none)
+    prompt_logprobs: bool = False  # also the prompt tokens' logprobs (OpenAI's echo with logprobs)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def sampling(self) -> SamplingParams:
@@ -40,9 +45,19 @@ class Request:
             raise RequestError("a request needs exactly one of prompt or prompt_ids")
         try:
             return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                                  top_p=self.top_p, seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos)
+                                  top_p=self.top_p, seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos,
+                                  presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
         except ValueError as e:
             raise RequestError(str(e)) from e
+
+
+class TokenLogprob(NamedTuple):
+    """A token and its log-probability under the model (None: the prompt's first token, which
+    nothing predicts), with the `top` most likely tokens at that position as (id, logprob) pairs."""
+
+    token_id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -56,6 +71,8 @@ class Completion:
     error: str | None = None
     error_code: str | None = None
     logits: torch.Tensor | None = None  # (new tokens, V), only when the engine keeps logits
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked (Request.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, when asked (Request.prompt_logprobs)
 
     @classmethod
     def failed(cls, req: Request, exc: Exception) -> "Completion":
@@ -67,6 +84,7 @@ class Completion:
 class Event:
     token_id: int
     text: str  # the new text this token completes (may be empty)
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 class Handle:
@@ -77,15 +95,16 @@ class Handle:
         self._cond = threading.Condition()
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.cancelled = False
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # set at admission, before the first event
 
     @property
     def done(self) -> bool:
         return self._result is not None
 
     # engine side
-    def _push(self, token_id: int, text: str) -> None:
+    def _push(self, token_id: int, text: str, logprob: TokenLogprob | None = None) -> None:
         with self._cond:
-            self._events.append(Event(token_id, text))
+            self._events.append(Event(token_id, text, logprob))
             self._notify()
 
     def _finish(self, completion: Completion) -> None:

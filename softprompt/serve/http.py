@@ -10,7 +10,8 @@ limit. Errors known before a stream starts are real HTTP errors, not a 200 with 
 
 Layout: `create_app` assembles middlewares (guard.py: auth before the body, body limits), the
 error handlers (errors.py), a `Service` (service.py) and the routers (routers/: completions,
-tasks, classify, admin); request schemas are in schemas.py.
+tasks, admin_tasks: publishing tasks over HTTP, classify, admin); request schemas are in schemas.py,
+response shapes in responses.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from . import errors
 from .classify import ClassifyService
 from .errors import STATUS, APIError, ErrorJSON  # noqa: F401  (imported from here by older code)
 from .guard import Auth, BodyGuard
-from .routers import admin, classify, completions, tasks
+from .routers import admin, admin_tasks, classify, completions, tasks
 from .service import ServerConfig, Service
 
 
@@ -40,14 +41,15 @@ def create_app(engine, store=None, config: ServerConfig = ServerConfig(), classi
     app = FastAPI(title="softprompt", version="1", lifespan=lifespan,
                   description="OpenAI-compatible completions over many prompt-tuned tasks on one frozen model.")
     # add_middleware puts the last one outermost: Auth runs first, then the body is read (guard.py)
-    app.add_middleware(BodyGuard, limit=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    app.add_middleware(BodyGuard, limit=config.max_body_bytes, timeout_s=config.body_timeout_s,
+                       upload_limit=config.max_upload_bytes, is_upload=admin_tasks.is_upload)
     app.add_middleware(Auth, keys=config.api_keys)
     errors.install(app)
     classifier = classifier or ClassifyService(engine.model, engine.tokenizer, engine.tasks.resolve)
     app.state.service = Service(engine, store, config, classifier)
     app.state.engine, app.state.store, app.state.config, app.state.classifier = engine, store, config, classifier
     app.state.health_hooks = []  # callables -> dict merged into /health (e.g. a shared store's state)
-    for router in (completions.router, classify.router, tasks.router, admin.router):
+    for router in (completions.router, classify.router, tasks.router, admin_tasks.router, admin.router):
         app.include_router(router)
     if admin.WEB.is_dir():
         from fastapi.staticfiles import StaticFiles

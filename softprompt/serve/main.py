@@ -38,7 +38,8 @@ def read_api_keys(api_keys_file: str | None) -> frozenset[str]:
 def build_app(store_dir: str | None = None, base: str | None = None, api_keys_file: str | None = None,
               max_batch_size: int = 32, max_queue: int = 256, max_body_bytes: int = 1 << 20,
               request_timeout_s: float = 120.0, prefix_cache_mb: int = 256, tasks: dict | None = None,
-              lora: str | None = None, merge_lora: bool = True, body_timeout_s: float = 30.0):
+              lora: str | None = None, merge_lora: bool = True, body_timeout_s: float = 30.0,
+              served_model_name: str | None = None, max_upload_bytes: int = 64 << 20):
     """(app, config). With `lora`, the engine's model is the LoRA-adapted base: every task is checked
     against *its* fingerprint when loaded (`load_artifact` hashes the model it is given, and
     `apply_lora` drops any fingerprint cached for the bare weights), so prompts trained with that
@@ -65,9 +66,11 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     base_id = EMBEDDED_NAME if base is None else Path(base).name
     if lora is not None:  # another model than the bare base: clients must not mistake one for the other
         base_id += f"+lora:{Path(lora).name}"
+    if served_model_name is not None:  # the operator's name wins (a task of that name would be shadowed)
+        base_id = served_model_name
     config = ServerConfig(base_model_id=base_id, api_keys=keys,
                           max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
-                          body_timeout_s=body_timeout_s)
+                          body_timeout_s=body_timeout_s, max_upload_bytes=max_upload_bytes)
     app = create_app(engine, store, config)
     app.state.health_hooks.append(from_store.health)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
@@ -87,7 +90,8 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
           api_keys_file: str | None = None, max_batch_size: int = 32, max_queue: int = 256,
           max_body_bytes: int = 1 << 20, request_timeout_s: float = 120.0, prefix_cache_mb: int = 256,
           lora: str | None = None, merge_lora: bool = True, threads: int = 0, body_timeout_s: float = 30.0,
-          ray: bool = False, replicas: int = 1, ray_address: str | None = None):
+          ray: bool = False, replicas: int = 1, ray_address: str | None = None,
+          served_model_name: str | None = None, max_upload_bytes: int = 64 << 20):
     """Serve every task in a prompt store over an OpenAI-compatible HTTP API (and the base model).
 
     Args:
@@ -108,6 +112,8 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
         ray: serve on Ray Serve (replicas over one shared store, e.g. --store postgresql://...; docs/distributed.md)
         replicas: with --ray: engine replicas (each holds the model once)
         ray_address: with --ray: join this Ray cluster (e.g. auto) instead of starting a local one
+        served_model_name: the base model's id in the API (default: the base directory's name, or SmolLM2-135M-Instruct)
+        max_upload_bytes: a task uploaded over HTTP (POST /v1/tasks/NAME) over this gets 413
     """
     import socket
 
@@ -123,18 +129,20 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
         raise ValueError(f"port must be in 0..65535, got {port}")
     for name, value in (("max_batch_size", max_batch_size), ("max_body_bytes", max_body_bytes),
                         ("prefix_cache_mb", prefix_cache_mb), ("request_timeout_s", request_timeout_s),
-                        ("body_timeout_s", body_timeout_s)):
+                        ("body_timeout_s", body_timeout_s), ("max_upload_bytes", max_upload_bytes)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    if served_model_name is not None and not 0 < len(served_model_name) <= 256:
+        raise ValueError("served_model_name must be 1 to 256 characters")
     if ray:
         from .ray_app import run
 
         return run(store, host, port, base, replicas, ray_address, threads or 1, api_keys_file=api_keys_file,
                    max_batch_size=max_batch_size, max_queue=max_queue, max_body_bytes=max_body_bytes,
                    request_timeout_s=request_timeout_s, prefix_cache_mb=prefix_cache_mb, lora=lora,
-                   merge_lora=merge_lora)
+                   merge_lora=merge_lora, served_model_name=served_model_name, max_upload_bytes=max_upload_bytes)
     # Bind before anything else: a busy port fails in a second, with one line and no "serving" banner.
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -143,7 +151,8 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
     with sock:
         app, config = build_app(store, base, api_keys_file, max_batch_size, max_queue, max_body_bytes,
                                 request_timeout_s, prefix_cache_mb, lora=lora, merge_lora=merge_lora,
-                                body_timeout_s=body_timeout_s)
+                                body_timeout_s=body_timeout_s, served_model_name=served_model_name,
+                                max_upload_bytes=max_upload_bytes)
         port = sock.getsockname()[1]
         auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
         print(f"softprompt serving {config.base_model_id} and the tasks of the store on http://{host}:{port} "

@@ -5,8 +5,6 @@ thin: they validate a body (schemas.py), call one of these, and shape the answer
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +12,6 @@ from fastapi import Request as HTTPRequest
 
 from ..card_schema import card_file_path
 from .errors import STATUS, APIError
-from .guard import error_bytes
 from .tasks import QueueFull, RequestError, UnknownTask
 
 
@@ -25,6 +22,7 @@ class ServerConfig:
     base_model_id: str = "base"
     api_keys: frozenset[str] = frozenset()
     max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 20  # a task artifact uploaded over HTTP (routers/admin_tasks.py)
     body_timeout_s: float = 30.0  # a body not fully sent by then gets 408
     request_timeout_s: float = 120.0
     max_n: int = 8
@@ -181,51 +179,3 @@ async def _gather(handles, request: HTTPRequest):
                 h.cancel()
             task.cancel()
             raise asyncio.CancelledError()
-
-
-async def sse(handles, rid: str, model: str, chat: bool):
-    """Server-sent events, one chunk per piece of text; a dropped client cancels its rows."""
-    created = int(time.time())
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(i, text=None, finish=None, role=False):
-        if chat:
-            delta = {"role": "assistant"} if role else ({"content": text} if text is not None else {})
-            c = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
-        else:
-            c = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': model, 'choices': [c]})}\n\n"
-
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, h):
-        try:
-            async for ev in h.astream():
-                if ev.text:
-                    await queue.put(chunk(i, ev.text))
-            res = h._result
-            if res.finish_reason == "error":  # failed after it started: only an event can say so now
-                await queue.put("data: " + error_bytes(res.error, "invalid_request_error" if STATUS.get(
-                    res.error_code, 400) < 500 else "server_error", res.error_code).decode() + "\n\n")
-            else:
-                await queue.put(chunk(i, None if chat else "", res.finish_reason))
-        finally:
-            await queue.put(None)
-
-    try:
-        if chat:
-            for i in range(len(handles)):
-                yield chunk(i, role=True)
-        pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-        remaining = len(pumps)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            else:
-                yield item
-        yield "data: [DONE]\n\n"
-    finally:  # normal end, or the client went away (the generator is closed)
-        for h in handles:
-            if not h.done:
-                h.cancel()
