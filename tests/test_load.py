@@ -41,6 +41,16 @@ def live() -> dict:
     return {k: sum(isinstance(o, t) for o in objs) for k, t in kinds.items()}
 
 
+def quiesced(engine) -> tuple[dict, float]:
+    """(live(), rss_mb()) with the engine's loop stopped, so no step in flight holds the last finished
+    row in its frame (the counts are then exact, not a race with the loop), then the loop restarted."""
+    engine.stop()
+    try:
+        return live(), rss_mb()
+    finally:
+        engine.start()
+
+
 def rss_mb() -> float:
     """Resident memory, after giving freed heap back to the system (glibc's malloc_trim: otherwise
     the arenas of 32 client threads keep growing RSS over the first phases without any leak)."""
@@ -124,9 +134,9 @@ def test_32_clients_overflow_the_queue_and_memory_stays_flat():
         phase(url, 0)
         assert go.is_set() and engine.status()["refused_queue_full"] >= CLIENTS - MAX_QUEUE
         phase(url, 1000)  # warm: the heap and allocator caches of 32 client threads settle over 2 phases
-        first_live, first = live(), rss_mb()
+        first_live, first = quiesced(engine)
         phase(url, 2000)  # the same work again: what it adds to memory is what a longer run would leak
-        second_live, second = live(), rss_mb()
+        second_live, second = quiesced(engine)
         after = httpx.get(url + "/health", timeout=10)
         assert after.status_code == 200 and after.json()["status"] == "ok"
         status = engine.status()
