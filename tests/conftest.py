@@ -90,3 +90,19 @@ def left_padded(rows: list[list[int]], pad: int = 0):
 
 
 ROWS = [[5, 17, 33, 8, 41, 12, 9], [22, 7, 3], [60, 61, 62, 63, 64]]
+
+
+@pytest.fixture
+def embedded_stand_in(tmp_path, monkeypatch):
+    """A tiny Llama with a word tokenizer on disk that `softprompt.load_base()` returns in place of
+    the embedded model (for running user-facing examples as written). Returns its directory."""
+    import softprompt as sp
+    from tiny_tokenizer import tiny_tokenizer
+
+    d = tmp_path / "base"
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    real = sp.load_base
+    monkeypatch.setattr(sp, "load_base", lambda path=None, **kw: real(d if path is None else path, **kw))
+    return d
+

@@ -19,14 +19,8 @@ ROWS = [{"input": f"{WORDS[i]} {WORDS[i + 1]}", "output": WORDS[i + 2]} for i in
 
 
 @pytest.fixture
-def base(tmp_path, monkeypatch):
-    """A tiny Llama with a word tokenizer on disk, standing in for the embedded model."""
-    d = tmp_path / "base"
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    real = sp.load_base
-    monkeypatch.setattr(sp, "load_base", lambda path=None, **kw: real(d if path is None else path, **kw))
-    return d
+def base(embedded_stand_in):
+    return embedded_stand_in
 
 
 def example_from_docstring() -> str:

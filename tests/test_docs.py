@@ -76,20 +76,12 @@ def test_every_command_line_shown_names_real_commands_and_options():
     assert seen > 20 and not bad, "\n".join(bad)
 
 
-def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+def test_the_readme_python_example_runs(embedded_stand_in, tmp_path, monkeypatch):
     """The README's Python API block, as written, on a tiny model and a small data file."""
     import json
 
-    from conftest import tiny_model
-    from tiny_tokenizer import WORDS, tiny_tokenizer
+    from tiny_tokenizer import WORDS
 
-    import softprompt as sp
-
-    base = tmp_path / "base"
-    tiny_model("llama").save_pretrained(base)
-    tiny_tokenizer().save_pretrained(base)
-    real = sp.load_base
-    monkeypatch.setattr(sp, "load_base", lambda path=None, **kw: real(base if path is None else path, **kw))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"input": f"{WORDS[i]} {WORDS[i + 1]}",
                                                              "output": WORDS[i + 2]}) + "\n" for i in range(0, 20, 2)))

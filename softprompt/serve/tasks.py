@@ -122,12 +122,10 @@ class PrefixCache:
             return kv
 
     def get(self, name: str, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+        kv = self.lookup(name)
+        if kv is not None:
+            return kv
         with self._lock:
-            kv = self._items.get(name)
-            if kv is not None:
-                self._items.move_to_end(name)
-                self.hits += 1
-                return kv
             self.misses += 1
         t0 = time.perf_counter()
         kv = load()
