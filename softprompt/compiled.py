@@ -6,7 +6,7 @@
 Why: serving a cold task used to mean reading and hashing the artifact, building the method module
 and, for prompt tuning and P-tuning, a forward pass of the frozen model to compile the soft prompt.
 All of that depends only on the artifact's bytes and the base weights, so it is done once and its
-result stored; a later load (another process, a restart, an evicted task) is a memory map and a copy.
+result stored; a later load (another process, a restart, an evicted task) is one read of one file.
 
 Who compiles: whoever first has the artifact and the model together. `Store.add(..., model)` (an
 in-memory prompt, a PEFT import, `softprompt store add --base`) and `softprompt store compile`
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import struct
 import threading
@@ -111,46 +110,52 @@ def _row(store, sha: str, fp: str, dtype: torch.dtype) -> str | None:
     return r[0] if r else None
 
 
-# --- reading: memory map + copy ---------------------------------------------------------------------
+# --- reading: one read, no copy ------------------------------------------------------------------------
 
 def read_kv(path: Path, want_sha: str) -> torch.Tensor:
     """The KV prefix in a compiled file, hashed against `want_sha` unless this file version already was.
 
-    The file is memory-mapped and its one tensor copied out, so nothing stays mapped afterwards."""
+    The file is read once, into an uninitialized buffer (no zero-fill), hashed from there if need be,
+    and the tensor is a view of that buffer: every page of it is touched once by the read and once by
+    the hash, and never copied. (A memory map and a copy touched each page three times: map fault,
+    hash, copy; on a machine where cold pages are slow to touch, that was most of a cold load.)"""
     try:
-        f = open(path, "rb")
+        f = open(path, "rb", buffering=0)
     except FileNotFoundError:
         raise CompiledDamaged(f"compiled file {path} is missing") from None
     with f:
         st = os.fstat(f.fileno())  # of the file we read, not of whatever the path names a moment later
-        version = _version(st)
-        if st.st_size < 8:
-            raise CompiledDamaged(f"compiled file {path} is truncated")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private pages: writable, never written
+        version, size = _version(st), st.st_size
+        buf = torch.empty(size, dtype=torch.uint8)  # (bytes,) the whole file; the tensor below views it
+        mv = memoryview(buf.numpy())
+        got = 0
+        while got < size:  # one read for a regular file; a loop in case the kernel returns less
+            n = f.readinto(mv[got:])
+            if not n:
+                break
+            got += n
+    if got != size or size < 8:
+        raise CompiledDamaged(f"compiled file {path} is truncated")
+    if not _seen(path, version, want_sha):
+        digest = hashlib.sha256(mv).hexdigest()
+        if digest != want_sha:
+            raise CompiledDamaged(f"compiled file {path} changed behind the index's back "
+                                  f"(sha256 {digest[:12]}... != indexed {want_sha[:12]}...)")
+        _remember(path, version, want_sha)
+    (n,) = struct.unpack("<Q", mv[:8])
     try:
-        if not _seen(path, version, want_sha):
-            digest = hashlib.sha256(mm).hexdigest()
-            if digest != want_sha:
-                raise CompiledDamaged(f"compiled file {path} changed behind the index's back "
-                                      f"(sha256 {digest[:12]}... != indexed {want_sha[:12]}...)")
-            _remember(path, version, want_sha)
-        (n,) = struct.unpack("<Q", mm[:8])
-        try:
-            info = json.loads(mm[8:8 + n])["kv"]
-            dtype, shape, (start, end) = ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CompiledDamaged(f"compiled file {path} has no readable 'kv' tensor ({e})") from e
-        count = 1
-        for s in shape:
-            count *= s
-        if end - start != count * torch.tensor([], dtype=dtype).element_size() or 8 + n + end > len(mm):
-            raise CompiledDamaged(f"compiled file {path}: the 'kv' tensor's offsets do not fit the file")
-        view = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + start)
-        kv = view.view(shape).clone()  # (L, 2, H_kv, P, D), the one copy
-        del view  # releases the buffer, so the map can close
-    finally:
-        mm.close()
-    return kv
+        info = json.loads(bytes(mv[8:8 + n]))["kv"]
+        dtype, shape, (start, end) = ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CompiledDamaged(f"compiled file {path} has no readable 'kv' tensor ({e})") from e
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    count = 1
+    for s in shape:
+        count *= s
+    begin = 8 + n + start
+    if end - start != count * itemsize or begin + count * itemsize > size or begin % itemsize:
+        raise CompiledDamaged(f"compiled file {path}: the 'kv' tensor's offsets do not fit the file")
+    return buf[begin:begin + count * itemsize].view(dtype).view(shape)  # (L, 2, H_kv, P, D)
 
 
 # --- writing ------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class StoreEntry:
 
     def kv_prefix(self, model, *, allow_other_base: bool = False):
         """The task's KV prefix `(L, 2, H_kv, P, D)` for `model`, on CPU in the model's dtype, from the
-        store's compiled form (a memory map and a copy), compiled and stored first if there is none."""
+        store's compiled form (one read of one file), compiled and stored first if there is none."""
         from .compiled import load_or_compile
 
         return load_or_compile(self, model, allow_other_base=allow_other_base)

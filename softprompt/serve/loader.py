@@ -2,7 +2,7 @@
 
 The engine asks `TaskLoader.load(key, load)` for a waiting request's KV prefix and gets a future:
 done at once on a prefix-cache hit, otherwise done when one background thread has run `load`
-(for a store task: a memory map and a copy of its compiled form) and put the result in the cache.
+(for a store task: one read of its compiled form) and put the result in the cache.
 The request stays queued meanwhile and joins the batch at the first step after the future is done;
 `on_done` wakes the engine's loop. Requests for a task already loading share its future, so a
 burst of requests for one cold task loads it once. A failed load is not cached: the requests that

@@ -1,8 +1,8 @@
 """Tasks for the engine: where a task name's artifact is, and an LRU cache of compiled KV prefixes.
 
 A task resolves to a KV prefix `(L, 2, H_kv, P, D)` once, when first used. A store task reads the
-serving form the store keeps compiled for this base (softprompt/compiled.py: a memory map and a
-copy); an artifact path or an in-memory prompt is compiled here (prompt tuning and P-tuning by one
+serving form the store keeps compiled for this base (softprompt/compiled.py: one
+read of one file); an artifact path or an in-memory prompt is compiled here (prompt tuning and P-tuning by one
 pass of the frozen model). The cache holds recently used prefixes under a byte budget; loading a
 task never copies or reloads the model. The engine loads beside its loop (serve/loader.py).
 """
