@@ -145,3 +145,26 @@ def test_mixed_prefix_batch_equals_rows_alone(model):
 def test_shared_prefix_equals_one_per_row(model):
     kv = compiled_prefix(model)
     assert run(model, [kv]) == run(model, [kv, kv, kv])
+
+
+def test_greedy_fast_path_picks_what_safe_logits_picks():
+    """The one-pass greedy pick equals the argmax of the sanitized logits on every kind of row:
+    finite, ties, -inf entries, nan, +inf, and rows of nothing usable."""
+    from softprompt.generate import greedy, safe_logits
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(9, 50, generator=g)
+    rows[1, [3, 7]] = rows[1].max() + 1  # a tie at the top: the first index
+    rows[2, ::2] = float("-inf")
+    rows[3, 5] = float("nan")
+    rows[4, [4, 9]] = float("inf")
+    rows[5] = float("-inf")
+    rows[6] = float("nan")
+    rows[7, 0] = float("nan")
+    rows[7, 1] = float("inf")
+    rows[8] = rows[8].clamp(max=0) - 3e38  # large magnitudes
+    want = safe_logits(rows).argmax(-1)
+    assert torch.equal(greedy(rows), want)
+    for i in (0, 1, 2, 8):  # all finite maxima: the one-pass path, on batches of finite rows alone
+        assert torch.equal(greedy(rows[i:i + 1]), want[i:i + 1])
+    assert want[1] == 3 and want[4] == 4 and want[7] == 1

@@ -16,7 +16,8 @@ from concurrent.futures import Future
 
 import torch
 
-from ..generate import SamplingParams, cut_at_stop, eos_ids, penalize, pick_next, safe_logits, token_logprobs
+from ..generate import (SamplingParams, cut_at_stop, eos_ids, greedy_ids, penalize, pick_next, safe_logits,
+                        token_logprobs)
 from .handle import Completion, Handle, Request, TokenLogprob
 from .loader import TaskLoader, done_future
 from .tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
@@ -291,7 +292,7 @@ class BaseEngine:
     def _emit(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Pick each row's next token, stream it, and finish rows that are done. logits: (B, V).
         Returns the picked tokens."""
-        greedy = safe_logits(logits).argmax(-1).tolist()
+        greedy = greedy_ids(logits)
         picked = []
         for i, r in enumerate(rows):
             try:
