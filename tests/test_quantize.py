@@ -96,3 +96,67 @@ def test_encoder_decoder_bases_quantize_and_generate_the_same_alone_and_batched(
     for i, row in enumerate(ROWS):
         one = torch.tensor([row])
         assert generate_ids(model, one, torch.ones_like(one), [kv], params)[0] == batch[i]
+
+
+def test_layers_reading_one_input_share_one_product_and_give_what_they_give_alone():
+    """q, k, v (and gate, up) read one tensor: one quantization, one int8 matmul, a slice each; each
+    slice equals the group's whole product there (exactly); the LM head and the layers that do not
+    widen take two levels of input quantization, and are closer to float32 for it."""
+    fp32 = tiny_model("llama")
+    model = int8("llama")
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared
+    assert mlp.gate_proj.shared is mlp.up_proj.shared and attn.o_proj.shared is not attn.q_proj.shared
+    assert mlp.down_proj.shared.levels == model.lm_head.shared.levels == attn.q_proj.shared.levels == 2
+    assert mlp.up_proj.shared.levels == 1
+    prod = attn.q_proj.shared
+    x = torch.randn(2, 5, prod.weight_int8.shape[1])
+    whole = prod(x)  # (2, 5, N)
+    parts = [attn.k_proj(x), attn.q_proj(x), attn.v_proj(x)]  # any order
+    start = [prod.sizes[0], 0, prod.sizes[0] + prod.sizes[1]]
+    for j, part in enumerate(parts):
+        assert part.is_contiguous() and torch.equal(part, whole[..., start[j]:start[j] + part.shape[-1]])
+    assert prod._last.parts is None  # every part taken: nothing held
+    y = x.clone()
+    q1 = attn.q_proj(y)
+    y.mul_(2)  # modified in place: the product made before is not reused
+    assert torch.equal(attn.k_proj(y), prod(y)[..., prod.sizes[0]:prod.sizes[0] + prod.sizes[1]])
+    assert not torch.equal(q1, attn.q_proj(y))
+    down = mlp.down_proj
+    h = torch.randn(9, down.in_features)
+    h[:, 3] *= 50  # an outlier channel
+    want = fp32.model.layers[0].mlp.down_proj(h)
+    one = Int8Linear(fp32.model.layers[0].mlp.down_proj)  # one level, no smoothing
+    prod = down.shared
+    weights_only = h @ (prod.weight_int8.float() * prod.weight_scale[:, None]).t()  # int8 weights, float inputs
+    assert (down(h) - weights_only).abs().max() < 2e-3 * want.abs().max()  # the inputs' error is 1/32258
+    assert (down(h) - want).abs().max() < (one(h) - want).abs().max() / 3
+    for i in range(len(h)):  # two levels keep rows independent, exactly
+        assert torch.equal(down(h[i:i + 1]), down(h)[i:i + 1])
+
+
+def test_threads_never_see_each_others_products():
+    """The loader thread compiles prompts through the model while the engine decodes with it."""
+    import threading
+
+    model = int8("llama")
+    xs = [torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        want = [model(input_ids=x).logits for x in xs]
+        got, errors = [[], []], []
+
+        def run(i):
+            try:
+                for _ in range(20):
+                    got[i].append(model(input_ids=xs[i]).logits)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    for i in range(2):
+        assert all(torch.equal(g, want[i]) for g in got[i])
