@@ -106,7 +106,7 @@ def main():
         "bleu_delta": round(res32["bleu"] - res8["bleu"], 2),
         "rouge_l_fp32": round(res32["rouge_l"], 2), "rouge_l_quantized": round(res8["rouge_l"], 2),
         "identical_outputs": round(same, 3), "seconds_fp32": round(t32, 1), "seconds_quantized": round(t8, 1),
-        "quantize": "int8: per-row activations, per-channel weights, SmoothQuant alpha 0.5 (softprompt/quantize.py)",
+        "quantize": "int8: per-channel weights, per-row inputs (two levels but for the widening layers, which are smoothed), shared products (softprompt/quantize.py)",
         "torch_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2), "quick": args.quick,
         "examples": [{"prompt": g[0], "fp32": a, "int8": b} for g, a, b in
                      list(zip(groups, res32["predictions"], res8["predictions"]))[:5]],
