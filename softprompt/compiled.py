@@ -115,10 +115,11 @@ def _row(store, sha: str, fp: str, dtype: torch.dtype) -> str | None:
 def read_kv(path: Path, want_sha: str) -> torch.Tensor:
     """The KV prefix in a compiled file, hashed against `want_sha` unless this file version already was.
 
-    The file is read once, into an uninitialized buffer (no zero-fill), hashed from there if need be,
-    and the tensor is a view of that buffer: every page of it is touched once by the read and once by
-    the hash, and never copied. (A memory map and a copy touched each page three times: map fault,
-    hash, copy; on a machine where cold pages are slow to touch, that was most of a cold load.)"""
+    The header is read, then the tensor's bytes straight into an uninitialized tensor of its shape
+    (no zero-fill, no copy, no buffer left behind it), hashed there with the rest of the file if
+    need be: every page of it is touched once by the read and once by the hash. (A memory map and a
+    copy touched each page three times: map fault, hash, copy; on a machine where cold pages are
+    slow to touch, that was most of a cold load.)"""
     try:
         f = open(path, "rb", buffering=0)
     except FileNotFoundError:
@@ -126,36 +127,44 @@ def read_kv(path: Path, want_sha: str) -> torch.Tensor:
     with f:
         st = os.fstat(f.fileno())  # of the file we read, not of whatever the path names a moment later
         version, size = _version(st), st.st_size
-        buf = torch.empty(size, dtype=torch.uint8)  # (bytes,) the whole file; the tensor below views it
-        mv = memoryview(buf.numpy())
+        head = f.read(8)
+        if len(head) < 8:
+            raise CompiledDamaged(f"compiled file {path} is truncated")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CompiledDamaged(f"compiled file {path} is truncated")
+        header = f.read(n)
+        try:
+            info = json.loads(header)["kv"]
+            dtype, shape, (start, end) = ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            kv = torch.empty(shape, dtype=dtype)  # (L, 2, H_kv, P, D)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CompiledDamaged(f"compiled file {path} has no readable 'kv' tensor ({e})") from e
+        nbytes = kv.numel() * kv.element_size()
+        if not 0 <= start <= end or end - start != nbytes or 8 + n + end > size:
+            raise CompiledDamaged(f"compiled file {path}: the 'kv' tensor's offsets do not fit the file")
+        before = f.read(start)  # nothing in files we write; read (and hashed) all the same
+        mv = memoryview(kv.view(-1).view(torch.uint8).numpy())  # (nbytes,) the tensor's own memory
         got = 0
-        while got < size:  # one read for a regular file; a loop in case the kernel returns less
-            n = f.readinto(mv[got:])
-            if not n:
+        while got < nbytes:  # one read for a regular file; a loop in case the kernel returns less
+            k = f.readinto(mv[got:])
+            if not k:
                 break
-            got += n
-    if got != size or size < 8:
+            got += k
+        after = f.read()
+    if got != nbytes or len(before) != start:
         raise CompiledDamaged(f"compiled file {path} is truncated")
     if not _seen(path, version, want_sha):
-        digest = hashlib.sha256(mv).hexdigest()
+        h = hashlib.sha256(head)
+        for part in (header, before, mv, after):
+            h.update(part)
+        digest = h.hexdigest()
         if digest != want_sha:
             raise CompiledDamaged(f"compiled file {path} changed behind the index's back "
                                   f"(sha256 {digest[:12]}... != indexed {want_sha[:12]}...)")
         _remember(path, version, want_sha)
-    (n,) = struct.unpack("<Q", mv[:8])
-    try:
-        info = json.loads(bytes(mv[8:8 + n]))["kv"]
-        dtype, shape, (start, end) = ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CompiledDamaged(f"compiled file {path} has no readable 'kv' tensor ({e})") from e
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    count = 1
-    for s in shape:
-        count *= s
-    begin = 8 + n + start
-    if end - start != count * itemsize or begin + count * itemsize > size or begin % itemsize:
-        raise CompiledDamaged(f"compiled file {path}: the 'kv' tensor's offsets do not fit the file")
-    return buf[begin:begin + count * itemsize].view(dtype).view(shape)  # (L, 2, H_kv, P, D)
+    del mv
+    return kv
 
 
 # --- writing ------------------------------------------------------------------------------------------

@@ -190,3 +190,23 @@ def test_store_compile_command(llama, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("softprompt.cli._load", lambda base, *a, **k: (llama, None))
     main(["store", "compile", "--store", str(tmp_path / "s")])
     assert "a@1" in capsys.readouterr().out and len(compiled_files(store)) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_read_prefix_is_its_own_tensor_in_every_serving_dtype(tmp_path, dtype):
+    """The read fills a tensor of the prefix's own shape: nothing else (no file-sized buffer under a
+    view) stays alive with it in the prefix cache, and the bytes are exactly those written."""
+    store = Store(tmp_path / "s")
+    kv = torch.randn(2, 2, 3, 5, 4).to(dtype)
+    path = compiled.publish(store, "ab" * 32, "sha256:" + "cd" * 32, kv)
+    want = compiled._row(store, "ab" * 32, "sha256:" + "cd" * 32, dtype)
+    compiled._verified.clear()
+    for _ in range(2):  # hashed, then trusted
+        got = compiled.read_kv(path, want)
+        assert got._base is None and got.dtype == dtype and torch.equal(got, kv)
+    with pytest.raises(compiled.CompiledDamaged, match="changed behind"):
+        compiled._verified.clear()
+        compiled.read_kv(path, "0" * 64)
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(compiled.CompiledDamaged, match="offsets do not fit|truncated"):
+        compiled.read_kv(path, want)
