@@ -163,7 +163,6 @@ def read_kv(path: Path, want_sha: str) -> torch.Tensor:
             raise CompiledDamaged(f"compiled file {path} changed behind the index's back "
                                   f"(sha256 {digest[:12]}... != indexed {want_sha[:12]}...)")
         _remember(path, version, want_sha)
-    del mv
     return kv
 
 

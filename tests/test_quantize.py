@@ -160,3 +160,14 @@ def test_threads_never_see_each_others_products():
     assert not errors
     for i in range(2):
         assert all(torch.equal(g, want[i]) for g in got[i])
+
+
+def test_a_quantized_base_deep_copies_and_the_copy_computes_the_same():
+    """The per-thread product cache is left behind (it cannot be copied), and made anew in the copy."""
+    import copy
+
+    model = int8("llama")
+    twin = copy.deepcopy(model)
+    x = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=x).logits, model(input_ids=x).logits)

@@ -16,8 +16,7 @@ from concurrent.futures import Future
 
 import torch
 
-from ..generate import (SamplingParams, cut_at_stop, eos_ids, greedy_ids, penalize, pick_next, safe_logits,
-                        token_logprobs)
+from ..generate import SamplingParams, cut_at_stop, eos_ids, greedy_ids, penalize, pick_next, token_logprobs
 from .handle import Completion, Handle, Request, TokenLogprob
 from .loader import TaskLoader, done_future
 from .tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
@@ -310,7 +309,7 @@ class BaseEngine:
         row = logits[i:i + 1]
         if r.params.penalized:  # they move the argmax too
             row = penalize(row, r.ids, r.params)
-            greedy = int(safe_logits(row).argmax(-1))
+            greedy = greedy_ids(row)[0]
         tok = greedy if r.params.greedy else int(pick_next(row, r.params, r.gen)[0])
         lp = None
         if r.logprobs is not None:  # the model's own distribution: the logits before any penalty
