@@ -39,6 +39,8 @@ import threading
 import torch
 from torch import nn
 
+from . import int8_kernels as kernels
+
 # A generic calibration text: only each input channel's largest magnitude is taken from it, a
 # property of the model far more than of the text.
 CALIBRATION_TEXT = (
@@ -97,6 +99,7 @@ class Int8Product(nn.Module):
             [b.detach().float() if b is not None else torch.zeros(len(wi)) for b, wi in zip(biases, weights)])
         self.register_buffer("bias", bias)
         self.sizes = [len(wi) for wi in weights]
+        kernels.pack(self.weight_int8)
         # per thread (the loader thread compiles prompts while the engine decodes): the input last
         # multiplied and the parts of its product not yet taken
         self._last = threading.local()
@@ -107,38 +110,30 @@ class Int8Product(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._last = threading.local()
+        kernels.pack(self.weight_int8)  # a copy's weights are new tensors, packed anew
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (..., N): every layer's output, side by side."""
+        parts = self.parts(x)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(..., K) -> each layer's output (..., N_i), contiguous."""
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()  # (M, K)
-        if self.inv_smooth is not None:
-            x = x * self.inv_smooth
-        M = x.shape[0]
-        s = x.abs().amax(1, keepdim=True).clamp_(min=1e-12).div_(127)  # (M, 1): one scale per row
-        q = (x / s).round_()
-        if self.levels == 2:  # the rounding error, quantized in turn: 254x finer, one matmul for both
-            r = x - q * s
-            s2 = r.abs().amax(1, keepdim=True).clamp_(min=1e-30).div_(127)  # (M, 1)
-            q, s = torch.cat([q, (r / s2).round_()]), torch.cat([s, s2])  # (2M, K), (2M, 1)
-        y = torch._int_mm(q.to(torch.int8), self.weight_int8.t()) * s  # (M or 2M, N): int32 x float -> float
-        if self.levels == 2:
-            y = y[:M] + y[M:]
-        y = y.mul_(self.weight_scale)  # (M, N)
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*shape[:-1], y.shape[-1])
+        args = (self.weight_int8, self.weight_scale, self.inv_smooth, self.bias, self.sizes, self.levels)
+        return [p.view(*shape[:-1], p.shape[-1]) for p in kernels.product(x, *args)]
 
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Layer i's output for input x: from the product already made for this very tensor (same
         object, not modified since) if there is one, else from a new product. A part is handed out
         once, then forgotten, so no product outlives the layers that read it."""
         if len(self.sizes) == 1:
-            return self(x)
+            return self.parts(x)[0]
         last = self._last
         parts = getattr(last, "parts", None)
         if parts is None or last.x is not x or last.version != x._version or parts[i] is None:
-            parts = [p.contiguous() for p in self(x).split(self.sizes, -1)]
+            parts = self.parts(x)
             last.x, last.version, last.parts = x, x._version, parts
         out, parts[i] = parts[i], None
         if all(p is None for p in parts):
@@ -286,5 +281,6 @@ def quantize_int8(model: nn.Module, tokenizer=None, calibration: str | None = CA
     n = _swap(model, make, keep)
     if n == 0:
         raise ValueError(f"{type(model).__name__} has no Linear layers to quantize")
+    kernels.warm_up(m for m in model.modules() if isinstance(m, Int8Product))
     model.softprompt_quantize = "int8"
     return model

@@ -171,3 +171,86 @@ def test_a_quantized_base_deep_copies_and_the_copy_computes_the_same():
     x = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(twin(input_ids=x).logits, model(input_ids=x).logits)
+
+
+# ---- the fused int8 product (softprompt/int8_kernels.py) ---------------------------------------------
+
+
+def _product_args(K=48, sizes=(40, 8, 8), levels=2, smooth=False, bias=False):
+    from softprompt.int8_kernels import pack
+
+    g = torch.Generator().manual_seed(K + levels + len(sizes))
+    N = sum(sizes)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    pack(w)
+    return (w, torch.rand(N, generator=g) / 100, torch.rand(K, generator=g) + 0.5 if smooth else None,
+            torch.randn(N, generator=g) if bias else None, list(sizes), levels)
+
+
+@pytest.mark.parametrize("levels,smooth,bias,sizes", [(2, False, False, (40, 8, 8)), (1, True, True, (24, 24)),
+                                                      (2, False, True, (16,)), (1, False, False, (40,))])
+def test_the_fused_product_computes_the_eager_bits_for_any_rows(levels, smooth, bias, sizes):
+    """Compiled once, for any number of rows (one row goes as two copies of itself), and equal to
+    the plain torch ops bit for bit: every step is elementwise or a row's max."""
+    from softprompt import int8_kernels as k
+
+    args = _product_args(sizes=sizes, levels=levels, smooth=smooth, bias=bias)
+    x = torch.randn(37, 48)
+    x[:, 3] *= 40  # an outlier channel
+    with torch.no_grad():
+        whole = k.product(x, *args)
+        assert k.fused()  # compiled here (CI machines have a C++ compiler), not silently eager
+        assert all(torch.equal(a, b) for a, b in zip(whole, k._math(x, *args)))
+        assert [p.shape for p in whole] == [(37, n) for n in sizes] and all(p.is_contiguous() for p in whole)
+        for rows in (slice(0, 1), slice(5, 7), slice(3, 35)):  # a row's bits do not depend on its batch
+            assert all(torch.equal(a[rows], b) for a, b in zip(whole, k.product(x[rows], *args)))
+        view = x.t().contiguous().t()[2:9]  # a non-contiguous view of another tensor
+        assert all(torch.equal(a[2:9], b) for a, b in zip(whole, k.product(view, *args)))
+
+
+def test_packed_weights_multiply_exactly_and_are_never_taken_for_another_tensor():
+    from softprompt import int8_kernels as k
+
+    w = torch.randint(-127, 128, (96, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    assert k.pack(w) and w.data_ptr() in k._packed
+    q = torch.randint(-127, 128, (33, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
+    q[0] = 127
+    assert torch.equal(k.int8_mm(q, w), torch._int_mm(q, w.t()).float())  # exact int32 sums, as float32
+    top = w[:32]  # same address, another shape: its own product, not the packed weight's
+    assert torch.equal(k.int8_mm(q, top), torch._int_mm(q, top.t()).float())
+    ptr = w.data_ptr()
+    del w, top
+    import gc
+
+    gc.collect()
+    assert ptr not in k._packed  # a freed weight's packing goes with it: its address may be reused
+
+
+def test_without_a_compiler_products_run_unfused_with_one_warning(monkeypatch, caplog):
+    from softprompt import int8_kernels as k
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler\nmore")
+
+    monkeypatch.setitem(k._state, "compiled", broken)
+    monkeypatch.setitem(k._state, "failed", None)
+    args = _product_args()
+    x = torch.randn(5, 48)
+    with caplog.at_level("WARNING", logger="softprompt.int8_kernels"):
+        first = k.product(x, *args)
+        second = k.product(x, *args)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, k._math(x, *args)))
+    assert not k.fused() and k._state["failed"] == "RuntimeError: no C++ compiler"
+    assert [r.getMessage() for r in caplog.records] == [
+        "int8 kernels could not be compiled (RuntimeError: no C++ compiler); running them unfused, slower"]
+
+
+def test_a_copy_of_a_quantized_base_packs_its_own_weights():
+    import copy
+
+    from softprompt import int8_kernels as k
+
+    model = int8("llama")
+    twin = copy.deepcopy(model)
+    prods = [m.shared for m in twin.modules() if isinstance(m, Int8Linear)]
+    assert prods and all(p.weight_int8.data_ptr() in k._packed for p in prods)
