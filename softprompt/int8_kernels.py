@@ -1,48 +1,56 @@
-"""The int8 product's arithmetic, and its fused form.
+"""The int8 product's arithmetic: quantize each row, multiply, rescale.
 
 `product(x, ...)` quantizes each row of x (one or two levels, see quantize.py), multiplies it by the
-int8 weights with `torch._int_mm` and rescales the int32 result into each layer's float32 output.
-Written as plain torch ops, that is ~20 small kernels around one matmul, and each of them reads and
-writes a whole (M, K) or (M, N) tensor: for a prefill's 1920 rows the int8 product took 2-5x the
-time of its own matmul, and the int8 base prefilled slower than the float32 one (4.2 s against 3.6 s
-for 32 prompts of 60 tokens, one thread). `torch.compile` (inductor's C++ backend, from the same
-function) fuses them into a few loops: one pass to quantize, one to rescale and split.
+int8 weights and rescales the exact integer sums into each layer's float32 output.
 
-The fused form computes the very same bits as the eager one (the tests check it exactly): every
-step is elementwise or a max over a row, whose result does not depend on the order of reduction,
-so a row's output still depends on that row alone, whatever the batch.
+Written as torch ops (`_math`, the reference), that is ~20 small kernels around one matmul, each
+reading and writing a whole (M, K) or (M, N) tensor, each with its dispatch cost: for a prefill's
+1920 rows the product took 2-5x its own matmul (the int8 base prefilled slower than float32, 4.2 s
+against 3.6 s for 32 prompts of 60 tokens, one thread), and for a decode step's 32 rows ~170 us of
+each ~230 us product went around the matmul. `int8_kernels.c` does the quantization in one pass over
+each row and the rescaling (and the split into layers) in one more: the same IEEE operations in the
+same order, compiled without fused multiply-adds or fast-math, so the very bits of `_math` (the
+tests check it exactly), and a row's output still depends on that row alone.
 
-Compiled once per process and shape of product (levels, number of layers sharing it), for any
-number of rows (dynamic shapes), when the int8 base is made (`warm_up`), so no request pays for it
-and no serving thread compiles. Where compiling fails (no C++ compiler, an inductor error), a
-warning says so once and the eager form runs: slower, the same results.
-`SOFTPROMPT_INT8_KERNELS=eager` skips compiling.
+It is compiled with the system's C compiler (`$CC`, else `cc`) on first use, into
+`~/.cache/softprompt/kernels/` (`$SOFTPROMPT_CACHE/kernels/`), keyed by the source, the flags and the CPU, and loaded
+with ctypes: no torch headers, a second to build. Where that fails (no compiler), a warning says so
+once and `_math` runs: slower, the same results. `SOFTPROMPT_INT8_KERNELS=torch` chooses `_math`.
+(Tried first: `torch.compile` of `_math`. It fused the prefill's passes as well, but its generated
+kernels and call overhead cost as much as the torch ops for a decode step's 32 rows.)
 
-The matmul itself: `torch._int_mm` hands the weights to oneDNN unpacked, and oneDNN reorders them
-into its own blocked layout at every call, which for a decode step's 32 rows costs more than the
-multiplication (the step is bound by reading weights). `pack(w)` reorders a weight once
+The matmul: `torch._int_mm` hands the weights to oneDNN unpacked, and oneDNN reorders them into its
+blocked layout at every call, which for a decode step's 32 rows costs more than the multiplication
+(the step is bound by reading weights). `pack(w)` reorders a weight once
 (`torch.ops.onednn.qlinear_prepack`, the kernel inductor's own x86 int8 path uses) and `int8_mm`
-multiplies by the packed form, with a scale of 1: the int32 sums come back as float32, exactly (they
-are below 2^24 for K <= 1040, and rounded alike whatever the batch beyond). Measured against
-`_int_mm` with 30 layers' weights in turn, one thread: 32x576 by 576x3072 356 -> 222 us, a
-prefill's 1920 rows 6.4 -> 3.0 ms. A packing is checked against `_int_mm` on a sample, bit for
-bit, before it is used; where the op is missing or differs (another torch), `_int_mm` it is.
+multiplies by the packed form with a scale of 1: the int32 sums come back as float32, exactly (they
+are below 2^24 for K <= 1040, and rounded alike whatever the batch beyond). Against `_int_mm` with
+30 layers' weights in turn, one thread: 32x576 by 576x3072 356 -> 222 us, 1920 rows 6.4 -> 3.0 ms. A
+packing is checked against `_int_mm` on a sample, bit for bit, before it is used; where the op is
+missing or differs (another torch), `_int_mm` it is.
 """
 
 from __future__ import annotations
 
-import functools
+import ctypes
+import hashlib
 import logging
 import os
+import platform
+import subprocess
+import tempfile
 import threading
 import weakref
+from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_state: dict = {"compiled": None, "failed": None}
+_state: dict = {"lib": None, "failed": None}
+SOURCE = Path(__file__).with_name("int8_kernels.c")
+FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 
 
 def _math(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, inv_smooth: torch.Tensor | None,
@@ -80,7 +88,7 @@ def _onednn(q: torch.Tensor, packed: torch.Tensor, ones: torch.Tensor, zeros: to
 def pack(w: torch.Tensor) -> bool:
     """Reorder int8 weight w (N, K) once into oneDNN's layout for `int8_mm`; False (and `_int_mm`
     for it) where that op is missing or does not give `_int_mm`'s exact result on a sample."""
-    if w.device.type != "cpu" or os.environ.get("SOFTPROMPT_INT8_KERNELS", "compiled") == "eager":
+    if w.device.type != "cpu" or os.environ.get("SOFTPROMPT_INT8_KERNELS", "native") == "torch":
         return False
     key = w.data_ptr()
     entry = _packed.get(key)
@@ -101,7 +109,9 @@ def pack(w: torch.Tensor) -> bool:
     return ok
 
 
-def _int8_mm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def int8_mm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """q (M, K) int8 @ w (N, K).T -> (M, N) float32, exact; through w's packed form where `pack`
+    made one (looked up by address, and checked to be the same tensor's)."""
     entry = _packed.get(w.data_ptr())
     packed_w = entry[0]() if entry is not None else None
     if packed_w is not None and packed_w.shape == w.shape and packed_w.stride() == w.stride():
@@ -109,88 +119,95 @@ def _int8_mm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(q, w.t()).float()
 
 
-# An op of our own (a plain library op: torch.library.custom_op's wrapper cost ~25 us a call, 3 us
-# this way), so the compiled graph calls it as one opaque kernel: a packed oneDNN tensor cannot be
-# a graph input, so it is looked up by the weight's address (checked against the weight itself).
-_lib = torch.library.Library("softprompt", "DEF")
-_lib.define("int8_mm(Tensor q, Tensor w) -> Tensor")
-_lib.impl("int8_mm", _int8_mm, "CPU")
+# ---- the native kernels ----------------------------------------------------------------------------
 
 
-@torch.library.register_fake("softprompt::int8_mm")
-def _(q, w):
-    return q.new_empty(q.shape[0], w.shape[0], dtype=torch.float32)
+def _cpu_key() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((line for line in info.splitlines() if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
-def int8_mm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """q (M, K) int8 @ w (N, K).T -> (M, N) float32, exact; through w's packed form where `pack`
-    made one."""
-    return torch.ops.softprompt.int8_mm.default(q, w)
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC", "cc")
+    flags = FLAGS + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join([cc, *flags]).encode(), _cpu_key().encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("SOFTPROMPT_CACHE") or Path.home() / ".cache" / "softprompt") / "kernels"
+    lib = cache / f"int8_kernels-{key}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+            os.replace(tmp, lib)  # whole or not at all: processes may build it at once
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    dll = ctypes.CDLL(str(lib))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    dll.sp_quantize.argtypes = [p, p, i64, i64, i32, p, p, p]
+    dll.sp_rescale.argtypes = [p, p, p, p, i64, i64, i32, i64, p, p]
+    dll.sp_quantize.restype = dll.sp_rescale.restype = None
+    return dll
 
 
-def _fused(*args) -> list[torch.Tensor]:
-    """What is compiled: a frame of its own, so that calling `_math` itself never runs compiled code
-    (dynamo keeps compiled code on the compiled function's code object)."""
-    return _math(*args)
-
-
-@functools.lru_cache(maxsize=64)
-def _filler(n: int, value: float, device: str) -> torch.Tensor:
-    return torch.full((n,), value, device=device)
-
-
-def _compiled():
-    """The fused form (compiled lazily, once per process), or None where it cannot be had."""
-    if _state["compiled"] is None and _state["failed"] is None:
+def _native():
+    """The compiled kernels (built once per process, cached on disk), or None where they cannot be had."""
+    if _state["lib"] is None and _state["failed"] is None:
         with _lock:
-            if _state["compiled"] is None and _state["failed"] is None:
-                if os.environ.get("SOFTPROMPT_INT8_KERNELS", "compiled") == "eager":
-                    _state["failed"] = "SOFTPROMPT_INT8_KERNELS=eager"
+            if _state["lib"] is None and _state["failed"] is None:
+                if os.environ.get("SOFTPROMPT_INT8_KERNELS", "native") == "torch":
+                    _state["failed"] = "SOFTPROMPT_INT8_KERNELS=torch"
                 else:
-                    _state["compiled"] = torch.compile(_fused, dynamic=True)
-    return _state["compiled"]
+                    try:
+                        _state["lib"] = _build()
+                    except Exception as e:  # noqa: BLE001 - no compiler, a read-only home...: torch ops
+                        _state["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        log.warning("int8 kernels could not be compiled (%s); running them as torch ops, slower",
+                                    _state["failed"])
+    return _state["lib"]
 
 
-def fused() -> bool:
-    """Whether int8 products run fused (compiled) in this process."""
-    return _compiled() is not None and _state["failed"] is None
+def native() -> bool:
+    """Whether int8 products run through the compiled kernels in this process."""
+    return _native() is not None
+
+
+def _plain(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
 
 
 def product(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, inv_smooth: torch.Tensor | None,
             bias: torch.Tensor | None, sizes: list[int], levels: int) -> list[torch.Tensor]:
-    """As `_math`, fused where it can be (see the module docstring)."""
-    fn = _compiled() if _state["failed"] is None else None
-    if fn is None or x.requires_grad or x.shape[0] == 0 or x.device.type != "cpu":
-        return _math(x, w, w_scale, inv_smooth, bias, sizes, levels)
+    """As `_math`, through the compiled kernels where they can be had (see the module docstring)."""
+    lib = _native()
+    if (lib is None or x.requires_grad or x.shape[0] == 0 or x.dtype != torch.float32 or x.device.type != "cpu"
+            or not all(_plain(t) for t in (w_scale, inv_smooth, bias))):
+        return _math(x, w, w_scale, inv_smooth, bias, sizes, levels)  # what the C code does not take
+    x = x.contiguous()
     M, K = x.shape
-    # the same graph for every product of this shape: no smoothing is smoothing by 1, no bias is 0
-    # (both exact), so a model compiles one graph per (levels, layers sharing the input)
-    smooth = inv_smooth if inv_smooth is not None else _filler(K, 1.0, str(x.device))
-    shift = bias if bias is not None else _filler(w.shape[0], 0.0, str(x.device))
-    # one row would get a graph of its own (dynamo specializes sizes of 1): two copies of it instead;
-    # a view would too (its base is guarded on): `detach` gives the same storage with no base
-    xx = torch.cat([x, x]) if M == 1 else x.contiguous().detach()
-    try:
-        with torch.no_grad():
-            out = fn(xx, w, w_scale, smooth, shift, list(sizes), levels)
-    except Exception as e:  # noqa: BLE001 - any failure to compile: the eager form computes the same
-        with _lock:
-            if _state["failed"] is None:
-                _state["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.warning("int8 kernels could not be compiled (%s); running them unfused, slower",
-                            _state["failed"])
-        return _math(x, w, w_scale, inv_smooth, bias, sizes, levels)
-    return [p[:1] for p in out] if M == 1 else out
+    q = torch.empty(levels * M, K, dtype=torch.int8)
+    s = torch.empty(levels * M)
+    work = torch.empty(K) if inv_smooth is not None else None
+    lib.sp_quantize(x.data_ptr(), inv_smooth.data_ptr() if inv_smooth is not None else None, M, K, levels,
+                    q.data_ptr(), s.data_ptr(), work.data_ptr() if work is not None else None)
+    y = int8_mm(q, w)  # (levels * M, N) float32, contiguous
+    if sum(sizes) != y.shape[1] or len(w_scale) != y.shape[1] or (bias is not None and len(bias) != y.shape[1]):
+        raise ValueError(f"an int8 product of {y.shape[1]} outputs split as {sizes}")
+    outs = [torch.empty(M, n) for n in sizes]
+    ptrs = (ctypes.c_void_p * len(outs))(*[o.data_ptr() for o in outs])
+    lens = (ctypes.c_int64 * len(sizes))(*sizes)
+    lib.sp_rescale(y.data_ptr(), s.data_ptr(), w_scale.data_ptr(), bias.data_ptr() if bias is not None else None,
+                   M, y.shape[1], levels, len(sizes), lens, ptrs)
+    return outs
 
 
-def warm_up(products) -> None:
-    """Compile the fused form for each shape of product in `products` (Int8Products) now, in this
-    thread, on two rows: any number of rows then runs without compiling again."""
-    seen = set()
-    for p in products:
-        key = (p.levels, len(p.sizes))
-        if key in seen or _compiled() is None or _state["failed"] is not None:
-            continue
-        seen.add(key)
-        with torch.no_grad():
-            p.parts(torch.zeros(2, p.weight_int8.shape[1], device=p.weight_int8.device))
+def warm_up() -> None:
+    """Build (or load) the kernels now, in this thread, rather than in the first request's."""
+    _native()

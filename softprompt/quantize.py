@@ -281,6 +281,6 @@ def quantize_int8(model: nn.Module, tokenizer=None, calibration: str | None = CA
     n = _swap(model, make, keep)
     if n == 0:
         raise ValueError(f"{type(model).__name__} has no Linear layers to quantize")
-    kernels.warm_up(m for m in model.modules() if isinstance(m, Int8Product))
+    kernels.warm_up()
     model.softprompt_quantize = "int8"
     return model

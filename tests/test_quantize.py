@@ -189,23 +189,30 @@ def _product_args(K=48, sizes=(40, 8, 8), levels=2, smooth=False, bias=False):
 
 @pytest.mark.parametrize("levels,smooth,bias,sizes", [(2, False, False, (40, 8, 8)), (1, True, True, (24, 24)),
                                                       (2, False, True, (16,)), (1, False, False, (40,))])
-def test_the_fused_product_computes_the_eager_bits_for_any_rows(levels, smooth, bias, sizes):
-    """Compiled once, for any number of rows (one row goes as two copies of itself), and equal to
-    the plain torch ops bit for bit: every step is elementwise or a row's max."""
+def test_the_native_product_computes_the_torch_ops_bits_for_any_rows(levels, smooth, bias, sizes):
+    """The C kernels (quantize a row in one pass, rescale and split in another) give the bits of the
+    plain torch ops, for any batch: every step is the same IEEE operation, and a row's max does not
+    depend on the order it is taken in."""
     from softprompt import int8_kernels as k
 
     args = _product_args(sizes=sizes, levels=levels, smooth=smooth, bias=bias)
     x = torch.randn(37, 48)
     x[:, 3] *= 40  # an outlier channel
-    with torch.no_grad():
-        whole = k.product(x, *args)
-        assert k.fused()  # compiled here (CI machines have a C++ compiler), not silently eager
-        assert all(torch.equal(a, b) for a, b in zip(whole, k._math(x, *args)))
-        assert [p.shape for p in whole] == [(37, n) for n in sizes] and all(p.is_contiguous() for p in whole)
-        for rows in (slice(0, 1), slice(5, 7), slice(3, 35)):  # a row's bits do not depend on its batch
-            assert all(torch.equal(a[rows], b) for a, b in zip(whole, k.product(x[rows], *args)))
-        view = x.t().contiguous().t()[2:9]  # a non-contiguous view of another tensor
-        assert all(torch.equal(a[2:9], b) for a, b in zip(whole, k.product(view, *args)))
+    x[4] = 0.0  # a row of zeros: the smallest scale
+    x[6, 7] = -x[6].abs().max() * 2  # the largest magnitude negative
+    whole = k.product(x, *args)
+    assert k.native()  # built here (CI machines have a C compiler), not silently torch ops
+    assert all(torch.equal(a, b) for a, b in zip(whole, k._math(x, *args)))
+    assert [p.shape for p in whole] == [(37, n) for n in sizes] and all(p.is_contiguous() for p in whole)
+    for rows in (slice(0, 1), slice(5, 7), slice(3, 35)):  # a row's bits do not depend on its batch
+        assert all(torch.equal(a[rows], b) for a, b in zip(whole, k.product(x[rows], *args)))
+    view = x.t().contiguous().t()[2:9]  # a non-contiguous view of another tensor
+    assert all(torch.equal(a[2:9], b) for a, b in zip(whole, k.product(view, *args)))
+    x[8, 5] = float("nan")  # a NaN spoils its own row alone, as with the torch ops
+    got, want = k.product(x, *args), k._math(x, *args)
+    for a, b in zip(got, want):
+        assert a[8].isnan().all() and b[8].isnan().all()
+        assert torch.equal(torch.cat([a[:8], a[9:]]), torch.cat([b[:8], b[9:]]))
 
 
 def test_packed_weights_multiply_exactly_and_are_never_taken_for_another_tensor():
@@ -226,23 +233,36 @@ def test_packed_weights_multiply_exactly_and_are_never_taken_for_another_tensor(
     assert ptr not in k._packed  # a freed weight's packing goes with it: its address may be reused
 
 
-def test_without_a_compiler_products_run_unfused_with_one_warning(monkeypatch, caplog):
+def test_without_a_compiler_products_run_as_torch_ops_with_one_warning(monkeypatch, tmp_path, caplog):
     from softprompt import int8_kernels as k
 
-    def broken(*args):
-        raise RuntimeError("no C++ compiler\nmore")
-
-    monkeypatch.setitem(k._state, "compiled", broken)
+    monkeypatch.setitem(k._state, "lib", None)
     monkeypatch.setitem(k._state, "failed", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
     args = _product_args()
     x = torch.randn(5, 48)
     with caplog.at_level("WARNING", logger="softprompt.int8_kernels"):
         first = k.product(x, *args)
         second = k.product(x, *args)
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, k._math(x, *args)))
-    assert not k.fused() and k._state["failed"] == "RuntimeError: no C++ compiler"
-    assert [r.getMessage() for r in caplog.records] == [
-        "int8 kernels could not be compiled (RuntimeError: no C++ compiler); running them unfused, slower"]
+    assert not k.native() and k._state["failed"].startswith("FileNotFoundError")
+    assert len(caplog.records) == 1 and "running them as torch ops, slower" in caplog.records[0].getMessage()
+    assert not list((tmp_path / "kernels").glob("*"))  # no half-built library left behind
+
+
+def test_the_kernels_build_once_into_the_cache_and_load_from_there(monkeypatch, tmp_path):
+    from softprompt import int8_kernels as k
+
+    monkeypatch.setitem(k._state, "lib", None)
+    monkeypatch.setitem(k._state, "failed", None)
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
+    assert k.native()
+    built = list((tmp_path / "kernels").glob("int8_kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setitem(k._state, "lib", None)
+    assert k.native() and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
 
 
 def test_a_copy_of_a_quantized_base_packs_its_own_weights():
