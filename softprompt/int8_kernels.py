@@ -136,9 +136,12 @@ def _build() -> ctypes.CDLL:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join([cc, *flags]).encode(), _cpu_key().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("SOFTPROMPT_CACHE") or Path.home() / ".cache" / "softprompt") / "kernels"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: this process builds its own copy
+        cache = Path(tempfile.mkdtemp(prefix="softprompt-kernels-"))
     lib = cache / f"int8_kernels-{key}.so"
     if not lib.exists():
-        cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:

@@ -5,7 +5,8 @@
 
     weight   W (N, K) -> int8 with one scale per output channel (symmetric), after smoothing
     input    x (M, K) -> int8 with one scale per row (token), computed at run time
-    product  torch._int_mm: int8 x int8 -> int32, exact; times scale_row x scale_channel -> float32
+    product  int8 x int8 -> exact integer sums; times scale_row x scale_channel -> float32
+             (the arithmetic and its kernels: int8_kernels.py)
 
 Layers that read one input tensor (q, k, v; gate, up) share one `Int8Product`: the input is
 smoothed and quantized once and multiplied by their weights side by side, each layer taking its

@@ -263,6 +263,10 @@ def test_the_kernels_build_once_into_the_cache_and_load_from_there(monkeypatch, 
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setitem(k._state, "lib", None)
     assert k.native() and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "file"))  # no cache directory can be made there
+    monkeypatch.setitem(k._state, "lib", None)
+    assert k.native()  # built in a temporary directory instead
 
 
 def test_a_copy_of_a_quantized_base_packs_its_own_weights():
