@@ -77,7 +77,8 @@ def _math(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, inv_smooth: t
 
 # ---- the matmul: q (M, K) int8 times w (N, K) int8 -> (M, N) float32, exact ----------------------------
 
-_packed: dict[int, tuple] = {}  # w.data_ptr() -> (weakref to w, its packed form, ones (N,), zeros (N,))
+# w.data_ptr() -> (weakref to w, w._version when packed, its packed form, ones (N,), zeros (N,))
+_packed: dict[int, tuple] = {}
 
 
 def _onednn(q: torch.Tensor, packed: torch.Tensor, ones: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ def pack(w: torch.Tensor) -> bool:
         return False
     key = w.data_ptr()
     entry = _packed.get(key)
-    if entry is not None and entry[0]() is w:
+    if entry is not None and entry[0]() is w and entry[1] == w._version:
         return True
     N, K = w.shape
     try:
@@ -105,17 +106,19 @@ def pack(w: torch.Tensor) -> bool:
         log.info("oneDNN packed int8 weights unavailable (%s): torch._int_mm it is", e)
         return False
     if ok:
-        _packed[key] = (weakref.ref(w, lambda _, k=key: _packed.pop(k, None)), packed, ones, zeros)
+        _packed[key] = (weakref.ref(w, lambda _, k=key: _packed.pop(k, None)), w._version, packed, ones, zeros)
     return ok
 
 
 def int8_mm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """q (M, K) int8 @ w (N, K).T -> (M, N) float32, exact; through w's packed form where `pack`
-    made one (looked up by address, and checked to be the same tensor's)."""
+    made one (looked up by address, and checked to be the same tensor's, unchanged since: a weight
+    written in place, as by `load_state_dict`, is multiplied as it now is)."""
     entry = _packed.get(w.data_ptr())
     packed_w = entry[0]() if entry is not None else None
-    if packed_w is not None and packed_w.shape == w.shape and packed_w.stride() == w.stride():
-        return _onednn(q, *entry[1:])
+    if (packed_w is not None and packed_w.shape == w.shape and packed_w.stride() == w.stride()
+            and packed_w._version == entry[1]):
+        return _onednn(q, *entry[2:])
     return torch._int_mm(q, w.t()).float()
 
 

@@ -225,6 +225,9 @@ def test_packed_weights_multiply_exactly_and_are_never_taken_for_another_tensor(
     assert torch.equal(k.int8_mm(q, w), torch._int_mm(q, w.t()).float())  # exact int32 sums, as float32
     top = w[:32]  # same address, another shape: its own product, not the packed weight's
     assert torch.equal(k.int8_mm(q, top), torch._int_mm(q, top.t()).float())
+    w[5].neg_()  # written in place (as load_state_dict does): the packed form is stale, not used
+    assert torch.equal(k.int8_mm(q, w), torch._int_mm(q, w.t()).float())
+    assert k.pack(w) and torch.equal(k.int8_mm(q, w), torch._int_mm(q, w.t()).float())  # packed anew
     ptr = w.data_ptr()
     del w, top
     import gc
@@ -278,3 +281,18 @@ def test_a_copy_of_a_quantized_base_packs_its_own_weights():
     twin = copy.deepcopy(model)
     prods = [m.shared for m in twin.modules() if isinstance(m, Int8Linear)]
     assert prods and all(p.weight_int8.data_ptr() in k._packed for p in prods)
+
+
+def test_a_quantized_base_multiplies_through_its_packed_weights_and_native_kernels(monkeypatch):
+    """The fast path is the one taken (a silent fallback would only show as slowness)."""
+    from softprompt import int8_kernels as k
+
+    model = int8("llama")
+    prods = {id(m.shared): m.shared for m in model.modules() if isinstance(m, Int8Linear)}
+    calls = {"onednn": 0, "math": 0}
+    onednn, math = k._onednn, k._math
+    monkeypatch.setattr(k, "_onednn", lambda *a: calls.__setitem__("onednn", calls["onednn"] + 1) or onednn(*a))
+    monkeypatch.setattr(k, "_math", lambda *a: calls.__setitem__("math", calls["math"] + 1) or math(*a))
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, VOCAB, (2, 5)))
+    assert calls == {"onednn": len(prods), "math": 0}
