@@ -53,6 +53,11 @@ SOURCE = Path(__file__).with_name("int8_kernels.c")
 FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 
 
+def _torch_ops_only() -> bool:
+    """`SOFTPROMPT_INT8_KERNELS=torch`: neither the C kernels nor packed weights, the torch ops alone."""
+    return os.environ.get("SOFTPROMPT_INT8_KERNELS", "native") == "torch"
+
+
 def _math(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, inv_smooth: torch.Tensor | None,
           bias: torch.Tensor | None, sizes: list[int], levels: int) -> list[torch.Tensor]:
     """x (M, K) float32; w (N, K) int8 with w_scale (N,); inv_smooth (K,) or None; bias (N,) or None;
@@ -89,7 +94,7 @@ def _onednn(q: torch.Tensor, packed: torch.Tensor, ones: torch.Tensor, zeros: to
 def pack(w: torch.Tensor) -> bool:
     """Reorder int8 weight w (N, K) once into oneDNN's layout for `int8_mm`; False (and `_int_mm`
     for it) where that op is missing or does not give `_int_mm`'s exact result on a sample."""
-    if w.device.type != "cpu" or os.environ.get("SOFTPROMPT_INT8_KERNELS", "native") == "torch":
+    if w.device.type != "cpu" or _torch_ops_only():
         return False
     key = w.data_ptr()
     entry = _packed.get(key)
@@ -168,7 +173,7 @@ def _native():
     if _state["lib"] is None and _state["failed"] is None:
         with _lock:
             if _state["lib"] is None and _state["failed"] is None:
-                if os.environ.get("SOFTPROMPT_INT8_KERNELS", "native") == "torch":
+                if _torch_ops_only():
                     _state["failed"] = "SOFTPROMPT_INT8_KERNELS=torch"
                 else:
                     try:
@@ -198,19 +203,22 @@ def product(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, inv_smooth:
         return _math(x, w, w_scale, inv_smooth, bias, sizes, levels)  # what the C code does not take
     x = x.contiguous()
     M, K = x.shape
+    N = w.shape[0]
+    # the C code trusts every length: checked before it reads anything
+    if (w.shape[1] != K or sum(sizes) != N or len(w_scale) != N or (bias is not None and len(bias) != N)
+            or (inv_smooth is not None and len(inv_smooth) != K)):
+        raise ValueError(f"an int8 product of x {tuple(x.shape)} and w {tuple(w.shape)} split as {sizes}")
     q = torch.empty(levels * M, K, dtype=torch.int8)
     s = torch.empty(levels * M)
     work = torch.empty(K) if inv_smooth is not None else None
     lib.sp_quantize(x.data_ptr(), inv_smooth.data_ptr() if inv_smooth is not None else None, M, K, levels,
                     q.data_ptr(), s.data_ptr(), work.data_ptr() if work is not None else None)
     y = int8_mm(q, w)  # (levels * M, N) float32, contiguous
-    if sum(sizes) != y.shape[1] or len(w_scale) != y.shape[1] or (bias is not None and len(bias) != y.shape[1]):
-        raise ValueError(f"an int8 product of {y.shape[1]} outputs split as {sizes}")
     outs = [torch.empty(M, n) for n in sizes]
     ptrs = (ctypes.c_void_p * len(outs))(*[o.data_ptr() for o in outs])
     lens = (ctypes.c_int64 * len(sizes))(*sizes)
     lib.sp_rescale(y.data_ptr(), s.data_ptr(), w_scale.data_ptr(), bias.data_ptr() if bias is not None else None,
-                   M, y.shape[1], levels, len(sizes), lens, ptrs)
+                   M, N, levels, len(sizes), lens, ptrs)
     return outs
 
 

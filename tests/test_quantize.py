@@ -208,6 +208,11 @@ def test_the_native_product_computes_the_torch_ops_bits_for_any_rows(levels, smo
         assert all(torch.equal(a[rows], b) for a, b in zip(whole, k.product(x[rows], *args)))
     view = x.t().contiguous().t()[2:9]  # a non-contiguous view of another tensor
     assert all(torch.equal(a[2:9], b) for a, b in zip(whole, k.product(view, *args)))
+    w, w_scale, inv_smooth, b, split, lv = args
+    with pytest.raises(ValueError, match="split as"):  # lengths the C code would trust are checked first
+        k.product(x, w, w_scale, torch.ones(47), b, split, lv)
+    with pytest.raises(ValueError, match="split as"):
+        k.product(x, w, w_scale, inv_smooth, b, [*split[:-1], split[-1] + 1], lv)
     x[8, 5] = float("nan")  # a NaN spoils its own row alone, as with the torch ops
     got, want = k.product(x, *args), k._math(x, *args)
     for a, b in zip(got, want):
