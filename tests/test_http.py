@@ -127,6 +127,9 @@ def test_errors_have_openai_shape_and_status(stack):
         assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
         r = c.post("/v1/completions", json={"model": "task0", "prompt": "ba " * 300, "max_tokens": 100})
         assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+        for stream in (False, True):  # token ids outside the vocabulary, echoed: refused before any decode
+            r = c.post("/v1/completions", json={"model": "task0", "prompt": [-1], "echo": True, "stream": stream})
+            assert r.status_code == 400 and "token ids in [0," in r.json()["error"]["message"]
         assert c.get("/health").json()["status"] == "ok"
     r = httpx.post(url + "/v1/completions", json={"model": "task0", "prompt": "ba"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

@@ -28,8 +28,17 @@ class Shape:
     model: str
     n: int = 1
     logprobs: int | None = None  # None: no logprobs; else alternatives per token
-    echo: list[str] | None = None  # completions with echo: each prompt's text (per prompt, not per choice)
+    # completions with echo: each prompt as sent, text or token ids (per prompt, not per choice); ids are
+    # decoded only when a response is written, so after the engine has checked them (an id outside
+    # the vocabulary made the tokenizer raise before the request was refused)
+    echo: list[str | list[int]] | None = None
     include_usage: bool = False
+
+
+def echo_text(shape: Shape, choice: int, tokenizer) -> str:
+    """The echoed prompt of a choice, as text."""
+    p = shape.echo[choice // shape.n]
+    return p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True)
 
 
 def _lp(x: float) -> float:
@@ -82,7 +91,7 @@ def choices(outs, shape: Shape, tokenizer) -> list[dict]:
             if fmt is not None:
                 c["logprobs"] = fmt.chat(o.logprobs or [])
         else:
-            prefix = shape.echo[i // shape.n] if shape.echo is not None else ""
+            prefix = echo_text(shape, i, tokenizer) if shape.echo is not None else ""
             c["text"] = prefix + o.text
             if fmt is not None:
                 items = list(o.prompt_logprobs or []) + list(o.logprobs or [])
@@ -131,7 +140,7 @@ async def sse(handles, rid: str, shape: Shape, tokenizer):
     async def pump(i, h):
         try:
             if shape.echo is not None:  # the prompt first (with its tokens' logprobs when asked)
-                await queue.put(chunk(i, shape.echo[i // shape.n], logprobs=h.prompt_logprobs or ()))
+                await queue.put(chunk(i, echo_text(shape, i, tokenizer), logprobs=h.prompt_logprobs or ()))
             async for ev in h.astream():
                 if ev.text or ev.logprob is not None:
                     await queue.put(chunk(i, ev.text, logprobs=(ev.logprob,) if ev.logprob is not None else ()))

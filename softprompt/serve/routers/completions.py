@@ -22,11 +22,9 @@ async def completions(body: CompletionRequest, request: HTTPRequest, svc=Depends
     prompts = body.prompts()
     if not prompts:
         raise APIError(422, "prompt must not be empty", code="invalid_parameter", param="prompt")
-    echo = None
-    if body.echo:  # the prompt as text, also when it came as token ids
-        echo = [p if isinstance(p, str) else svc.engine.tokenizer.decode(p, skip_special_tokens=True)
-                for p in prompts]
-    shape = Shape(chat=False, model=body.model, n=body.n, logprobs=body.logprobs, echo=echo,
+    # the prompt as text, also when it came as token ids (decoded once checked: responses.echo_text)
+    shape = Shape(chat=False, model=body.model, n=body.n, logprobs=body.logprobs,
+                  echo=list(prompts) if body.echo else None,
                   include_usage=body.include_usage)
     return await run(svc, request, body, prompts, shape)
 
