@@ -5,11 +5,16 @@ The prefix is prefix tuning (MLP 512, init text, lr 1e-3, the defaults) trained 
 --steps steps of 8 rows on the float32 base, or an artifact given with --artifact. The trained
 artifact is kept under $SOFTPROMPT_CACHE/bench/ and reused by the next run with the same steps.
 
-    python bench/quality_quantized.py            # 150 steps, 200 dev MRs (~15 min on one busy CPU thread)
-    python bench/quality_quantized.py --quick    # 30 steps, 24 dev MRs
+Each ISA is scored in a child process of its own, started with that ISA's environment
+(`softprompt.device.ISA_CAPS`): the int8 arithmetic differs by CPU (7-bit inputs where int8 sums
+would saturate, softprompt/int8_kernels.py), and so may its quality.
+
+    python bench/quality_quantized.py                 # native and avx2: 150 steps, 200 dev MRs (~10 min to train once, ~3 min per ISA, one thread)
+    python bench/quality_quantized.py --quick         # 30 steps, 24 dev MRs
+    python bench/quality_quantized.py --isa native    # one ISA
 
 Writes bench/results/quality_quantized.json (--quick: quality_quantized_quick.json); the last line
-is `bleu_fp32=.. bleu_quantized=.. bleu_delta=..` (float32 minus int8).
+is `bleu_delta_native=.. bleu_delta_avx2=.. bleu_fp32_native=.. ...` (delta: float32 minus int8).
 """
 
 from __future__ import annotations
@@ -70,11 +75,46 @@ def score(model, tok, artifact, groups, max_new_tokens: int) -> tuple[dict, floa
     return res, time.perf_counter() - t0
 
 
-def main():
+def child(args) -> None:
+    """One ISA's scores (this process was started with its environment), printed as JSON."""
     import torch
 
     from softprompt.device import set_threads
+    from softprompt.int8_kernels import describe
     from softprompt.models import load_base
+
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    fp32, tok = load_base(device="cpu")
+    artifact = Path(args.artifact)
+    int8, _ = load_base(device="cpu", quantize="int8")  # the `--quantize int8` path: fresh load, then int8
+    groups = dev_groups(args.dev_mrs)
+    print(f"[{args.child}] {len(groups)} dev MRs, {torch.get_num_threads()} thread(s), load average "
+          f"{os.getloadavg()[0]:.1f}; {describe()}", file=sys.stderr)
+    res32, t32 = score(fp32, tok, artifact, groups, args.max_new_tokens)
+    print(f"[{args.child}] float32: BLEU {res32['bleu']:.2f} ({t32:.0f} s)", file=sys.stderr)
+    res8, t8 = score(int8, tok, artifact, groups, args.max_new_tokens)
+    print(f"[{args.child}] int8:    BLEU {res8['bleu']:.2f} ({t8:.0f} s)", file=sys.stderr)
+    same = sum(a == b for a, b in zip(res32["predictions"], res8["predictions"])) / len(groups)
+    print(json.dumps({
+        "int8_path": describe(), "int8_error": round(int8.softprompt_int8_error, 4),
+        "bleu_fp32": round(res32["bleu"], 2), "bleu_quantized": round(res8["bleu"], 2),
+        "bleu_delta": round(res32["bleu"] - res8["bleu"], 2),
+        "rouge_l_fp32": round(res32["rouge_l"], 2), "rouge_l_quantized": round(res8["rouge_l"], 2),
+        "identical_outputs": round(same, 3), "seconds_fp32": round(t32, 1), "seconds_quantized": round(t8, 1),
+        "torch_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "examples": [{"prompt": g[0], "fp32": a, "int8": b} for g, a, b in
+                     list(zip(groups, res32["predictions"], res8["predictions"]))[:5]],
+    }))
+
+
+KEYS = ["bleu_delta", "bleu_fp32", "bleu_quantized", "identical_outputs"]
+
+
+def main():
+    from record import Record, Sections, add_fail_section, isa_list, run_under_isa
+
+    from softprompt.device import ISA_CAPS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -84,37 +124,38 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: the free cores)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--isa", default="native,avx2", help=f"the ISAs to score, each in a child process ({', '.join(ISA_CAPS)})")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    add_fail_section(ap)
     args = ap.parse_args()
     if args.quick:
         args.dev_mrs, args.steps = 24, 30
-    set_threads(args.threads)
-    torch.manual_seed(args.seed)
-    fp32, tok = load_base(device="cpu")
-    artifact = Path(args.artifact) if args.artifact else trained_prefix(fp32, tok, args.steps, args.seed)
-    int8, _ = load_base(device="cpu", quantize="int8")  # the `--quantize int8` path: fresh load, then int8
-    groups = dev_groups(args.dev_mrs)
-    print(f"{len(groups)} dev MRs, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}",
-          file=sys.stderr)
-    res32, t32 = score(fp32, tok, artifact, groups, args.max_new_tokens)
-    print(f"float32: BLEU {res32['bleu']:.2f} ({t32:.0f} s)", file=sys.stderr)
-    res8, t8 = score(int8, tok, artifact, groups, args.max_new_tokens)
-    print(f"int8:    BLEU {res8['bleu']:.2f} ({t8:.0f} s)", file=sys.stderr)
-    same = sum(a == b for a, b in zip(res32["predictions"], res8["predictions"])) / len(groups)
-    result = {
-        "dev_mrs": len(groups), "train_steps": None if args.artifact else args.steps, "artifact": str(artifact),
-        "bleu_fp32": round(res32["bleu"], 2), "bleu_quantized": round(res8["bleu"], 2),
-        "bleu_delta": round(res32["bleu"] - res8["bleu"], 2),
-        "rouge_l_fp32": round(res32["rouge_l"], 2), "rouge_l_quantized": round(res8["rouge_l"], 2),
-        "identical_outputs": round(same, 3), "seconds_fp32": round(t32, 1), "seconds_quantized": round(t8, 1),
-        "quantize": "int8: per-channel weights, per-row inputs (two levels but for the widening layers, which are smoothed), shared products (softprompt/quantize.py)",
-        "torch_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2), "quick": args.quick,
-        "examples": [{"prompt": g[0], "fp32": a, "int8": b} for g, a, b in
-                     list(zip(groups, res32["predictions"], res8["predictions"]))[:5]],
-    }
-    out = ROOT / "bench" / "results" / f"quality_quantized{'_quick' if args.quick else ''}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"bleu_fp32={result['bleu_fp32']} bleu_quantized={result['bleu_quantized']} bleu_delta={result['bleu_delta']}")
+    if args.child:
+        return child(args)
+    isas = isa_list(ap, args.isa)
+    full = (args.dev_mrs, args.steps, args.artifact) == (200, 150, None) and isas == ["native", "avx2"]
+    rec = Record("quality_quantized", quick=args.quick, full=full)
+    sections = Sections(fail=args.fail_section)
+    result = {"dev_mrs": args.dev_mrs, "train_steps": None if args.artifact else args.steps, "quick": args.quick,
+              "quantize": "int8: per-channel weights, per-row inputs (two levels but for the widening layers, "
+                          "which are smoothed), shared products (softprompt/quantize.py)", "isa": {}}
+    artifact = args.artifact
+    if artifact is None:
+        from softprompt.device import set_threads
+        from softprompt.models import load_base
+
+        set_threads(args.threads)
+        artifact = sections("train", lambda: str(trained_prefix(*load_base(device="cpu"), args.steps, args.seed)))
+    if artifact is not None:
+        result["artifact"] = artifact
+        argv = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
+                ("dev-mrs", "max-new-tokens", "threads", "seed")] + [f"--artifact={artifact}"]
+        for isa in isas:
+            got = sections(isa, run_under_isa, __file__, isa, argv)
+            if got is not None:
+                result["isa"][isa] = got
+                result.update({f"{k}_{isa}": got[k] for k in KEYS})
+    sys.exit(rec.finish(result, [f"{k}_{isa}" for k in KEYS for isa in isas], sections, threads=args.threads))
 
 
 if __name__ == "__main__":

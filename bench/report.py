@@ -40,9 +40,11 @@ BENCHES = {
                      lambda d: {f"acc_{r['method']}": round(r["accuracy"], 1) for r in d["results"]}),
     "compare_e2e": ("`softprompt compare` on E2E: prefix, prompt tuning and LoRA side by side",
                     lambda d: {f"bleu_{r['method']}": round(r["bleu"], 1) for r in d["rows"]}),
-    "quality_quantized": ("BLEU of one trained prefix served on the float32 and the int8 base",
+    "quality_quantized": ("BLEU of one trained prefix served on the float32 and the int8 base, per ISA (native, "
+                          "and the AVX2 cap)",
                           lambda d: {k: d[k] for k in ("bleu_fp32", "bleu_quantized", "bleu_delta", "dev_mrs")}),
-    "serve_quantized": ("engine tokens/s on the int8 base against the bare float32 model",
+    "serve_quantized": ("engine tokens/s on the int8 (and bfloat16) base against the bare float32 model, per ISA "
+                        "(native, and the AVX2 cap)",
                         lambda d: {k: d[k] for k in ("quantized_vs_fp32_base", "quantized_vs_fp32_engine",
                                                      "engine_fp32_vs_matmul_limit", "load_avg_1m")}),
     "cli_help": ("`softprompt --help` and every command's --help, whole processes",
@@ -86,6 +88,8 @@ def entry(name: str, path: Path) -> list[str]:
                   if (HERE / f"{name}.py").exists() else "- command: not recorded",
                   "- machine: not recorded here (the README's text describes it)"]
         headline = legacy(d)
+    if d.get("errors"):
+        lines += [f"- failed sections: " + "; ".join(f"{k} ({v})" for k, v in d["errors"].items())]
     lines += ["", "| figure | value |", "|---|---:|"] + [f"| {k} | {fmt(v)} |" for k, v in headline.items()]
     return lines + ["", f"From `bench/results/{path.name}`.", ""]
 

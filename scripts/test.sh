@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/browser.sh  # Chromium for the web test, where this machine can install it
 export HF_HUB_OFFLINE=1
 exec .venv/bin/python -m pytest -q "$@"

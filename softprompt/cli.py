@@ -49,6 +49,7 @@ def info(base: str | None = None, num_virtual_tokens: int = 20, projection_dim: 
     """
     from . import methods
     from .artifact import model_fingerprint
+    from .int8_kernels import describe
     from .models import geometry
 
     model, _ = _load(base)
@@ -63,7 +64,9 @@ def info(base: str | None = None, num_virtual_tokens: int = 20, projection_dim: 
     ]
     report = {"base_model": getattr(model, "name_or_path", base), "fingerprint": model_fingerprint(model),
               "parameters": sum(p.numel() for p in model.parameters()), "geometry": geo.to_dict(),
-              "kv_prefix_bytes_per_token": geo.num_layers * 2 * geo.kv_dim * 4, "methods": rows}
+              "kv_prefix_bytes_per_token": geo.num_layers * 2 * geo.kv_dim * 4, "methods": rows,
+              "precision": getattr(model, "softprompt_quantize", None) or str(next(model.parameters()).dtype)[6:],
+              "machine": describe()}
     if json:
         print(jsonlib.dumps(report, indent=2))
         return
@@ -71,6 +74,8 @@ def info(base: str | None = None, num_virtual_tokens: int = 20, projection_dim: 
     print(f"fingerprint  {report['fingerprint']}")
     print(f"geometry     {geo.model_type}: {geo.num_layers} layers, {geo.num_attention_heads} query heads, "
           f"{geo.num_key_value_heads} KV heads x {geo.head_dim}, hidden {geo.hidden_size}, vocab {geo.vocab_size}")
+    print(f"precision    {report['precision']}")
+    print(f"machine      {report['machine']}")
     print(f"KV prefix    {report['kv_prefix_bytes_per_token']:,} bytes per virtual token (float32)\n")
     print(f"{'method':<15}{'variant':<28}{'P':>4}{'trainable':>14}{'artifact bytes':>16}")
     for r in rows:

@@ -142,5 +142,17 @@ def set_threads(threads: int = 0) -> int:
     return torch.get_num_threads()
 
 
-__all__ = ["DeviceError", "Placement", "default_threads", "defaults", "resolve", "resolve_device", "resolve_dtype",
+# Environments that make any x86 machine compute as an older one would (read by torch, oneDNN and MKL
+# when they load): "avx2" shows a CPU with AVX2 alone (no AVX-512, no VNNI: int8 sums saturate
+# there, see softprompt/int8_kernels.py), "default" torch's oldest ATen kernels. Used by the test
+# suite (tests/test_every_isa.py) and bench/serve_quantized.py.
+ISA_CAPS: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
+    "default": {"ATEN_CPU_CAPABILITY": "default"},
+}
+
+
+__all__ = ["DeviceError", "ISA_CAPS", "Placement", "default_threads", "defaults", "resolve", "resolve_device", "resolve_dtype",
            "set_defaults", "set_threads"]

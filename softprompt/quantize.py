@@ -3,38 +3,48 @@
 `quantize_int8(model)` replaces the Linear layers of the frozen base (and GPT-2's Conv1D) with
 `Int8Linear`s:
 
-    weight   W (N, K) -> int8 with one scale per output channel (symmetric), after smoothing
-    input    x (M, K) -> int8 with one scale per row (token), computed at run time
-    product  int8 x int8 -> exact integer sums; times scale_row x scale_channel -> float32
+    rotate   x (M, K) -> x H, W (N, K) -> W H: H a Hadamard matrix on each block of 64 channels
+    weight   W H -> int8 with one scale per output channel (symmetric)
+    input    x H -> int8 (or 7-bit, see int8_kernels.py) with one scale per row (token), at run time
+    product  exact integer sums; times scale_row x scale_channel -> float32 = x W^T (as x H H^T W^T)
              (the arithmetic and its kernels: int8_kernels.py)
 
 Layers that read one input tensor (q, k, v; gate, up) share one `Int8Product`: the input is
-smoothed and quantized once and multiplied by their weights side by side, each layer taking its
-slice. The LM head and every layer that does not widen (attention projections, the MLP's
-down-projection), where int8 inputs hurt most, take two levels:
-the input's rounding error is quantized in turn (254x finer) and both go through one int8 matmul
-of twice the rows, so they act like int8 weights on float inputs.
+rotated and quantized once and multiplied by their weights side by side, each layer taking its
+slice. Layers whose input is wider than the hidden state (the MLP's down-projection, whose input
+has the largest outliers) take two levels: the input's rounding error is quantized in turn (2 x 127
+or 2 x 63 times finer) and both go through one int8 matmul of twice the rows, so they act like int8
+weights on float inputs.
 
 Attention, norms, embeddings, the KV cache and every prefix stay float32: a prefix enters the
 attention exactly as on the float32 base; only the base's matmuls change.
 
 Why one scale per row: each row's output then depends on that row alone (the integer products are
-exact whatever the batch), so a mixed batch gives each row exactly what it gets alone, and the
-prefix self-check holds at float32's tolerance. torch.ao's `quantize_dynamic` scales activations
-per tensor, so a row's result depends on the other rows of its batch: on the embedded model the
-self-check fails by 14 in the logits, and a padded batch keeps the float32 top-1 token at only
-41% of positions.
+exact whatever the batch), so a mixed batch gives each row exactly what it gets alone. torch.ao's
+`quantize_dynamic` scales activations per tensor, so a row's result depends on the other rows of its
+batch: on the embedded model the prefix self-check failed by 14 in the logits, and a padded batch
+kept the float32 top-1 token at only 41% of positions.
 
-Why smoothing, for the one-level layers (SmoothQuant, Xiao et al. 2023, arXiv 2211.10438): a few
-input channels are 10-6000x the median (after RMSNorm; into down_proj), and one scale per row then
-leaves the other channels a few levels. Dividing input channel j by s_j = sqrt(max|X_j| / max|W_j|) and multiplying W's column
-j by s_j moves half of that range into the weights. max|X_j| is calibrated once, on a short text.
-On the embedded model (8 E2E references, teacher-forced): top-1 agreement with float32 0.78 -> 0.92,
-KL 0.116 -> 0.034 nats per token. Where the BLEU lands: bench/quality_quantized.py.
+Why the rotation (as QuaRot, Ashkboos et al. 2024, arXiv 2404.00456, with a block-diagonal Hadamard):
+a few input channels are 10-6000x the median (after RMSNorm; into down_proj), and one scale per
+row then leaves the other channels a few levels. An orthogonal H spreads each outlier over its
+block of 64 channels, and x W^T is unchanged. It replaced SmoothQuant's per-channel smoothing
+(Xiao et al. 2023), which moves half of each channel's range into the weights. Measured on the
+embedded model (40 E2E dev texts, teacher-forced, KL to float32 in nats per token; one level
+everywhere but the named layers; 8-bit inputs / 7-bit inputs):
+
+    smoothing (alpha 0.5), two levels for the head and every layer that does not widen   0.0107 / 0.0194
+    rotation, one level everywhere                                                      0.0103 / 0.0212
+    rotation, two levels for the down-projections                                       0.0080 / 0.0156
+    rotation, two levels for the head and the down-projections                          0.0073 / 0.0129
+
+The third is the default: fewer two-level rows than the first (the head alone took 30% of a
+decode step at two levels), and closer to float32 on both kinds of CPU. BLEU: bench/quality_quantized.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -42,8 +52,8 @@ from torch import nn
 
 from . import int8_kernels as kernels
 
-# A generic calibration text: only each input channel's largest magnitude is taken from it, a
-# property of the model far more than of the text.
+# A generic calibration text: it finds which layers read one input (to share a product), and the int8
+# base is compared with its float32 self over it.
 CALIBRATION_TEXT = (
     "The restaurant by the river serves French food at moderate prices and is family friendly. "
     "Name: The Eagle | type: coffee shop | food: Italian | area: city centre | rating: 5 out of 5. "
@@ -51,14 +61,55 @@ CALIBRATION_TEXT = (
     "relativity. def add(a, b):\n    return a + b\n# Tomorrow: light rain in the morning, 12 C, wind 20 km/h. "
     "Q: What is the capital of France? A: Paris. Please summarize the following report in one sentence."
 )
-# Two levels of input quantization for these (by name) and for every layer that does not widen
-# (attention projections, MLP down-projections). Measured (200 E2E dev MRs, bench/quality_quantized.py,
-# BLEU float32 57.12): one level everywhere but the head in float32 55.73; two levels for the head and
-# the down-projections 55.97; and for the attention projections too 56.69; for every layer 55.55
-# (but 76% of outputs identical to float32's, the most): a BLEU delta of about 1 is the noise of
-# 200 outputs that differ in a quarter of them.
-PRECISE: tuple[str, ...] = ("lm_head",)
-ALPHA = 0.5  # SmoothQuant's migration strength: the share of each channel's range moved into the weights
+# Layers given two levels of input quantization besides those whose input is wider than the hidden
+# state (by name, e.g. "lm_head"; see the table in the module docstring).
+PRECISE: tuple[str, ...] = ()
+BLOCK = 64  # the Hadamard rotation's block of channels (32: 0.0156 -> 0.0285 above with 7 bits; 512: no better)
+
+
+def _block(K: int) -> int:
+    """The rotation's block for K input channels: BLOCK, or the largest power of two dividing K."""
+    return min(BLOCK, K & -K)
+
+
+def _rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
+    """W (N, K) -> W H / block, H the unnormalized Hadamard of the input's rotation (H H^T = block I):
+    then (x H)(W H / block)^T = x W^T. In float64: the weights are quantized after, once."""
+    return kernels.rotate(w.double(), block).div_(block).float() if block > 1 else w
+
+
+class QuantizationError(RuntimeError):
+    """The int8 base strays from its float32 reference by more than int8 rounding can: the int8
+    arithmetic on this CPU is broken (the message names the CPU, the kernel path and the error)."""
+
+
+# Float reference mode (per thread): every int8 product computes x W^T + b in float32 with its
+# dequantized weights, inputs unquantized, so the quantized model is a plain float32 model with the
+# same modules, attention and cache. See `float_reference`.
+_reference = threading.local()
+
+
+@contextlib.contextmanager
+def float_reference():
+    """Within this block (in this thread), int8 products multiply in float32 by their dequantized
+    weights instead of quantizing their inputs.
+
+    Why: per-row input quantization is a function of each token's own vector, so it cannot move
+    anything between positions; but it magnifies the last-bit differences between two float32
+    attentions over the same tokens (a prefill of 7 tokens and 4 cached + 3 round differently), and
+    on the embedded model the int8 logits of the two differ by ~0.9 where float32's differ by 5e-5.
+    The prefix self-check runs here, at float32's tolerance, to prove the prefix is honoured exactly
+    by this very model; the int8 arithmetic is then held to its own measured noise."""
+    before = getattr(_reference, "on", False)
+    _reference.on = True
+    try:
+        yield
+    finally:
+        _reference.on = before
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "softprompt_quantize", None))
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
@@ -72,24 +123,17 @@ def _quantizable(layer: nn.Module) -> bool:
 
 class Int8Product(nn.Module):
     """The int8 weights of one or more Linear layers that read the same input (a layer's q, k and v
-    projections; its gate and up projections): one smoothing, one quantization of the input and one
+    projections; its gate and up projections): one rotation, one quantization of the input and one
     int8 matmul for all of them, each layer taking its slice (`part`). On the embedded model's decode
     step the per-row quantization of the input was about as costly as the int8 matmul itself, and a
-    layer quantizes 4 inputs instead of 7 this way. Inference only (torch._int_mm has no gradient)."""
+    layer quantizes 4 inputs instead of 7 this way. Inference only (the int8 matmul has no gradient)."""
 
-    def __init__(self, layers: list[nn.Module], input_absmax: torch.Tensor | None = None, alpha: float = ALPHA,
-                 levels: int = 1):
+    def __init__(self, layers: list[nn.Module], levels: int = 1):
         super().__init__()
         self.levels = levels
         weights = [_weight(layer).detach().float() for layer in layers]  # each (N_i, K)
-        w = torch.cat(weights)  # (N, K)
-        if input_absmax is not None:
-            smooth = (input_absmax.float().clamp(min=1e-5) ** alpha
-                      / w.abs().amax(0).clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)  # (K,)
-            w = w * smooth
-            self.register_buffer("inv_smooth", (1.0 / smooth).contiguous())  # (K,)
-        else:
-            self.inv_smooth = None
+        self.block = _block(weights[0].shape[1])
+        w = _rotate_weight(torch.cat(weights), self.block)  # (N, K)
         scale = w.abs().amax(1).clamp(min=1e-12) / 127  # (N,)
         # (N, K) row-major, passed to _int_mm transposed: 2.7x faster than a (K, N) copy for a prefill's
         # 1920 rows (measured, one thread), the same for a decode step's 32
@@ -122,15 +166,27 @@ class Int8Product(nn.Module):
         """(..., K) -> each layer's output (..., N_i), contiguous."""
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()  # (M, K)
-        args = (self.weight_int8, self.weight_scale, self.inv_smooth, self.bias, self.sizes, self.levels)
-        return [p.view(*shape[:-1], p.shape[-1]) for p in kernels.product(x, *args)]
+        if getattr(_reference, "on", False):
+            parts = self._dequantized(x)
+        else:
+            args = (self.weight_int8, self.weight_scale, self.block, self.bias, self.sizes, self.levels)
+            parts = kernels.product(x, *args)
+        return [p.view(*shape[:-1], p.shape[-1]) for p in parts]
+
+    def _dequantized(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (M, K) -> each layer's (M, N_i) in float32 by the dequantized weights (`float_reference`)."""
+        if self.block > 1:
+            x = kernels.rotate(x, self.block)
+        w = self.weight_int8.float() * self.weight_scale[:, None]  # (N, K)
+        y = nn.functional.linear(x, w, self.bias)
+        return [p.contiguous() for p in y.split(self.sizes, 1)]
 
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Layer i's output for input x: from the product already made for this very tensor (same
         object, not modified since) if there is one, else from a new product. A part is handed out
         once, then forgotten, so no product outlives the layers that read it."""
-        if len(self.sizes) == 1:
-            return self.parts(x)[0]
+        if len(self.sizes) == 1 or getattr(_reference, "on", False):
+            return self.parts(x)[i]
         last = self._last
         parts = getattr(last, "parts", None)
         if parts is None or last.x is not x or last.version != x._version or parts[i] is None:
@@ -146,10 +202,9 @@ class Int8Linear(nn.Module):
     """y = x W^T + b with int8 weights (per output channel) and int8 inputs (per row); see the module
     docstring. Layer `index` of an `Int8Product` (made here for this layer alone when none is given)."""
 
-    def __init__(self, layer: nn.Module, input_absmax: torch.Tensor | None = None, alpha: float = ALPHA, *,
-                 shared: Int8Product | None = None, index: int = 0):
+    def __init__(self, layer: nn.Module, levels: int = 1, *, shared: Int8Product | None = None, index: int = 0):
         super().__init__()
-        self.shared = shared if shared is not None else Int8Product([layer], input_absmax, alpha)
+        self.shared = shared if shared is not None else Int8Product([layer], levels)
         self.index = index
         w = _weight(layer)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
@@ -166,23 +221,23 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"smoothed={self.shared.inv_smooth is not None}, shares_input_with={len(self.shared.sizes) - 1}")
+                f"rotation_block={self.shared.block}, levels={self.shared.levels}, "
+                f"shares_input_with={len(self.shared.sizes) - 1}")
 
 
 class _Observer(nn.Module):
-    """Wraps a layer during calibration and keeps the largest magnitude of each input channel."""
+    """Wraps a layer during calibration and keeps the first input it reads (to group the layers
+    that read one tensor)."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        self.layer, self.absmax, self.first_input = layer, None, None
+        self.layer, self.first_input = layer, None
 
     @property
     def weight(self) -> torch.Tensor:  # models that read a layer's weight (T5) read the real one
         return self.layer.weight
 
     def forward(self, x, *args, **kwargs):
-        m = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()
-        self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
         if self.first_input is None:  # held (not just its id) until grouping, so no id is reused
             self.first_input = x
         return self.layer(x, *args, **kwargs)
@@ -202,6 +257,31 @@ def _swap(module: nn.Module, make, keep: tuple[str, ...] = ()) -> int:
     return n
 
 
+# The int8 base's logits may stray from float32's by this share of their spread (RMS over the
+# calibration text, each position's mean removed) before quantization is declared broken. Measured on
+# the embedded model: 0.090 with 8-bit inputs, 0.118 with 7-bit ones; the s8-input matmul on a CPU
+# without VNNI (sums saturating in int16; int8_kernels.path() now avoids it) gave 0.30 under the old
+# smoothing scheme, and logits unrelated to float32's give ~1.4. The exact-sum probe of
+# int8_kernels.path() is the first guard against such a matmul; this bound is the second, over the
+# whole model, at twice the noise of a sound int8 base.
+MAX_ERROR = 0.25
+
+
+def _verify(got: torch.Tensor, want: torch.Tensor, name: str) -> float:
+    """The relative RMS error of int8 logits `got` against float32's `want` (same shape); raises
+    QuantizationError past MAX_ERROR."""
+    got, want = got.double(), want.double()
+    spread = (want - want.mean(-1, keepdim=True)).pow(2).mean().sqrt().clamp(min=1e-12)
+    err = float((got - want).pow(2).mean().sqrt() / spread)
+    if not err <= MAX_ERROR:  # NaN too
+        raise QuantizationError(
+            f"the int8 {name} strays from its float32 self by {err:.3f} of the logits' spread (int8 rounding "
+            f"gives ~0.05, the bound is {MAX_ERROR}): the int8 arithmetic is broken on this machine "
+            f"({kernels.describe()}); set SOFTPROMPT_INT8_KERNELS=torch to try the plain torch ops, "
+            f"or serve in float32 (drop --quantize)")
+    return err
+
+
 def supported(device: torch.device | str) -> None:
     """Raise DeviceError where int8 cannot run (its kernels are CPU kernels here)."""
     from .device import DeviceError
@@ -210,10 +290,9 @@ def supported(device: torch.device | str) -> None:
         raise DeviceError(f"int8 quantization runs on the CPU only, not on {device}; on a GPU use --dtype bfloat16")
 
 
-def _widening(layer: nn.Module) -> bool:
-    """More outputs than inputs: an MLP's gate and up projections (and the LM head)."""
-    w = _weight(layer)
-    return w.shape[0] > w.shape[1]
+def _hidden_size(model: nn.Module) -> int:
+    """The width of the residual stream (what the input embeddings give each token)."""
+    return model.get_input_embeddings().weight.shape[1]
 
 
 @torch.no_grad()
@@ -222,12 +301,12 @@ def quantize_int8(model: nn.Module, tokenizer=None, calibration: str | None = CA
     """Quantize a float32 CPU model's Linear layers in place (see the module docstring); returns it.
 
     The base's fingerprint is computed first and kept, so artifacts made for the float32 weights
-    load on their quantized view. With a tokenizer, inputs are smoothed after one calibration pass
-    over `calibration`, and layers that read the same input share one int8 product; without one (or
-    calibration=None), plain per-row int8, one product per layer. Layers named in `keep` stay
-    float32; those named in `precise` (the LM head) and those that do not widen get two levels of
-    input quantization (and no smoothing: their inputs are fine enough, their weights better without).
-    """
+    load on their quantized view. With a tokenizer, one calibration pass over `calibration` finds
+    the layers that read the same input, which then share one int8 product; without one (or
+    calibration=None), one product per layer. Layers named in `keep` stay float32; those named in
+    `precise` and those whose input is wider than the hidden state get two levels of input
+    quantization. The int8 base is then compared with its float32 self (`_verify`), which raises
+    QuantizationError where int8 arithmetic is broken on this machine."""
     from .artifact import model_fingerprint
 
     p = next(model.parameters())
@@ -237,29 +316,33 @@ def quantize_int8(model: nn.Module, tokenizer=None, calibration: str | None = CA
     if getattr(model, "softprompt_quantize", None):
         return model
     model_fingerprint(model)  # of the float32 weights: the identity artifacts are checked against
-    absmax: dict[int, torch.Tensor] = {}
     groups: dict[int, list[nn.Module]] = {}  # id(a calibration input) -> the layers that read it, in order
+    cfg = model.config
+    limit = min(512, getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512)
     if tokenizer is not None and calibration:
-        _swap(model, lambda c: _Observer(c) if _quantizable(c) else None, keep)
-        cfg = model.config
-        limit = min(512, getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512)
         ids = tokenizer(calibration, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :limit]
-        extra = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
-        try:
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra)
-        finally:
+    else:  # random tokens: enough to compare the int8 base with its float32 self below
+        V = model.get_input_embeddings().weight.shape[0]
+        ids = torch.randint(3, V, (1, min(64, limit)), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(p.device)
+    extra = {"decoder_input_ids": ids} if getattr(model.config, "is_encoder_decoder", False) else {}
+    calibrate = tokenizer is not None and bool(calibration)
+    if calibrate:
+        _swap(model, lambda c: _Observer(c) if _quantizable(c) else None, keep)
+    try:
+        want = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits  # float32's, (1, T, V)
+    finally:
+        if calibrate:
             def unwrap(c):
                 if isinstance(c, _Observer):
-                    if c.absmax is not None:
-                        absmax[id(c.layer)] = c.absmax
+                    if c.first_input is not None:
                         groups.setdefault(id(c.first_input), []).append(c.layer)
                     return c.layer
                 return None
             _swap(model, unwrap)  # (the inputs go with the observers, after every id is taken)
-    # two levels for all but the widening layers (the MLP's gate and up: most of a layer's FLOPs), and
-    # for the layers named in `precise` (the LM head, which widens to the vocabulary)
+    hidden = _hidden_size(model)
     two_levels = {id(m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in precise}
-    two_levels |= {id(m) for m in model.modules() if _quantizable(m) and not _widening(m)}
+    two_levels |= {id(m) for m in model.modules() if _quantizable(m) and _weight(m).shape[1] > hidden}
     group_of = {id(m): g for g in groups.values() for m in g}  # id(layer) -> the layers reading its input
     shared: dict[int, tuple[Int8Product, int]] = {}  # id(layer) -> (its group's product, its index there)
 
@@ -267,14 +350,9 @@ def quantize_int8(model: nn.Module, tokenizer=None, calibration: str | None = CA
         if not _quantizable(c):
             return None
         if id(c) not in shared:
-            group = group_of.get(id(c), [c])
-            # one product for layers that read one input and are quantized alike; one smoothing for
-            # them too: the input is one tensor, its channels' magnitudes are the group's
-            members = [m for m in group if (id(m) in two_levels) == (id(c) in two_levels)]
-            if id(c) in two_levels:  # inputs this fine need no smoothing, and weights are better without
-                prod = Int8Product(members, None, levels=2)
-            else:
-                prod = Int8Product(members, absmax.get(id(c)))
+            # one product for the layers that read one input and are quantized alike
+            members = [m for m in group_of.get(id(c), [c]) if (id(m) in two_levels) == (id(c) in two_levels)]
+            prod = Int8Product(members, levels=2 if id(c) in two_levels else 1)
             shared.update({id(m): (prod, i) for i, m in enumerate(members)})
         prod, i = shared[id(c)]
         return Int8Linear(c, shared=prod, index=i)
@@ -284,4 +362,6 @@ def quantize_int8(model: nn.Module, tokenizer=None, calibration: str | None = CA
         raise ValueError(f"{type(model).__name__} has no Linear layers to quantize")
     kernels.warm_up()
     model.softprompt_quantize = "int8"
+    got = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits
+    model.softprompt_int8_error = _verify(got, want, type(model).__name__)
     return model

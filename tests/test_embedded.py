@@ -77,3 +77,31 @@ def test_cli_generate_with_a_peft_adapter_equals_peft(smol, kind, tmp_path, caps
     bare = capsys.readouterr().out.rstrip("\n")
     print(f"{kind}: bare {bare!r}, adapter {got!r}")
     assert got == want and got != bare  # the adapter's output, and one the bare model does not give
+
+
+def test_cli_generate_on_the_int8_base_gives_float32s_answer(smol, tmp_path, capsys):
+    """`--quantize int8` on the real model, on whatever CPU this runs (tests/test_every_isa.py runs
+    it again under the AVX2 cap and torch's default kernels): the self-check passes (exact in the
+    float reference mode, the int8 arithmetic within its own noise), the int8 base stays within
+    int8's error of float32, and a prefixed prompt gets float32's answer. `info` names the int8 path."""
+    from softprompt.artifact import save_artifact
+    from softprompt.cli import main
+    from softprompt.int8_kernels import path
+
+    model, tok = smol
+    prompt = methods.create("prefix_tuning", model, tok, num_virtual_tokens=8, init="text", projection_dim=0,
+                            init_text="Answer in one short sentence.")
+    artifact = save_artifact(prompt, tmp_path / "a", model)
+    out = {}
+    for precision in ("none", "int8"):
+        capsys.readouterr()
+        assert main(["generate", "The capital of France is", "--adapter", str(artifact), "--max-new-tokens", "6",
+                     "--quantize", precision]) == 0
+        out[precision] = capsys.readouterr().out.strip()
+    print(out)
+    assert "Paris" in out["none"] and "Paris" in out["int8"]
+    int8, _ = load_base(quantize="int8")
+    assert 0 < int8.softprompt_int8_error < 0.2  # measured 0.10 (8-bit inputs), 0.16 (7-bit)
+    assert main(["info", "--quantize", "int8"]) == 0
+    text = capsys.readouterr().out
+    assert "precision    int8" in text and f"{path().bits}-bit inputs" in text

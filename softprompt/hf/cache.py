@@ -82,6 +82,10 @@ class Output:
 def forward(model, cache=None, **kwargs) -> Output:
     """One forward pass; returns an `Output` (its cache: the one returned, else the one given,
     which the model filled in place)."""
+    if kwargs.get("logits_to_keep"):
+        from .hooks import contiguous_head
+
+        contiguous_head(model)
     out = call(model, cache, **kwargs)
     returned = cache_of(out)
     return Output(logits=getattr(out, "logits", None), cache=cache if returned is None else returned,

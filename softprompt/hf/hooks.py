@@ -3,6 +3,7 @@
 - `gradient_checkpointing`: recompute decoder layers in backward with a KV prefix in the cache
   (transformers' own checkpointing drops the cache, which is why PEFT refuses prefix tuning with it);
 - `lm_head_at`: the LM head sees only selected positions (the loss needs a few target columns);
+- `contiguous_head`: the LM head's input made contiguous (a strided last position costs a bmm);
 - `encoder_prefix`: a K/V prefix before every encoder self-attention (HF encoders take no cache);
 - `decoder_position_shift`: learned absolute decoder positions counted per row (BART family);
 - `cross_attention_kv`: the keys/values a decoder's cross-attention computes over encoder states;
@@ -35,6 +36,25 @@ def lm_head_at(model, sel: torch.Tensor):
     (of the last K positions), so logits come out as (N, V) for N selected positions."""
     with _pre_hooks([(model.get_output_embeddings(), lambda mod, args, kwargs: ((args[0][sel],), kwargs))]):
         yield
+
+
+def _contiguous(module, args, kwargs):
+    return (args[0].contiguous(), *args[1:]), kwargs
+
+
+def contiguous_head(model) -> None:
+    """Give the LM head a contiguous input from now on (once per model; copies are kept).
+
+    Why: with `logits_to_keep=1` transformers hands the head `hidden[:, -1:, :]`, a (B, 1, d) view
+    strided by the whole sequence. `F.linear` cannot fold such a view into one matrix product, so it
+    runs a bmm against the weight expanded to (B, d, V): B matrix-vector products, each reading the
+    whole head, and in bfloat16 a copy of the expanded weight first (32 x 576 x 49152 values, 1.8 GB,
+    10 s of a 15 s engine run on the embedded model). Made contiguous, it is one (B, d) @ (d, V)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "_softprompt_contiguous", False):
+        return
+    head.register_forward_pre_hook(_contiguous, with_kwargs=True)
+    head._softprompt_contiguous = True
 
 
 @contextlib.contextmanager
