@@ -51,13 +51,13 @@ def dev_groups(n: int):
 
 
 def train_rows(tok, n_train: int, n_heldout: int, seed: int):
-    from softprompt.data import DataConfig, read_examples, split_heldout, tokenize
+    from softprompt.loops.data import DataConfig, read_examples, split_heldout, tokenize
 
     ex = read_examples(E2E / "trainset.csv", DataConfig(template="{mr} ||", target="ref", max_rows=12000))
     random.Random(seed).shuffle(ex)
     train, held = split_heldout(ex, 0.05, seed)  # held-out MRs, for picking the learning rate
     cfg = DataConfig(max_length=256, skip_bad_rows=True)
-    from softprompt.data import BadRows
+    from softprompt.loops.data import BadRows
 
     return tokenize(train[:n_train], tok, cfg, BadRows()), tokenize(held[:n_heldout], tok, cfg, BadRows())
 
@@ -86,8 +86,8 @@ def run_one(name, lr, init, model, tok, train, held, steps, batch, seed, device=
     import torch
 
     from softprompt import methods
-    from softprompt.evaluate import predict
-    from softprompt.train import TrainConfig, Trainer, eval_loss
+    from softprompt.loops.evaluate import predict
+    from softprompt.loops.train import TrainConfig, Trainer, eval_loss
 
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=max(1, steps // 10), seed=seed)
     torch.manual_seed(seed)
@@ -95,7 +95,7 @@ def run_one(name, lr, init, model, tok, train, held, steps, batch, seed, device=
         method = {"prefix": "prefix_tuning", "prompt": "prompt_tuning"}[name]
         opts = {"prefix": dict(projection_dim=512), "prompt": {}}[name]
         if init == "text":
-            from softprompt.runs import DEFAULT_INIT_TEXT
+            from softprompt.runs.train import DEFAULT_INIT_TEXT
 
             opts |= dict(init="text", init_text=DEFAULT_INIT_TEXT)
         else:
@@ -105,7 +105,7 @@ def run_one(name, lr, init, model, tok, train, held, steps, batch, seed, device=
     else:
         from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
-        from softprompt.models import load_base
+        from softprompt.io.load import load_base
 
         base, _ = load_base(device=device)  # PEFT wraps (LoRA: modifies) the model: give it its own copy
         pc = (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=True,
@@ -129,7 +129,7 @@ def run_one(name, lr, init, model, tok, train, held, steps, batch, seed, device=
             if name == "lora":
                 merged = prompt.pm.merge_and_unload()
                 return predict(merged, tok, prompts, None, max_new_tokens=64, batch_size=16)
-            from softprompt.artifact import load_artifact
+            from softprompt.io.artifact import load_artifact
 
             with tempfile.TemporaryDirectory() as d:
                 prompt.pm.save_pretrained(d)
@@ -189,8 +189,8 @@ def main():
     torch.set_num_threads(a.threads)
     from record import Record
 
-    from softprompt.evaluate import score
-    from softprompt.models import load_base
+    from softprompt.io.load import load_base
+    from softprompt.loops.evaluate import score
 
     rec = Record("quality_e2e", quick=a.quick)
 

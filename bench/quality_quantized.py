@@ -6,8 +6,8 @@ The prefix is prefix tuning (MLP 512, init text, lr 1e-3, the defaults) trained 
 artifact is kept under $SOFTPROMPT_CACHE/bench/ and reused by the next run with the same steps.
 
 Each ISA is scored in a child process of its own, started with that ISA's environment
-(`softprompt.device.ISA_CAPS`): the int8 arithmetic differs by CPU (7-bit inputs where int8 sums
-would saturate, softprompt/int8_kernels.py), and so may its quality.
+(`softprompt.core.device.ISA_CAPS`): the int8 arithmetic differs by CPU (7-bit inputs where int8 sums
+would saturate, softprompt/core/int8_kernels.py), and so may its quality.
 
     python bench/quality_quantized.py                 # native and avx2: 150 steps, 200 dev MRs (~10 min to train once, ~3 min per ISA, one thread)
     python bench/quality_quantized.py --quick         # 30 steps, 24 dev MRs
@@ -48,8 +48,8 @@ def dev_groups(n: int):
 
 def trained_prefix(model, tok, steps: int, seed: int) -> Path:
     """Train (or reuse) the benchmark's prefix on the float32 base; returns the artifact path."""
-    from softprompt.models import cache_dir
-    from softprompt.runs import run_train
+    from softprompt.io.load import cache_dir
+    from softprompt.runs.train import run_train
 
     out = cache_dir() / "bench" / f"quality_quantized_prefix_s{steps}_seed{seed}"
     if (out / "last" / "card.json").is_file():
@@ -66,8 +66,8 @@ def trained_prefix(model, tok, steps: int, seed: int) -> Path:
 
 
 def score(model, tok, artifact, groups, max_new_tokens: int) -> tuple[dict, float]:
-    from softprompt.artifact import load_artifact
-    from softprompt.evaluate import evaluate_groups
+    from softprompt.io.artifact import load_artifact
+    from softprompt.loops.evaluate import evaluate_groups
 
     kv = load_artifact(artifact, model).to_kv_prefix(model)  # the fingerprint check passes on both bases
     t0 = time.perf_counter()
@@ -79,9 +79,9 @@ def child(args) -> None:
     """One ISA's scores (this process was started with its environment), printed as JSON."""
     import torch
 
-    from softprompt.device import set_threads
-    from softprompt.int8_kernels import describe
-    from softprompt.models import load_base
+    from softprompt.core.device import set_threads
+    from softprompt.core.int8_kernels import describe
+    from softprompt.io.load import load_base
 
     set_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -114,7 +114,7 @@ KEYS = ["bleu_delta", "bleu_fp32", "bleu_quantized", "identical_outputs"]
 def main():
     from record import Record, Sections, add_fail_section, isa_list, run_under_isa
 
-    from softprompt.device import ISA_CAPS
+    from softprompt.core.device import ISA_CAPS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -138,11 +138,11 @@ def main():
     sections = Sections(fail=args.fail_section)
     result = {"dev_mrs": args.dev_mrs, "train_steps": None if args.artifact else args.steps, "quick": args.quick,
               "quantize": "int8: per-channel weights, per-row inputs (two levels but for the widening layers, "
-                          "which are smoothed), shared products (softprompt/quantize.py)", "isa": {}}
+                          "which are smoothed), shared products (softprompt/hf/quantize.py)", "isa": {}}
     artifact = args.artifact
     if artifact is None:
-        from softprompt.device import set_threads
-        from softprompt.models import load_base
+        from softprompt.core.device import set_threads
+        from softprompt.io.load import load_base
 
         set_threads(args.threads)
         artifact = sections("train", lambda: str(trained_prefix(*load_base(device="cpu"), args.steps, args.seed)))

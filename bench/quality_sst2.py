@@ -10,7 +10,7 @@ On the embedded decoder (SmolLM2-135M-Instruct), no head:
                   after "Review: {sentence}\\nSentiment:"
 
 Train rows are a seeded sample of GLUE train.tsv; scores are accuracy and macro-F1 on all of
-dev.tsv (872 sentences). Every method runs through softprompt.train.Trainer with
+dev.tsv (872 sentences). Every method runs through softprompt.loops.train.Trainer with
 ClassificationObjective (LoRA as a module whose trainable parameters are its LoRA matrices + head).
 
     python bench/quality_sst2.py            # encoder: 400 steps of 16 rows each; decoder: 200 (~15 min, 1 busy core)
@@ -72,7 +72,7 @@ class LoraClassifier:
         from peft import LoraConfig, get_peft_model
 
         from softprompt.classify import EncoderClassifier
-        from softprompt.encoder import encode
+        from softprompt.families.encoder import encode
 
         torch.manual_seed(seed)
         peft_model = get_peft_model(encoder, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "value"],
@@ -85,7 +85,7 @@ class LoraClassifier:
                 return self
 
             def forward(self, model, input_ids, attention_mask):
-                from softprompt.encoder import pool
+                from softprompt.families.encoder import pool
 
                 h = encode(self.adapted, input_ids, attention_mask)
                 return self.head(pool(h, attention_mask, self.pooling))
@@ -99,8 +99,8 @@ def run_one(name, model, tok, encoder, train, dev, args):
     import torch
 
     from softprompt.classify import ClassificationObjective, accuracy_f1, predict
-    from softprompt.classify.runs import build_classifier
-    from softprompt.train import TrainConfig, Trainer
+    from softprompt.loops.train import TrainConfig, Trainer
+    from softprompt.runs.classify import build_classifier
 
     torch.manual_seed(args.seed)
     if name == "zero_shot_decoder":  # the bare decoder through the same label words: no training
@@ -193,10 +193,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from record import Record
 
-    from softprompt.encoder import load_encoder
+    from softprompt.io.load import load_encoder
 
     rec = Record("quality_sst2", quick=args.quick, results=Path(args.out))
-    from softprompt.models import load_base
+    from softprompt.io.load import load_base
 
     train_rows = read_tsv(SST2 / "train.tsv", args.train_rows, args.seed)
     dev_rows = read_tsv(SST2 / "dev.tsv")[: args.dev_rows or None]

@@ -119,12 +119,12 @@ def add_fail_section(ap) -> None:
 
 def run_under_isa(script: str, isa: str, argv: list[str]) -> dict:
     """`script` run again as a child process under ISA `isa`'s environment
-    (`softprompt.device.ISA_CAPS`: torch, oneDNN and MKL read it when they load), with `argv` and
+    (`softprompt.core.device.ISA_CAPS`: torch, oneDNN and MKL read it when they load), with `argv` and
     `--child ISA`; the child prints its result as JSON on its last line. Returns that result."""
     import subprocess
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from softprompt.device import ISA_CAPS
+    from softprompt.core.device import ISA_CAPS
 
     env = {**os.environ, **ISA_CAPS[isa]}
     done = subprocess.run([sys.executable, script, *argv, "--child", isa], env=env, stdout=subprocess.PIPE, text=True)
@@ -135,9 +135,9 @@ def run_under_isa(script: str, isa: str, argv: list[str]) -> dict:
 
 
 def isa_list(ap, value: str) -> list[str]:
-    """The ISAs named in `--isa` (comma-separated), each checked against softprompt.device.ISA_CAPS."""
+    """The ISAs named in `--isa` (comma-separated), each checked against softprompt.core.device.ISA_CAPS."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from softprompt.device import ISA_CAPS
+    from softprompt.core.device import ISA_CAPS
 
     isas = [i.strip() for i in value.split(",") if i.strip()]
     unknown = [i for i in isas if i not in ISA_CAPS]

@@ -34,9 +34,10 @@ E2E = ROOT.parent / "shared" / "data" / "e2e" / "devset.csv"
 
 def make_store(store_dir: Path, n_tasks: int) -> list[str]:
     from serve_mixed import task_prompt
-    from softprompt.artifact import save_artifact
-    from softprompt.models import load_base
-    from softprompt.store import Store
+
+    from softprompt.io.artifact import save_artifact
+    from softprompt.io.load import load_base
+    from softprompt.store.core import Store
 
     model, tok = load_base()
     store, names = Store(store_dir), []

@@ -44,16 +44,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
 from record import Record, Sections, add_fail_section  # noqa: E402
 
-from softprompt import compiled, methods  # noqa: E402
-from softprompt.artifact import save_artifact  # noqa: E402
-from softprompt.models import load_base  # noqa: E402
-from softprompt.peft_io import export_peft  # noqa: E402
+from softprompt import methods
+from softprompt.io.artifact import save_artifact
+from softprompt.io.load import load_base
+from softprompt.io.peft import export_peft
 from softprompt.serve import Engine, Request  # noqa: E402
 from softprompt.serve.tasks import TaskRegistry, compile_task  # noqa: E402
-from softprompt.store import Store  # noqa: E402
+from softprompt.store import compiled
+from softprompt.store.core import Store
 
 METHODS = ("prefix_tuning", "prompt_tuning")
 

@@ -1,11 +1,11 @@
 """The engine past the float32 limit: tokens/s of the engine on the float32 base, on the int8 base
-(`--quantize int8`, softprompt/quantize.py), on the bfloat16 base (`--dtype bfloat16`, where the CPU
+(`--quantize int8`, softprompt/hf/quantize.py), on the bfloat16 base (`--dtype bfloat16`, where the CPU
 has bf16 instructions), and of the bare float32 model (the same engine, no prefix), side by side in
 one run, with 64 mixed tasks; plus the engine's float32 tokens/s as a fraction of the matmul limit
 measured in the same run (a GFLOP/s probe at the decode's own shapes).
 
 Each ISA is one run of its own, in a child process started with that ISA's environment
-(`softprompt.device.ISA_CAPS`: the AVX2 cap makes any x86 machine compute as an AVX2-only one):
+(`softprompt.core.device.ISA_CAPS`: the AVX2 cap makes any x86 machine compute as an AVX2-only one):
 
     python bench/serve_quantized.py                 # native and avx2; 64 tasks, 256 requests, 32 new tokens, batch 32, one thread
     python bench/serve_quantized.py --quick         # 16 tasks, 64 requests, 16 new tokens
@@ -55,7 +55,7 @@ def matmul_flops_per_token(model) -> int:
 
 def has_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), as torch runs it here."""
-    from softprompt.int8_kernels import cpu_features
+    from softprompt.core.int8_kernels import cpu_features
 
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() in ("SSE41", "AVX", "AVX2", "AVX512_CORE")
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_features())) and not capped
@@ -70,10 +70,10 @@ def compare(model, tok, requests, tasks, batch: int, rounds: int = 2, bf16: bool
 
     from serve_mixed import run_engine
 
-    from softprompt.device import resolve
-    from softprompt.int8_kernels import describe
-    from softprompt.models import place
-    from softprompt.quantize import quantize_int8
+    from softprompt.core.device import resolve
+    from softprompt.core.int8_kernels import describe
+    from softprompt.hf.quantize import quantize_int8
+    from softprompt.io.load import place
 
     bf16 = has_bf16() if bf16 is None else bf16
     q = quantize_int8(copy.deepcopy(model), tok)  # the same weights, int8; keeps the float32 fingerprint
@@ -119,8 +119,8 @@ def child(args) -> None:
     """One ISA's run (this process was started with its environment): prints its result as JSON."""
     from serve_mixed import make_prompts, make_tasks
 
-    from softprompt.device import set_threads
-    from softprompt.models import load_base
+    from softprompt.core.device import set_threads
+    from softprompt.io.load import load_base
 
     set_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -141,7 +141,7 @@ def child(args) -> None:
 def main():
     from record import Record, Sections, add_fail_section, isa_list, run_under_isa
 
-    from softprompt.device import ISA_CAPS
+    from softprompt.core.device import ISA_CAPS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")

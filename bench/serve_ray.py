@@ -40,8 +40,9 @@ from serve_http import load, prompts  # noqa: E402
 
 def make_store(dsn: str, objects: Path, n_tasks: int) -> list[str]:
     from serve_mixed import task_prompt
-    from softprompt.models import load_base
-    from softprompt.store import Store
+
+    from softprompt.io.load import load_base
+    from softprompt.store.core import Store
 
     model, tok = load_base()
     store = Store(dsn, str(objects))

@@ -42,13 +42,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from record import Record  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
+from softprompt.core.geometry import geometry
 from softprompt.methods import PrefixTuning, PromptTuning  # noqa: E402
-from softprompt.models import geometry  # noqa: E402
-from record import Record  # noqa: E402
-
-from softprompt.store import Store  # noqa: E402
+from softprompt.store.core import Store
 
 
 def stand_in():

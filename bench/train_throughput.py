@@ -40,7 +40,7 @@ P, LR = 20, {"prefix_tuning": 1e-3, "prompt_tuning": 3e-2}
 
 
 def load_rows(n: int, seed: int):
-    from softprompt.data import DataConfig, read_examples
+    from softprompt.loops.data import DataConfig, read_examples
 
     ex = read_examples(E2E, DataConfig(template="{mr} ||", target="ref", max_rows=4000))
     random.Random(seed).shuffle(ex)
@@ -52,8 +52,8 @@ def make_side(kind: str, method: str, model, tok, data, steps: int, batch: int, 
     import torch
 
     from softprompt import methods
-    from softprompt.data import collate
-    from softprompt.train import TrainConfig, Trainer
+    from softprompt.loops.data import collate
+    from softprompt.loops.train import TrainConfig, Trainer
 
     rng = random.Random(seed)
     order = list(range(len(data)))
@@ -122,8 +122,8 @@ def _memory_child(kind, method, steps, batch, seed, n_rows):
     import torch
 
     torch.set_num_threads(2)
-    from softprompt.data import DataConfig, tokenize
-    from softprompt.models import load_base
+    from softprompt.io.load import load_base
+    from softprompt.loops.data import DataConfig, tokenize
 
     model, tok = load_base()
     data = tokenize(load_rows(n_rows, seed), tok, DataConfig(max_length=256, skip_bad_rows=True))
@@ -173,10 +173,10 @@ def main():
     import torch
 
     torch.set_num_threads(2)
-    from softprompt.data import DataConfig, tokenize
-    from softprompt.models import load_base
-
     from record import Record
+
+    from softprompt.io.load import load_base
+    from softprompt.loops.data import DataConfig, tokenize
 
     rec = Record("train_throughput", quick=a.quick)
     model, tok = load_base()

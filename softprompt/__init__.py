@@ -1,6 +1,6 @@
 """softprompt: prompt tuning, prefix tuning and P-tuning on a frozen language model.
 
-The public API, in PEFT's idiom (softprompt/api.py):
+The public API, in PEFT's idiom (softprompt/runs/api.py):
 
     import softprompt as sp
     model, tok = sp.load_base()                                  # the embedded model, or a path
@@ -16,19 +16,19 @@ Names load on first use, so `import softprompt` (and `softprompt --help`) stays 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_base": "softprompt.models",
-    "create": "softprompt.api",
-    "train": "softprompt.train",  # a callable module: see _CallableModule
-    "generate": "softprompt.generate",
-    "load": "softprompt.api",
+    "load_base": "softprompt.io.load",
+    "create": "softprompt.runs.api",
+    "train": "softprompt.runs.api",
+    "generate": "softprompt.runs.api",
+    "load": "softprompt.runs.api",
     "PrefixTuningConfig": "softprompt.methods",
     "PromptTuningConfig": "softprompt.methods",
     "PTuningConfig": "softprompt.methods",
-    "TrainConfig": "softprompt.train",
-    "SamplingParams": "softprompt.generate",
+    "TrainConfig": "softprompt.loops.train",
+    "SamplingParams": "softprompt.loops.generate",
     "Engine": "softprompt.serve",
     "Request": "softprompt.serve",
-    "Store": "softprompt.store",
+    "Store": "softprompt.store.core",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -40,7 +40,7 @@ def __getattr__(name: str):
     import importlib
 
     module = importlib.import_module(_EXPORTS[name])
-    value = module if module.__name__ == f"softprompt.{name}" else getattr(module, name)
+    value = getattr(module, name)
     globals()[name] = value
     return value
 
@@ -48,14 +48,3 @@ def __getattr__(name: str):
 def __dir__():
     return sorted(__all__)
 
-
-class _CallableModule(__import__("types").ModuleType):
-    """`sp.train(...)` and `sp.generate(...)` are the API's functions (softprompt/api.py), and
-    `softprompt.train` / `softprompt.generate` are also the modules of the training loop and the
-    decoding loop. Each of those two modules is made callable (it calls the API function of its
-    name), so both readings hold: `from softprompt.train import Trainer` and `sp.train(prompt, ...)`."""
-
-    def __call__(self, *args, **kwargs):
-        from . import api
-
-        return getattr(api, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)

@@ -47,10 +47,9 @@ def info(base: str | None = None, num_virtual_tokens: int = 20, projection_dim: 
         projection_dim: width of prefix tuning's reparameterization MLP
         json: print JSON instead of a table
     """
-    from . import methods
-    from .artifact import model_fingerprint
-    from .int8_kernels import describe
-    from .models import geometry
+    from softprompt import methods
+    from softprompt.core.geometry import geometry, model_fingerprint
+    from softprompt.core.int8_kernels import describe
 
     model, _ = _load(base)
     geo = geometry(model)
@@ -106,8 +105,8 @@ def init(out: str, method: str = "prompt_tuning", num_virtual_tokens: int = 20, 
         base: a local HuggingFace model directory (default: the embedded model)
         overwrite: replace an existing artifact at OUT (refused by default)
     """
-    from . import methods
-    from .artifact import save_artifact
+    from softprompt import methods
+    from softprompt.io.artifact import save_artifact
 
     _refuse_existing(out, overwrite)
     model, tok = _load(base)
@@ -150,9 +149,9 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None, m
         lora: a PEFT LoRA adapter directory (safetensors) applied to the base model first
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
     """
-    from .families import family_of
-    from .generate import SamplingParams
-    from .lora import load_prompt
+    from softprompt.families import family_of
+    from softprompt.io.lora import load_prompt
+    from softprompt.loops.generate import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=tuple(stop or ()))
@@ -179,9 +178,9 @@ def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool
     """
     from pathlib import Path
 
-    from .artifact import load_artifact
-    from .models import EMBEDDED_HUB_ID
-    from .peft_io import export_peft as run
+    from softprompt.io.artifact import load_artifact
+    from softprompt.io.load import EMBEDDED_HUB_ID
+    from softprompt.io.peft import export_peft as run
 
     _refuse_existing(out, overwrite, "PEFT adapter")
     model, _ = _load(base)
@@ -257,14 +256,14 @@ def train(data: str, out: str, method: str = "prefix_tuning", base: str | None =
     args = dict(locals())
     args.pop("overwrite")
     if task != "generate":
-        from .classify.runs import train_from_cli
+        from softprompt.runs.classify import train_from_cli
 
         return train_from_cli(args)
     for key in ("task", "labels", "label_words", "pooling"):
         args.pop(key)
     if args["projection_dim"] is None:
         args["projection_dim"] = 512
-    from .runs import run_train
+    from softprompt.runs.train import run_train
 
     if args.pop("lora") is not None:  # load the adapted model here; run_train then uses it
         args["model"], args["tokenizer"] = _load(base, lora, args.pop("merge_lora"))
@@ -322,11 +321,11 @@ def eval(adapter: str | None = None, data: str | None = None, base: str | None =
     """
     args = dict(locals())
     if adapter and adapter != "none":
-        from .classify.runs import eval_from_cli, is_classifier_path
+        from softprompt.runs.classify import eval_from_cli, is_classifier_path
 
         if is_classifier_path(adapter):  # a classifier: accuracy and macro-F1 instead of generation scores
             return eval_from_cli(args)
-    from .runs import run_eval
+    from softprompt.runs.train import run_eval
 
     run_eval(**args)
 
@@ -342,7 +341,7 @@ def demo(out: str = "out/demo", steps: int = 30, base: str | None = None, method
         method: prompt_tuning, prefix_tuning or p_tuning
         seed: random seed
     """
-    from .demo import run_demo
+    from softprompt.runs.demo import run_demo
 
     run_demo(out=out, steps=steps, base=base, method=method, seed=seed)
 
@@ -352,7 +351,7 @@ def demo(out: str = "out/demo", steps: int = 30, base: str | None = None, method
 
 
 def _store(path):
-    from .store import Store
+    from softprompt.store.core import Store
 
     return Store(path)
 
@@ -373,7 +372,7 @@ def _metrics(items) -> dict:
 def _model_for(src, base):
     """The base model, loaded only when a PEFT adapter directory has to be converted or `--base` names
     it (then the store also compiles the task's serving form for it at once)."""
-    from .peft_io import is_peft_dir
+    from softprompt.io.peft import is_peft_dir
 
     return _load(base)[0] if is_peft_dir(src) or base is not None else None
 
@@ -478,7 +477,7 @@ def store_verify(store: str | None = None):
     Args:
         store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
     """
-    from .store import StoreError
+    from softprompt.store.core import StoreError
 
     problems = _store(store).verify()
     if problems:
@@ -496,7 +495,8 @@ def store_compile(task: list[str] | None = None, base: str | None = None, store:
         base: the base model that will serve them (default: the embedded model)
         store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
     """
-    from .artifact import ArtifactError, model_fingerprint
+    from softprompt.core.geometry import model_fingerprint
+    from softprompt.io.artifact import ArtifactError
 
     s, model = _store(store), _load(base)[0]
     fp = model_fingerprint(model)
@@ -513,7 +513,8 @@ def store_compile(task: list[str] | None = None, base: str | None = None, store:
         print(f"compiled {row['name']}@{row['version']}")
 
 
-from .serve.main import serve  # noqa: E402  (its flags come from its signature, like every command)
+from softprompt.serve.main import serve  # noqa: E402  (its flags come from its signature, like every command)
+
 
 def store_migrate(src: str, dst: str, objects: str | None = None):
     """Copy a store into another, every version with its number, dates, tags and sha256, and the
@@ -525,8 +526,8 @@ def store_migrate(src: str, dst: str, objects: str | None = None):
         dst: the destination store (a postgresql:// DSN, or a directory)
         objects: where DST keeps its bytes, if its DSN does not say (a shared directory or s3://bucket/prefix)
     """
-    from .store import Store
-    from .store_backends.migrate import migrate
+    from softprompt.store.backends.migrate import migrate
+    from softprompt.store.core import Store
 
     target = Store(dst, objects)
     n = migrate(_store(src), target)
@@ -566,7 +567,7 @@ def inspect_(adapter: str, data: str | None = None, out: str | None = None, exam
         allow_other_base: load an artifact even if it was made for other base weights
         json: print the JSON report instead of the summary
     """
-    from .inspect import run_inspect, summary
+    from softprompt.runs.inspect import run_inspect, summary
 
     model, tok = _load(base, lora, merge_lora)
     report, jpath, ppath = run_inspect(adapter, model, tok, data=data, out=out, examples=examples, top_k=top_k,
@@ -583,7 +584,7 @@ def card(adapter: str, out: str | None = None):
         adapter: artifact path (directory or .safetensors)
         out: write the markdown to this file instead of printing it
     """
-    from .card import model_card
+    from softprompt.io.card import model_card
 
     text = model_card(adapter)
     if out is None:
@@ -626,7 +627,7 @@ def compare(data: str | None = None, out: str = "out/compare", base: str | None 
     if data is None:
         raise ValueError("--data is required (training data; same formats as train)")
     args = dict(locals())
-    from .compare import run_compare
+    from softprompt.runs.compare import run_compare
 
     model, tok = _load(base)
     report = run_compare(**args, model=model, tokenizer=tok)
@@ -638,7 +639,7 @@ COMMANDS.update({"inspect": inspect_, "card": card, "compare": compare})
 
 
 # Where and how a command's model runs: every command that loads a model takes these flags; `main`
-# applies them once (softprompt.device.set_defaults, set_threads), so every loader below it, also in
+# applies them once (softprompt.core.device.set_defaults, set_threads), so every loader below it, also in
 # the jobs that load their own model (train, eval, demo, classify), picks them up.
 MODEL_FLAGS = {
     "device": (str, "auto", "auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps"),
@@ -651,7 +652,7 @@ LOADS_MODEL = {"info", "init", "generate", "export-peft", "train", "eval", "demo
 
 
 def _apply_model_flags(flags: dict) -> None:
-    from .device import set_defaults, set_threads
+    from softprompt.core.device import set_defaults, set_threads
 
     set_defaults(flags.get("device"), flags.get("dtype"), flags.get("quantize"))
     if "threads" in flags:
@@ -659,12 +660,12 @@ def _apply_model_flags(flags: dict) -> None:
 
 
 def _load(base, lora=None, merge_lora=True):
-    from .models import load_base
+    from softprompt.io.load import load_base
 
     if base is None:
         print("loading the embedded SmolLM2-135M-Instruct ...", file=sys.stderr)
     if lora is not None:
-        from .lora import load_base_with_lora
+        from softprompt.io.lora import load_base_with_lora
 
         return load_base_with_lora(base, lora, merge=merge_lora)
     return load_base(base)
@@ -714,7 +715,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from softprompt import __version__
 
     parser = _Parser(prog="softprompt", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
@@ -776,9 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from .artifact import ArtifactError
-    from .models import BaseModelError
-    from .peft_io import PeftFormatError
+    from softprompt.core.geometry import BaseModelError
+    from softprompt.io.artifact import ArtifactError
+    from softprompt.io.peft import PeftFormatError
 
     try:
         _apply_model_flags(flags)

@@ -13,8 +13,7 @@ VOCAB = 96
 
 
 def tiny_model(arch: str, seed: int = 0):
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     if arch == "llama":
@@ -96,8 +95,9 @@ ROWS = [[5, 17, 33, 8, 41, 12, 9], [22, 7, 3], [60, 61, 62, 63, 64]]
 def embedded_stand_in(tmp_path, monkeypatch):
     """A tiny Llama with a word tokenizer on disk that `softprompt.load_base()` returns in place of
     the embedded model (for running user-facing examples as written). Returns its directory."""
-    import softprompt as sp
     from tiny_tokenizer import tiny_tokenizer
+
+    import softprompt as sp
 
     d = tmp_path / "base"
     tiny_model("llama").save_pretrained(d)

@@ -11,8 +11,8 @@ from test_http import CHAT_TEMPLATE, alone
 from tiny_tokenizer import tiny_tokenizer
 
 from softprompt import methods
-from softprompt.artifact import save_artifact
-from softprompt.models import load_base
+from softprompt.io.artifact import save_artifact
+from softprompt.io.load import load_base
 
 KEY = {"Authorization": "Bearer sk-admin"}
 

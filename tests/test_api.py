@@ -1,5 +1,5 @@
 """The public API: the package root's example runs as written, and the library's defaults are the
-command line's (one source: softprompt/config.py and the config dataclasses)."""
+command line's (one source: softprompt/core/defaults.py and the config dataclasses)."""
 
 import inspect
 import re
@@ -12,8 +12,9 @@ from conftest import tiny_model
 from tiny_tokenizer import WORDS, tiny_tokenizer
 
 import softprompt as sp
-from softprompt import cli, config, methods
-from softprompt.train import TrainConfig
+from softprompt import cli, methods
+from softprompt.core import defaults as config
+from softprompt.loops.train import TrainConfig
 
 ROWS = [{"input": f"{WORDS[i]} {WORDS[i + 1]}", "output": WORDS[i + 2]} for i in range(0, 24, 2)]
 
@@ -90,10 +91,10 @@ def test_open_defaults_resolve_from_config(tokenizer=None):
     assert with_tok._config["init"] == "text" and with_tok._config["init_text"] == config.INIT_TEXT
     assert methods.create("prefix_tuning", model, None, num_virtual_tokens=3)._config["init"] == "random"
     assert methods.create("prompt_tuning", model, None, num_virtual_tokens=3)._config["init"] == "vocab"
-    from softprompt.train import Trainer
+    from softprompt.loops.train import Trainer
 
     prompt = methods.create("prompt_tuning", model, tok, num_virtual_tokens=3)
-    from softprompt.data import TokenizedData
+    from softprompt.loops.data import TokenizedData
 
     data = TokenizedData(ids=[[5, 6, 7]], n_target=[1], examples=[None])
     assert Trainer(model, tok, prompt, data, TrainConfig(steps=1)).cfg.lr == config.LR["prompt_tuning"]
@@ -105,6 +106,11 @@ def test_save_pretrained_needs_a_base_only_when_it_has_none(tmp_path):
     with pytest.raises(ValueError, match="needs the base model"):
         prompt.save_pretrained(tmp_path / "a")
     prompt.attach_base(model)
+    with pytest.raises(ValueError, match="save_artifact"):  # made below the API: no artifact writer handed down
+        prompt.save_pretrained(tmp_path / "a")
+    from softprompt.io.artifact import save_artifact
+
+    prompt.attach_base(model, save_artifact)
     path = prompt.save_pretrained(tmp_path / "a")
     assert torch.equal(sp.load(path, model).kv(), prompt.kv())
 

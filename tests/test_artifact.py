@@ -10,7 +10,7 @@ from conftest import ROWS, tiny_model
 from safetensors.torch import save_file
 
 from softprompt import methods
-from softprompt.artifact import ArtifactError, load_artifact, read_card, save_artifact
+from softprompt.io.artifact import ArtifactError, load_artifact, read_card, save_artifact
 
 
 def logits(prompt, model):

@@ -9,13 +9,20 @@ from conftest import left_padded, tiny_model
 from tiny_tokenizer import tiny_tokenizer, word_id
 
 from softprompt import hf, methods
-from softprompt.artifact import ArtifactError, load_artifact, save_artifact
-from softprompt.classify import (ClassificationData, ClassificationObjective, EncoderClassifier, VerbalizerClassifier,
-                                 accuracy_f1, load_classifier, predict)
-from softprompt.encoder import encode, pool
+from softprompt.classify import (
+    ClassificationData,
+    ClassificationObjective,
+    EncoderClassifier,
+    VerbalizerClassifier,
+    accuracy_f1,
+    predict,
+)
+from softprompt.core.geometry import geometry
+from softprompt.families.encoder import encode, pool
+from softprompt.io.artifact import ArtifactError, load_artifact, save_artifact
+from softprompt.io.classifier import load_classifier
+from softprompt.loops.train import TrainConfig, Trainer
 from softprompt.methods import PrefixTuning, PromptTuning
-from softprompt.models import geometry
-from softprompt.train import TrainConfig, Trainer
 
 
 def tiny_bert(seed=0, num_labels=None):
@@ -159,7 +166,7 @@ def test_loss_falls_and_accuracy_is_reported(kind, tmp_path):
         data, lr = toy_data(False), 3e-1  # a random 2-layer LM moves slowly
     cfg = TrainConfig(steps=40, batch_size=16, lr=lr, metric="accuracy", eval_every=40, schedule="constant")
     trainer = Trainer(model, tok, clf, data, cfg, out=tmp_path / "run", eval_data=data,
-                      objective=ClassificationObjective())
+                      objective=ClassificationObjective(), save=save_artifact)
     res = trainer.run()
     losses = [r["loss"] for r in res.history]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
@@ -252,7 +259,7 @@ def client(tmp_path):
 
 
 def test_classify_route_returns_labels_and_probabilities(client):
-    from softprompt.classify import classify_texts
+    from softprompt.io.classifier import classify_texts
 
     for task, texts in (("sentiment", ["ba be bi", "fa"]), ("topic", ["ha he hi ho"])):
         r = client.post("/v1/classify", json={"model": task, "input": texts})
@@ -293,7 +300,7 @@ def test_classify_route_rejects_bad_requests_in_openai_shape(client, body, statu
 def test_classifiers_live_in_the_store_and_serve_from_it(tmp_path):
     from softprompt.serve.classify import ClassifyService
     from softprompt.serve.tasks import TaskRefused, TaskRegistry
-    from softprompt.store import Store
+    from softprompt.store.core import Store
 
     bert, btok = tiny_bert(), tiny_tokenizer()
     btok.padding_side = "right"
@@ -315,6 +322,6 @@ def test_classifiers_live_in_the_store_and_serve_from_it(tmp_path):
 
 
 def classify_texts_ref(clf, model, tok, texts):
-    from softprompt.classify import classify_texts
+    from softprompt.io.classifier import classify_texts
 
     return classify_texts(clf.eval(), model, tok, texts)

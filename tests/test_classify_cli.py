@@ -91,8 +91,8 @@ def test_train_and_eval_a_decoder_with_label_words(bases, tmp_path, capsys):
 
 def predicted_by_hand(artifact, base, texts):
     """Label names the artifact predicts for `texts`, by the classifier's probabilities in this process."""
-    from softprompt.classify.artifact import classify_texts, load_classifier
-    from softprompt.classify.runs import load_classification_base
+    from softprompt.io.classifier import classify_texts, load_classifier
+    from softprompt.runs.classify import load_classification_base
 
     model, tok, _ = load_classification_base(str(base))
     clf = load_classifier(artifact, model)

@@ -8,7 +8,7 @@ from conftest import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 from softprompt.cli import main
-from softprompt.models import load_base
+from softprompt.io.load import load_base
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def test_init_generate_export_and_peft_round_trip(base_dir, tmp_path, capsys):
                  "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out == ours  # greedy: the same input gives the same output
     # what the engine-free library gives for the same request
-    from softprompt.artifact import load_artifact
-    from softprompt.generate import generate
+    from softprompt.io.artifact import load_artifact
+    from softprompt.loops.generate import generate
 
     model, tok = load_base(base_dir)
     kv = load_artifact(art, model).to_kv_prefix(model)

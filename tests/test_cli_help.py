@@ -54,8 +54,8 @@ def test_defaults_are_printed_once_and_never_none(name, text):
 
 def test_choices_agree_with_the_library():
     from softprompt import methods
-    from softprompt.encoder import POOLINGS
-    from softprompt.train import SCHEDULES
+    from softprompt.families.encoder import POOLINGS
+    from softprompt.loops.train import SCHEDULES
 
     assert set(cli.CHOICES["method"]) == set(methods.METHODS) | set(methods.ALIASES)
     assert tuple(cli.CHOICES["schedule"]) == SCHEDULES

@@ -9,11 +9,12 @@ import torch
 from conftest import ROWS, tiny_model
 from test_engine import WordTok, alone, make_tasks, text
 
-from softprompt import compiled
-from softprompt.artifact import ArtifactError, model_fingerprint, save_artifact
+from softprompt.core.geometry import model_fingerprint
+from softprompt.io.artifact import ArtifactError, save_artifact
 from softprompt.serve import Engine, PrefixCache, Request
 from softprompt.serve.tasks import TaskRegistry
-from softprompt.store import Store
+from softprompt.store import compiled
+from softprompt.store.core import Store
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
-from softprompt.compare import markdown, run_compare
+from softprompt.runs.compare import markdown, run_compare
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     with pytest.MonkeyPatch.context() as mp:
         # each training run's own loss plot (train.py's, tested there) is half of this test's time
-        mp.setattr("softprompt.train.plot_history", lambda *a, **k: None)
+        mp.setattr("softprompt.loops.train.plot_history", lambda *a, **k: None)
         rep = run_compare(str(train), str(tmp / "out"), eval_data=str(heldout), steps=2, batch_size=2,
                           num_virtual_tokens=2, lora_r=2, max_new_tokens=2, tasks=2, eval_inputs=2,
                           eval_max_new_tokens=3, model=model, tokenizer=tok)
@@ -58,8 +58,8 @@ def test_a_row_per_method_with_every_figure(run):
 
 
 def test_scores_are_those_of_the_outputs_each_method_generates(run):
-    from softprompt.artifact import load_artifact
-    from softprompt.evaluate import predict, score
+    from softprompt.io.artifact import load_artifact
+    from softprompt.loops.evaluate import predict, score
 
     rep, out, _, tok = run
     for r in rep["rows"]:
@@ -69,7 +69,7 @@ def test_scores_are_those_of_the_outputs_each_method_generates(run):
         assert (s["bleu"], s["rouge_l"]) == pytest.approx((r["bleu"], r["rouge_l"]))
     # the outputs are those of the saved artifacts, regenerated independently on fresh copies of the
     # base (compare's own model is LoRA-injected by now: it trains LoRA last, in place)
-    from softprompt.lora import apply_lora
+    from softprompt.io.lora import apply_lora
 
     fresh = tiny_model("llama")
     with torch.no_grad():
@@ -88,9 +88,9 @@ def outputs(method_dir):
 def heldout_loss_by_hand(out, method):
     """Target-token cross-entropy (target words + eos) over the 3 held-out rows of the 2 scored inputs,
     from the saved artifact on a fresh base, one row at a time with the full logits."""
-    from softprompt.artifact import load_artifact
-    from softprompt.lora import apply_lora
-    from softprompt.prefix import prefixed_forward
+    from softprompt.hf.prefix import prefixed_forward
+    from softprompt.io.artifact import load_artifact
+    from softprompt.io.lora import apply_lora
 
     tok = tiny_tokenizer()
     if method == "lora":

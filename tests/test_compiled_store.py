@@ -7,11 +7,13 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from softprompt import compiled, methods
-from softprompt.artifact import ArtifactError, model_fingerprint, save_artifact
+from softprompt import methods
 from softprompt.cli import main
-from softprompt import store as store_mod
-from softprompt.store import Store, StoreError
+from softprompt.core.geometry import model_fingerprint
+from softprompt.io.artifact import ArtifactError, save_artifact
+from softprompt.store import compiled
+from softprompt.store import core as store_mod
+from softprompt.store.core import Store, StoreError
 
 
 @pytest.fixture(scope="module")

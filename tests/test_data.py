@@ -3,10 +3,19 @@
 import json
 
 import pytest
-
-from softprompt.data import (BadRows, DataConfig, DataError, collate, group_references, length_grouped_batches,
-                             read_examples, split_heldout, tokenize)
 from tiny_tokenizer import tiny_tokenizer
+
+from softprompt.loops.data import (
+    BadRows,
+    DataConfig,
+    DataError,
+    collate,
+    group_references,
+    length_grouped_batches,
+    read_examples,
+    split_heldout,
+    tokenize,
+)
 
 
 def write(path, text, mode="w"):

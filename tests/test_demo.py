@@ -9,9 +9,9 @@ pytestmark = pytest.mark.embedded
 
 
 def test_demo_goes_from_0_to_100_percent_exact_match(tmp_path, monkeypatch):
-    from softprompt.demo import run_demo
+    from softprompt.runs.demo import run_demo
 
-    monkeypatch.setattr("softprompt.train.plot_history", lambda *a, **k: None)  # the plot is not the claim
+    monkeypatch.setattr("softprompt.loops.train.plot_history", lambda *a, **k: None)  # the plot is not the claim
     res = run_demo(out=str(tmp_path / "demo"))
     assert res["before"]["exact_match"] == 0.0
     assert res["after"]["exact_match"] == 100.0

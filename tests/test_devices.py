@@ -10,13 +10,14 @@ import torch
 from conftest import ROWS, tiny_model
 from test_engine import WordTok, make_tasks, text
 
-from softprompt import device as devmod
 from softprompt import methods
-from softprompt.artifact import load_artifact, model_fingerprint, save_artifact
-from softprompt.device import DeviceError, resolve, set_threads
-from softprompt.generate import SamplingParams, generate_ids
-from softprompt.models import place
-from softprompt.prefix import check_prefix_support, prefixed_forward
+from softprompt.core import device as devmod
+from softprompt.core.device import DeviceError, resolve, set_threads
+from softprompt.core.geometry import model_fingerprint
+from softprompt.hf.prefix import check_prefix_support, prefixed_forward
+from softprompt.io.artifact import load_artifact, save_artifact
+from softprompt.io.load import place
+from softprompt.loops.generate import SamplingParams, generate_ids
 from softprompt.serve import Engine, Request
 
 
@@ -31,7 +32,7 @@ def test_resolver_names_and_refusals():
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="no CUDA"):
             resolve("cuda:0")
-    from softprompt.quantize import supported
+    from softprompt.hf.quantize import supported
 
     with pytest.raises(DeviceError, match="CPU only"):
         supported("cuda")

@@ -10,17 +10,17 @@ import sys
 from pathlib import Path
 
 import torch
-
 from conftest import tiny_model
-from softprompt.artifact import load_artifact
 from tiny_tokenizer import WORDS, tiny_tokenizer
+
+from softprompt.io.artifact import load_artifact
 
 # Run under torchrun: the CLI's own `train`, with the loop watched (test code, no hook in the library):
 # the rows each loss call sees per step, and at step 1 the prompt before the update, the gradient
 # before the all-reduce (this process's half) and after it (what the optimizer uses).
 WATCH = r'''
 import os, sys, torch
-import softprompt.train as T
+import softprompt.loops.train as T
 from softprompt.cli import main
 
 rec = {"rows": [], "pre": None, "post": None, "init": None}
@@ -72,9 +72,9 @@ def test_two_processes_split_the_batch_and_equal_one(tmp_path, monkeypatch):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
 
     # The same run in one process, watched the same way.
-    import softprompt.train as T
-    from softprompt.models import load_base
-    from softprompt.runs import run_train
+    import softprompt.loops.train as T
+    from softprompt.io.load import load_base
+    from softprompt.runs.train import run_train
 
     seen, grads = [], []
     loss = T.CausalLMObjective.loss
@@ -109,8 +109,8 @@ def test_two_processes_split_the_batch_and_equal_one(tmp_path, monkeypatch):
     # starting prompt, normalized by the global batch's target tokens); the all-reduced one is their
     # sum, and equals the one process's full-batch gradient.
     from softprompt import methods
-    from softprompt.data import DataConfig, read_examples, tokenize
-    from softprompt.runs import method_options
+    from softprompt.loops.data import DataConfig, read_examples, tokenize
+    from softprompt.runs.train import method_options
 
     assert all(torch.equal(ranks[0]["init"][k], ranks[1]["init"][k]) for k in ranks[0]["init"])
     prompt = methods.create("prefix_tuning", model, tok, **method_options("prefix_tuning", 2, None, None, 8, 0))

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from softprompt import methods
-from softprompt.generate import SamplingParams, generate, generate_ids
-from softprompt.models import geometry, load_base
+from softprompt.core.geometry import geometry
+from softprompt.io.load import load_base
+from softprompt.loops.generate import SamplingParams, generate, generate_ids
 
 pytestmark = pytest.mark.embedded
 
@@ -84,9 +85,9 @@ def test_cli_generate_on_the_int8_base_gives_float32s_answer(smol, tmp_path, cap
     it again under the AVX2 cap and torch's default kernels): the self-check passes (exact in the
     float reference mode, the int8 arithmetic within its own noise), the int8 base stays within
     int8's error of float32, and a prefixed prompt gets float32's answer. `info` names the int8 path."""
-    from softprompt.artifact import save_artifact
     from softprompt.cli import main
-    from softprompt.int8_kernels import path
+    from softprompt.core.int8_kernels import path
+    from softprompt.io.artifact import save_artifact
 
     model, tok = smol
     prompt = methods.create("prefix_tuning", model, tok, num_virtual_tokens=8, init="text", projection_dim=0,

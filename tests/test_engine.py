@@ -10,9 +10,9 @@ from conftest import ROWS, tiny_model
 from test_peft_oracle import paired, peft_greedy
 
 from softprompt import methods
-from softprompt.artifact import save_artifact
-from softprompt.generate import SamplingParams, generate_ids
-from softprompt.prefix import prefixed_forward
+from softprompt.hf.prefix import prefixed_forward
+from softprompt.io.artifact import save_artifact
+from softprompt.loops.generate import SamplingParams, generate_ids
 from softprompt.serve import Engine, PrefixCache, QueueFull, Request
 
 

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from softprompt import methods
-from softprompt.evaluate import beam_search, predict, score
-from softprompt.generate import generate
 from tiny_tokenizer import tiny_tokenizer
+
+from softprompt import methods
+from softprompt.loops.evaluate import beam_search, predict, score
+from softprompt.loops.generate import generate
 
 
 def test_metrics_are_multi_reference():
@@ -42,7 +42,7 @@ def test_greedy_predict_equals_generate(setup):
 
 
 def _logprob(model, tok, kv, prompt, ids):
-    from softprompt.prefix import prefixed_forward
+    from softprompt.hf.prefix import prefixed_forward
 
     p = tok(prompt, add_special_tokens=False)["input_ids"]
     x = torch.tensor([p + ids])
@@ -51,7 +51,7 @@ def _logprob(model, tok, kv, prompt, ids):
 
 
 def test_beam_search(setup):
-    from softprompt.generate import SamplingParams, generate_ids
+    from softprompt.loops.generate import SamplingParams, generate_ids
 
     model, tok, kv = setup
     eos = tok.eos_token_id
@@ -87,8 +87,8 @@ def test_beam_search_equals_transformers(num_beams):
 
 
 def test_eval_job(setup, tmp_path, capsys):
-    from softprompt.artifact import save_artifact
-    from softprompt.runs import run_eval
+    from softprompt.io.artifact import save_artifact
+    from softprompt.runs.train import run_eval
 
     model, tok, _ = setup
     prompt = methods.create("prompt_tuning", model, None, num_virtual_tokens=2)

@@ -1,7 +1,7 @@
 """The tests whose outcome depends on the CPU's instructions, run again as other CPUs would run
 them: the int8 and generation tests under the AVX2 cap (no AVX-512, no VNNI: int8 sums saturate
 there unless inputs are 7-bit), and the int8 end-to-end test on the real model under torch's oldest
-kernels. `softprompt.device.ISA_CAPS` holds each environment; each runs pytest in a child process,
+kernels. `softprompt.core.device.ISA_CAPS` holds each environment; each runs pytest in a child process,
 since torch, oneDNN and MKL read it when they load. A change that works on one CPU only cannot
 pass here, whichever CPU the suite runs on."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.device import ISA_CAPS
+from softprompt.core.device import ISA_CAPS
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {

@@ -9,14 +9,14 @@ Two independent references, neither of which goes through our prefix path:
 """
 
 import pytest
+import reference
 import torch
 from conftest import FAMILIES, ROWS, left_padded, tiny_model
 from test_engine import WordTok, text
 
-import reference
 from softprompt import hf, methods
-from softprompt.generate import SamplingParams, generate_ids
-from softprompt.prefix import check_prefix_support, prefixed_forward
+from softprompt.hf.prefix import check_prefix_support, prefixed_forward
+from softprompt.loops.generate import SamplingParams, generate_ids
 from softprompt.serve import Engine, Request
 
 TOL = 1e-4

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from tiny_tokenizer import tiny_tokenizer
 
 from softprompt import methods
-from softprompt.artifact import ArtifactError, load_artifact, read_card, save_artifact
-from softprompt.generate import SamplingParams, pick_next
+from softprompt.io.artifact import ArtifactError, load_artifact, read_card, save_artifact
+from softprompt.loops.generate import SamplingParams, pick_next
 from softprompt.serve import Engine, Request
-from softprompt.store import Store, StoreError, check_name, parse_ref
+from softprompt.store.core import Store, StoreError, check_name, parse_ref
 
 FUZZ = settings(max_examples=int(os.environ.get("SOFTPROMPT_FUZZ_EXAMPLES", "40")), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,

@@ -13,8 +13,8 @@ from conftest import ROWS, left_padded, tiny_model
 from tiny_tokenizer import tokenizer  # noqa: F401  (fixture)
 
 from softprompt import methods
-from softprompt.generate import SamplingParams, eos_ids, generate, generate_ids
-from softprompt.prefix import prefixed_forward
+from softprompt.hf.prefix import prefixed_forward
+from softprompt.loops.generate import SamplingParams, eos_ids, generate, generate_ids
 
 N = 8
 
@@ -150,7 +150,7 @@ def test_shared_prefix_equals_one_per_row(model):
 def test_greedy_fast_path_picks_what_safe_logits_picks():
     """The one-pass greedy pick equals the argmax of the sanitized logits on every kind of row:
     finite, ties, -inf entries, nan, +inf, and rows of nothing usable."""
-    from softprompt.generate import greedy, safe_logits
+    from softprompt.loops.generate import greedy, safe_logits
 
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(9, 50, generator=g)

@@ -8,17 +8,16 @@ import threading
 
 import httpx
 import pytest
-import torch
 import uvicorn
 from conftest import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 from softprompt import methods
-from softprompt.artifact import ArtifactError, save_artifact
 from softprompt.cli import main
-from softprompt.models import load_base
+from softprompt.io.artifact import ArtifactError, save_artifact
+from softprompt.io.load import load_base
 from softprompt.serve import Engine, Request
-from softprompt.store import Store, StoreError
+from softprompt.store.core import Store
 
 KEY = "sk-hardening"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}ba{% endif %}"

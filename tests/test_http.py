@@ -297,10 +297,10 @@ def test_schemathesis_finds_no_server_errors_and_the_engine_lives_through_every_
 
 
 def test_serves_a_store_and_picks_up_new_tasks_without_restart(tmp_path, monkeypatch):
-    from softprompt.artifact import save_artifact
-    from softprompt.models import load_base
+    from softprompt.io.artifact import save_artifact
+    from softprompt.io.load import load_base
     from softprompt.serve.main import build_app
-    from softprompt.store import Store
+    from softprompt.store.core import Store
 
     base_dir = tmp_path / "tiny-base"
     tiny_model("llama").save_pretrained(base_dir)

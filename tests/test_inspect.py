@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
-
-from softprompt import methods
-from softprompt.artifact import save_artifact
-from softprompt.card import model_card
-from softprompt.inspect import attention_share, inspect_prompt, nearest_tokens, plot, run_inspect, summary
-
 from conftest import ROWS, left_padded, tiny_model
 from tiny_tokenizer import tiny_tokenizer, word_id
+
+from softprompt import methods
+from softprompt.io.artifact import save_artifact
+from softprompt.io.card import model_card
+from softprompt.runs.inspect import attention_share, inspect_prompt, nearest_tokens, plot, run_inspect, summary
 
 
 def test_text_init_nearest_token_is_itself():
@@ -63,7 +62,7 @@ def shares_by_hand(model, kv, ids, mask):
     q.k / sqrt(D) over [the P prefix keys (stored rotated, as in a cache), the real keys at or
     before the query]: padding is never a column. Averaged over real query tokens.
     Only the layer inputs come from the model (its hidden states), never its attention weights."""
-    from softprompt.prefix import prefixed_forward
+    from softprompt.hf.prefix import prefixed_forward
 
     cfg = model.config
     L, Hq, Hkv, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -160,7 +159,7 @@ def test_cli_inspect_and_card(tmp_path, capsys, monkeypatch):
 
 
 def test_card_of_a_training_run(tmp_path):
-    from softprompt.runs import run_train
+    from softprompt.runs.train import run_train
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     data = tmp_path / "d.jsonl"
@@ -173,7 +172,7 @@ def test_card_of_a_training_run(tmp_path):
 
 @pytest.mark.embedded
 def test_embedded_positive_is_its_own_nearest_token():
-    from softprompt.models import load_base
+    from softprompt.io.load import load_base
 
     model, tok = load_base()
     prompt = methods.create("prompt_tuning", model, tok, num_virtual_tokens=4, init="text", init_text="positive")

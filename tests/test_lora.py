@@ -2,15 +2,14 @@
 
 import pytest
 import torch
-
 from conftest import ROWS, left_padded, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 from softprompt import methods
-from softprompt.artifact import ArtifactError, load_artifact, save_artifact
-from softprompt.lora import apply_lora
-from softprompt.models import BaseModelError, fingerprint
-from softprompt.prefix import prefixed_forward
+from softprompt.core.geometry import BaseModelError, fingerprint
+from softprompt.hf.prefix import prefixed_forward
+from softprompt.io.artifact import ArtifactError, load_artifact, save_artifact
+from softprompt.io.lora import apply_lora
 
 
 def make_lora(tmp_path, seed: int = 0):
@@ -92,7 +91,7 @@ def test_merged_and_unmerged_give_the_same_logits(tmp_path):
 
 
 def test_fingerprint_cache_is_dropped_when_lora_changes_the_weights(tmp_path):
-    from softprompt.artifact import model_fingerprint
+    from softprompt.core.geometry import model_fingerprint
 
     lora = make_lora(tmp_path)
     model = tiny_model("llama")
@@ -117,7 +116,7 @@ def test_cli_train_and_generate_with_lora(tmp_path, monkeypatch, capsys):
 
     lora = make_lora(tmp_path)
     tok = tiny_tokenizer()
-    monkeypatch.setattr("softprompt.models.load_base", lambda base=None, **kw: (tiny_model("llama"), tok))
+    monkeypatch.setattr("softprompt.io.load.load_base", lambda base=None, **kw: (tiny_model("llama"), tok))
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"input": "ba be", "output": "bo"}) + "\n" for _ in range(4)))
     assert cli.main(["train", str(data), str(tmp_path / "run"), "--method", "prompt_tuning", "--lora", str(lora),
@@ -130,7 +129,7 @@ def test_cli_train_and_generate_with_lora(tmp_path, monkeypatch, capsys):
     assert cli.main(["generate", "ba be", "--adapter", str(tmp_path / "run" / "best"), "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert "was made for base model" in err and f"pass --lora {lora}" in err
-    from softprompt.card import model_card
+    from softprompt.io.card import model_card
 
     assert "LoRA adapter" in model_card(tmp_path / "run" / "best")
 
@@ -148,11 +147,11 @@ def test_eval_with_lora_scores_the_adapted_model_and_refuses_the_wrong_base(tmp_
     import json
 
     from softprompt import cli
-    from softprompt.evaluate import predict
+    from softprompt.loops.evaluate import predict
 
     lora = make_lora(tmp_path)
     tok = tiny_tokenizer()
-    monkeypatch.setattr("softprompt.models.load_base", lambda base=None, **kw: (tiny_model("llama"), tok))
+    monkeypatch.setattr("softprompt.io.load.load_base", lambda base=None, **kw: (tiny_model("llama"), tok))
     adapted = apply_lora(tiny_model("llama"), lora)
     on_lora = save_artifact(_prompt_on(adapted, 1), tmp_path / "on_lora", adapted)
     on_bare = save_artifact(_prompt_on(tiny_model("llama"), 2), tmp_path / "on_bare", tiny_model("llama"))
@@ -184,10 +183,10 @@ def test_eval_with_lora_scores_the_adapted_model_and_refuses_the_wrong_base(tmp_
 def test_serve_with_lora_serves_prompts_trained_on_it_and_refuses_bare_base_ones(tmp_path, merge):
     from fastapi.testclient import TestClient
 
-    from softprompt.models import load_base
+    from softprompt.io.load import load_base
     from softprompt.serve import Engine, Request
     from softprompt.serve.main import build_app
-    from softprompt.store import Store
+    from softprompt.store.core import Store
 
     lora = make_lora(tmp_path)
     base_dir = tmp_path / "tiny-base"

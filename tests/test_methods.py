@@ -15,10 +15,10 @@ from conftest import ROWS, left_padded, tiny_model
 from tiny_tokenizer import tokenizer  # noqa: F401  (fixture)
 
 from softprompt import methods
-from softprompt.generate import SamplingParams, generate_ids
+from softprompt.core.geometry import geometry
+from softprompt.hf.prefix import compile_embeddings, prefixed_forward
+from softprompt.loops.generate import SamplingParams, generate_ids
 from softprompt.methods import PrefixTuning
-from softprompt.models import geometry
-from softprompt.prefix import compile_embeddings, prefixed_forward
 
 P = 5
 K = 16  # projection / encoder hidden size

@@ -15,7 +15,8 @@ from conftest import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 from softprompt import hf
-from softprompt.models import BaseModelError, fingerprint, geometry, load_base
+from softprompt.core.geometry import BaseModelError, fingerprint, geometry
+from softprompt.io.load import load_base
 
 EXPECTED = {  # arch: (model_type, layers, query heads, kv heads, head_dim, hidden)
     "llama": ("llama", 2, 6, 2, 8, 48),

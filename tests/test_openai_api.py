@@ -3,10 +3,7 @@ or refused with a 400 naming it; logprobs are the model's own (checked against a
 pass); penalties follow OpenAI's formula; the real client works end to end (logprobs + echo, n > 1,
 chat content parts, streams with usage)."""
 
-import json
-import typing
 
-import httpx
 import openai
 import pytest
 import torch
@@ -15,7 +12,7 @@ from starlette.testclient import TestClient
 from test_http import CHAT_TEMPLATE, Server, make_tasks
 from tiny_tokenizer import tiny_tokenizer
 
-from softprompt.generate import SamplingParams, penalize
+from softprompt.loops.generate import SamplingParams, penalize
 from softprompt.serve import Engine, Request
 from softprompt.serve.http import ServerConfig, create_app
 from softprompt.serve.schemas import ChatRequest, CompletionRequest

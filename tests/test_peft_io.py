@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from conftest import ROWS
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from test_peft_oracle import CASES, paired
 
 from softprompt import methods
-from softprompt.artifact import load_artifact
-from softprompt.peft_io import PeftFormatError, export_peft, import_peft
+from softprompt.io.artifact import load_artifact
+from softprompt.io.peft import PeftFormatError, export_peft, import_peft
 
 TOL = 1e-4
 
@@ -77,9 +77,9 @@ def test_auto_peft_model_finds_the_base_of_a_cli_export(tmp_path, monkeypatch):
     from peft import AutoPeftModelForCausalLM
     from tiny_tokenizer import tiny_tokenizer
 
-    from softprompt.artifact import save_artifact
     from softprompt.cli import main
-    from softprompt.models import load_base
+    from softprompt.io.artifact import save_artifact
+    from softprompt.io.load import load_base
 
     base = tmp_path / "base"
     tiny_model("llama").save_pretrained(base)
@@ -104,7 +104,7 @@ def test_auto_peft_model_finds_the_base_of_a_cli_export(tmp_path, monkeypatch):
 
 def test_export_of_the_embedded_model_names_its_hub_id(model, tmp_path, monkeypatch):
     from softprompt import cli
-    from softprompt.artifact import save_artifact
+    from softprompt.io.artifact import save_artifact
 
     art = save_artifact(methods.create("prompt_tuning", model, num_virtual_tokens=2, seed=0), tmp_path / "a", model)
     monkeypatch.setattr(cli, "_load", lambda base, *a: (model, None))  # stands in for the embedded model

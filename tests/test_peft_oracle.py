@@ -6,8 +6,8 @@ from conftest import ROWS, left_padded
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
 from softprompt import methods
-from softprompt.generate import SamplingParams, generate_ids
-from softprompt.peft_io import kv_to_peft
+from softprompt.io.peft import kv_to_peft
+from softprompt.loops.generate import SamplingParams, generate_ids
 
 P = 5
 TOL = 1e-4

@@ -19,10 +19,11 @@ from conftest import ROWS, VOCAB, tiny_model
 from test_engine import WordTok, alone, make_tasks, text
 
 from softprompt import methods
-from softprompt.artifact import load_artifact, model_fingerprint, save_artifact
-from softprompt.prefix import check_prefix_support
+from softprompt.core.geometry import model_fingerprint
 from softprompt.hf.check import NOISE_FACTOR
-from softprompt.quantize import Int8Linear, QuantizationError, float_reference, quantize_int8
+from softprompt.hf.prefix import check_prefix_support
+from softprompt.hf.quantize import Int8Linear, QuantizationError, float_reference, quantize_int8
+from softprompt.io.artifact import load_artifact, save_artifact
 from softprompt.serve import Engine, Request
 
 
@@ -41,7 +42,7 @@ def int8(arch, calibrate=True):
 def test_int8_linear_is_close_and_rows_are_independent_exactly(monkeypatch):
     """The rotation spreads an outlier channel over its block, so the other channels keep their
     levels: the error falls by half or more against the same quantization unrotated."""
-    import softprompt.quantize as Q
+    import softprompt.hf.quantize as Q
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
@@ -98,7 +99,7 @@ def test_fingerprint_and_artifacts_survive_quantization(tmp_path):
 
 
 def test_training_on_the_quantized_base_is_refused():
-    from softprompt.train import TrainConfig, Trainer
+    from softprompt.loops.train import TrainConfig, Trainer
 
     model = int8("llama")
     prompt = methods.create("prefix_tuning", model, num_virtual_tokens=2, projection_dim=0)
@@ -110,9 +111,9 @@ def test_training_on_the_quantized_base_is_refused():
 def test_encoder_decoder_bases_quantize_and_generate_the_same_alone_and_batched(arch):
     from test_seq2seq import padded, tiny
 
-    from softprompt.seq2seq import create
-    from softprompt.seq2seq.generate import generate_ids
-    from softprompt.generate import SamplingParams
+    from softprompt.families.seq2seq.generate import generate_ids
+    from softprompt.families.seq2seq.methods import create
+    from softprompt.loops.generate import SamplingParams
 
     model = quantize_int8(tiny(arch), CalibTok())
     prompt = create("prefix_tuning", model, num_virtual_tokens=3, projection_dim=0)
@@ -155,7 +156,7 @@ def test_layers_reading_one_input_share_one_product_and_give_what_they_give_alon
     want = fp32.model.layers[0].mlp.down_proj(h)
     one = Int8Linear(fp32.model.layers[0].mlp.down_proj)  # one level
     prod = down.shared
-    from softprompt.int8_kernels import path, rotate
+    from softprompt.core.int8_kernels import path, rotate
 
     deq = (prod.weight_int8.float() * prod.weight_scale[:, None]).t()
     weights_only = rotate(h, prod.block) @ deq  # int8 weights, float inputs
@@ -205,20 +206,20 @@ def test_a_quantized_base_deep_copies_and_the_copy_computes_the_same():
         assert torch.equal(twin(input_ids=x).logits, model(input_ids=x).logits)
 
 
-# ---- the fused int8 product (softprompt/int8_kernels.py) ---------------------------------------------
+# ---- the fused int8 product (softprompt/core/int8_kernels.py) ---------------------------------------------
 
 
 def _native_only():
     """Skip where the user chose the torch ops (SOFTPROMPT_INT8_KERNELS=torch): these test the C
     kernels and oneDNN's packed weights, which that setting turns off."""
-    from softprompt import int8_kernels as k
+    from softprompt.core import int8_kernels as k
 
     if k._torch_ops_only():
         pytest.skip("SOFTPROMPT_INT8_KERNELS=torch turns the native int8 kernels off")
 
 
 def _product_args(K=48, sizes=(40, 8, 8), levels=2, block=1, bias=False):
-    from softprompt.int8_kernels import pack
+    from softprompt.core.int8_kernels import pack
 
     g = torch.Generator().manual_seed(K + levels + len(sizes))
     N = sum(sizes)
@@ -235,7 +236,7 @@ def test_the_native_product_computes_the_torch_ops_bits_for_any_rows(levels, blo
     plain torch ops, for any batch: every step is the same IEEE operation, and a row's max does not
     depend on the order it is taken in."""
     _native_only()
-    from softprompt import int8_kernels as k
+    from softprompt.core import int8_kernels as k
 
     args = _product_args(sizes=sizes, levels=levels, block=block, bias=bias)
     x = torch.randn(37, 48)
@@ -263,10 +264,10 @@ def test_the_native_product_computes_the_torch_ops_bits_for_any_rows(levels, blo
 
 
 def _expected_path():
-    """The int8 matmul this machine must take (softprompt/int8_kernels.py): oneDNN with 8-bit inputs
+    """The int8 matmul this machine must take (softprompt/core/int8_kernels.py): oneDNN with 8-bit inputs
     where the CPU multiplies u8 x s8 into int32 at once (VNNI or AMX, not capped below them), with
     7-bit inputs elsewhere; `_int_mm` or a float matmul under SOFTPROMPT_INT8_KERNELS=torch."""
-    from softprompt import int8_kernels as k
+    from softprompt.core import int8_kernels as k
 
     if k._torch_ops_only():
         return ("int_mm", "float"), (8,)
@@ -279,7 +280,7 @@ def test_the_probed_matmul_is_the_one_this_cpu_should_take_and_exact_at_its_extr
     """Which products are exact depends on the CPU (AVX2 alone saturates 8-bit inputs): the probe's
     choice is asserted, and every path's sums are checked against integer arithmetic on the inputs
     that make them largest."""
-    from softprompt import int8_kernels as k
+    from softprompt.core import int8_kernels as k
 
     p = k.path()
     matmuls, bits = _expected_path()
@@ -294,7 +295,7 @@ def test_the_probed_matmul_is_the_one_this_cpu_should_take_and_exact_at_its_extr
 
 
 def test_packed_weights_multiply_exactly_and_are_never_taken_for_another_tensor():
-    from softprompt import int8_kernels as k
+    from softprompt.core import int8_kernels as k
 
     p = k.path()
     if p.matmul != "onednn":
@@ -325,7 +326,7 @@ def test_packed_weights_multiply_exactly_and_are_never_taken_for_another_tensor(
 def test_a_matmul_that_overflows_is_refused_when_the_base_is_quantized(monkeypatch):
     """What a CPU without VNNI did with 8-bit inputs (sums saturating in int16): the quantized base
     strays far from its float32 self, and quantizing says so, naming the CPU and the path."""
-    from softprompt import int8_kernels as k
+    from softprompt.core import int8_kernels as k
 
     exact = k.int8_mm
 
@@ -342,7 +343,8 @@ def test_a_matmul_that_overflows_is_refused_when_the_base_is_quantized(monkeypat
 def test_a_dropped_prefix_fails_the_self_check_on_a_quantized_base(monkeypatch):
     """Dropped everywhere: the exact check (float reference mode) fails at float32's tolerance.
     Dropped only by the int8 arithmetic: its noise-bounded half fails."""
-    from softprompt import hf, prefix
+    from softprompt import hf
+    from softprompt.hf import prefix
 
     model = int8("llama")
     stack = prefix.stack_prefixes
@@ -353,7 +355,7 @@ def test_a_dropped_prefix_fails_the_self_check_on_a_quantized_base(monkeypatch):
     monkeypatch.setattr(prefix, "stack_prefixes", dropped)
     with pytest.raises(hf.PrefixIgnored, match="ignores the KV prefix"):
         check_prefix_support(model)
-    from softprompt.quantize import _reference
+    from softprompt.hf.quantize import _reference
 
     def dropped_in_int8(prefixes, batch_size=None):
         return stack(prefixes if getattr(_reference, "on", False) else [None] * len(prefixes), batch_size)
@@ -367,7 +369,7 @@ def test_a_dropped_prefix_fails_the_self_check_on_a_quantized_base(monkeypatch):
 
 def test_without_a_compiler_products_run_as_torch_ops_with_one_warning(monkeypatch, tmp_path, caplog):
     _native_only()
-    from softprompt import int8_kernels as k
+    from softprompt.core import int8_kernels as k
 
     monkeypatch.setitem(k._state, "lib", None)
     monkeypatch.setitem(k._state, "failed", None)
@@ -375,7 +377,7 @@ def test_without_a_compiler_products_run_as_torch_ops_with_one_warning(monkeypat
     monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path))
     args = _product_args()
     x = torch.randn(5, 48)
-    with caplog.at_level("WARNING", logger="softprompt.int8_kernels"):
+    with caplog.at_level("WARNING", logger="softprompt.core.int8_kernels"):
         first = k.product(x, *args)
         second = k.product(x, *args)
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, k._math(x, *args)))
@@ -386,7 +388,7 @@ def test_without_a_compiler_products_run_as_torch_ops_with_one_warning(monkeypat
 
 def test_the_kernels_build_once_into_the_cache_and_load_from_there(monkeypatch, tmp_path):
     _native_only()
-    from softprompt import int8_kernels as k
+    from softprompt.core import int8_kernels as k
 
     monkeypatch.setitem(k._state, "lib", None)
     monkeypatch.setitem(k._state, "failed", None)
@@ -407,7 +409,7 @@ def test_a_copy_of_a_quantized_base_packs_its_own_weights():
     _native_only()
     import copy
 
-    from softprompt import int8_kernels as k
+    from softprompt.core import int8_kernels as k
 
     model = int8("llama")
     twin = copy.deepcopy(model)
@@ -418,7 +420,7 @@ def test_a_copy_of_a_quantized_base_packs_its_own_weights():
 def test_a_quantized_base_multiplies_through_its_packed_weights_and_native_kernels(monkeypatch):
     """The fast path is the one taken (a silent fallback would only show as slowness)."""
     _native_only()
-    from softprompt import int8_kernels as k
+    from softprompt.core import int8_kernels as k
 
     model = int8("llama")
     prods = {id(m.shared): m.shared for m in model.modules() if isinstance(m, Int8Linear)}
@@ -434,8 +436,8 @@ def test_a_quantized_base_multiplies_through_its_packed_weights_and_native_kerne
 def test_the_rotation_leaves_the_product_unchanged_and_is_its_own_inverse_up_to_scale():
     """x W^T = (x H)(W H / B)^T for the block Hadamard H (H H^T = B I), in exact arithmetic; float64
     shows it to 1e-12. The butterflies give the same bits however many rows they see."""
-    from softprompt.int8_kernels import rotate
-    from softprompt.quantize import _rotate_weight
+    from softprompt.core.int8_kernels import rotate
+    from softprompt.hf.quantize import _rotate_weight
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(5, 128, generator=g, dtype=torch.float64), torch.randn(7, 128, generator=g, dtype=torch.float64)

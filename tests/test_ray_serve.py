@@ -18,9 +18,9 @@ ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip instal
 from ray import serve  # noqa: E402
 
 from softprompt import methods  # noqa: E402
-from softprompt.models import load_base  # noqa: E402
+from softprompt.io.load import load_base
 from softprompt.serve.ray_app import build  # noqa: E402
-from softprompt.store import Store  # noqa: E402
+from softprompt.store.core import Store
 
 ASK = dict(prompt="ba be bi", max_tokens=6, temperature=0)
 

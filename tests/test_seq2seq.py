@@ -6,17 +6,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from transformers import (BartConfig, BartForConditionalGeneration, DynamicCache, EncoderDecoderCache, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    DynamicCache,
+    EncoderDecoderCache,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from softprompt import hf
-from softprompt.artifact import ArtifactError, load_artifact, read_card, save_artifact
-from softprompt.data import Example, TokenizedData
-from softprompt.generate import SamplingParams
-from softprompt.seq2seq import Seq2SeqError, Seq2SeqPrefix, create, seq2seq_forward, seq2seq_geometry
-from softprompt.seq2seq.generate import generate_ids
-from softprompt.seq2seq.train import Seq2SeqObjective
-from softprompt.train import TrainConfig, Trainer
+from softprompt.families.seq2seq.core import Seq2SeqError, Seq2SeqPrefix, seq2seq_forward, seq2seq_geometry
+from softprompt.families.seq2seq.generate import generate_ids
+from softprompt.families.seq2seq.methods import create
+from softprompt.families.seq2seq.train import Seq2SeqObjective
+from softprompt.io.artifact import ArtifactError, load_artifact, read_card, save_artifact
+from softprompt.loops.data import Example, TokenizedData
+from softprompt.loops.generate import SamplingParams
+from softprompt.loops.train import TrainConfig, Trainer
 
 TOL = 1e-4
 P = 5
@@ -348,7 +355,7 @@ def test_cli_train_generate_eval_on_a_t5_directory(tmp_path, capsys):
     from tiny_tokenizer import WORDS, tiny_tokenizer
 
     from softprompt.cli import main
-    from softprompt.models import load_base
+    from softprompt.io.load import load_base
 
     base = tmp_path / "t5"
     torch.manual_seed(0)

@@ -12,9 +12,10 @@ from tiny_tokenizer import tiny_tokenizer
 from transformers import T5Config, T5ForConditionalGeneration
 
 from softprompt import methods
-from softprompt.artifact import save_artifact
-from softprompt.seq2seq import Seq2SeqPrefix, create
-from softprompt.seq2seq.generate import generate
+from softprompt.families.seq2seq.core import Seq2SeqPrefix
+from softprompt.families.seq2seq.generate import generate
+from softprompt.families.seq2seq.methods import create
+from softprompt.io.artifact import save_artifact
 from softprompt.serve import Engine, QueueFull, Request
 from softprompt.serve.http import ServerConfig, create_app
 from softprompt.serve.seq2seq import Seq2SeqEngine
@@ -65,7 +66,7 @@ def stack(tmp_path_factory):
 
 
 def alone(model, tok, prompt, text, n):
-    """What softprompt.seq2seq.generate gives for one prompt by itself (greedy)."""
+    """What softprompt.families.seq2seq.generate gives for one prompt by itself (greedy)."""
     return generate(model, tok, [text], None if prompt is None else prompt.to_kv_prefix(model), max_new_tokens=n)[0]
 
 
@@ -184,9 +185,9 @@ def test_http_completions_streaming_and_errors(stack):
 
 
 def test_build_app_serves_a_store_on_a_t5_base(stack, tmp_path):
-    from softprompt.models import load_base
+    from softprompt.io.load import load_base
     from softprompt.serve.main import build_app
-    from softprompt.store import Store
+    from softprompt.store.core import Store
 
     _, tok, _, tasks = stack
     base = tmp_path / "t5"

@@ -11,9 +11,10 @@ import torch
 from conftest import tiny_model
 
 from softprompt import methods
-from softprompt.artifact import load_artifact, model_fingerprint, read_card, save_artifact
 from softprompt.cli import main
-from softprompt.store import Store, StoreError, TaskRef
+from softprompt.core.geometry import model_fingerprint
+from softprompt.io.artifact import load_artifact, read_card, save_artifact
+from softprompt.store.core import Store, StoreError, TaskRef
 
 FORK = mp.get_context("fork")  # children inherit the imported torch: no 2 s start per process
 
@@ -66,7 +67,7 @@ def _writer(root, paths, stage, k, run):
     """Add new content (the metric differs) until killed: SIGKILL at the k-th add, at `stage`:
     "write" before the temp file's rename into objects/, "renamed" after it (the file is in, the row
     not yet), "commit" inside the row's transaction before COMMIT. Exact points, no timing."""
-    import softprompt.atomic as A
+    import softprompt.core.atomic as A
 
     torch.set_num_threads(1)
     calls = [0]
@@ -80,7 +81,7 @@ def _writer(root, paths, stage, k, run):
         replace = os.replace
         os.replace = lambda *a: (hit(), replace(*a))[1]  # only _put renames during an add
     elif stage == "renamed":
-        fsync_dir = A.fsync_dir  # called once the object's rename is in place (softprompt/atomic.py)
+        fsync_dir = A.fsync_dir  # called once the object's rename is in place (softprompt/core/atomic.py)
         A.fsync_dir = lambda p: (fsync_dir(p), hit())[0]
     else:
         class Conn:  # the store's connection, killed just before its write transaction commits
@@ -95,7 +96,7 @@ def _writer(root, paths, stage, k, run):
             def __getattr__(self, name):
                 return getattr(self.db, name)
 
-        from softprompt.store_backends.sqlite import SQLiteIndex
+        from softprompt.store.backends.sqlite import SQLiteIndex
 
         conn = SQLiteIndex.conn  # the index's connection, as the store's write transaction gets it
         SQLiteIndex.conn = lambda self: Conn(conn(self))

@@ -11,10 +11,12 @@ import torch
 from conftest import tiny_model
 from services import S3, Postgres, new_database
 
-from softprompt import compiled, methods
-from softprompt.artifact import model_fingerprint, save_artifact
+from softprompt import methods
 from softprompt.cli import main
-from softprompt.store import Store, StoreError, TaskRef
+from softprompt.core.geometry import model_fingerprint
+from softprompt.io.artifact import save_artifact
+from softprompt.store import compiled
+from softprompt.store.core import Store, StoreError, TaskRef
 
 FORK = mp.get_context("fork")
 
@@ -173,7 +175,7 @@ def test_database_outage_keeps_held_tasks_serving_and_health_says_degraded(pg, t
     from fastapi.testclient import TestClient
     from tiny_tokenizer import tiny_tokenizer
 
-    from softprompt.models import load_base
+    from softprompt.io.load import load_base
     from softprompt.serve.main import build_app
 
     base = tmp_path / "tiny-base"

@@ -7,7 +7,7 @@ import pytest
 from test_train import _jsonl, _save_tiny
 
 from softprompt.cli import main
-from softprompt.tracking import numbers, parse_report_to
+from softprompt.loops.tracking import numbers, parse_report_to
 
 
 def test_report_to_takes_repeated_and_comma_separated_names():

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_model
-from softprompt import methods
-from softprompt.artifact import load_artifact, read_card
-from softprompt.checkpoint import TENSORS, latest_checkpoint, list_checkpoints
-from softprompt.data import TokenizedData, collate
-from softprompt.train import TrainConfig, Trainer, TrainingError, gradient_checkpointing, lr_at, target_loss
 from tiny_tokenizer import tiny_tokenizer
+
+from softprompt import methods
+from softprompt.io.artifact import load_artifact, read_card, save_artifact
+from softprompt.loops.checkpoint import TENSORS, latest_checkpoint, list_checkpoints
+from softprompt.loops.data import TokenizedData, collate
+from softprompt.loops.train import TrainConfig, Trainer, TrainingError, gradient_checkpointing, lr_at, target_loss
 
 METHODS = [("prefix_tuning", dict(projection_dim=16)), ("prefix_tuning", dict(projection_dim=0)),
            ("prompt_tuning", {}), ("p_tuning", dict(encoder_hidden_size=16))]
@@ -82,7 +82,7 @@ def make_trainer(out=None, steps=6, micro=0, method="prefix_tuning", **kw):
     cfg = TrainConfig(steps=steps, batch_size=4, micro_batch_size=micro, lr=1e-2, warmup_steps=2, seed=5,
                       **kw)
     data = toy_data()
-    return Trainer(model, None, prompt, data, cfg, out=out, eval_data=toy_data(6, seed=9))
+    return Trainer(model, None, prompt, data, cfg, out=out, eval_data=toy_data(6, seed=9), save=save_artifact)
 
 
 def test_training_lowers_the_loss_and_accumulation_matches(tmp_path):
@@ -163,7 +163,7 @@ def test_checkpoint_write_interrupted_keeps_the_previous_one(tmp_path, monkeypat
     t.run()
     assert [p.name for p in list_checkpoints(tmp_path / "c" / "checkpoints")] == ["step-000002", "step-000004"]
     # a writer killed between its two files leaves only a hidden temp dir
-    import softprompt.checkpoint as ck
+    import softprompt.loops.checkpoint as ck
 
     def boom(path, data):
         if path.name == "state.json":
@@ -243,8 +243,8 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     out = subprocess.run(_cli(run + ["--resume"]), env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "resumed from step 2" in out.stderr
-    from softprompt.models import load_base
-    from softprompt.runs import run_train
+    from softprompt.io.load import load_base
+    from softprompt.runs.train import run_train
 
     model, tok = load_base(base)  # the uninterrupted run, in this process
     run_train(str(data), str(tmp_path / "ref"), method="prefix_tuning", projection_dim=8, num_virtual_tokens=2,

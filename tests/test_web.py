@@ -67,10 +67,10 @@ def server(tmp_path_factory):
     """A server over a prompt store of three tasks; task1's card names a training plot and an inspection."""
     import json
 
-    from softprompt.artifact import save_artifact
+    from softprompt.io.artifact import save_artifact
+    from softprompt.loops.train import plot_history
     from softprompt.serve.tasks import TaskRegistry
-    from softprompt.store import Store
-    from softprompt.train import plot_history
+    from softprompt.store.core import Store
 
     root = tmp_path_factory.mktemp("web")
     model, tok = tiny_model("llama"), tiny_tokenizer()
@@ -93,7 +93,7 @@ def server(tmp_path_factory):
 def test_playground_side_by_side_and_errors(server, tmp_path):
     from selenium.webdriver.common.by import By
 
-    from softprompt.generate import generate
+    from softprompt.loops.generate import generate
 
     url, store, model, tok, tasks = server
     prompt, max_tokens = "ba be bi bo", 12

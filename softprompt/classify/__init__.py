@@ -1,12 +1,12 @@
 """Classification with frozen models: an encoder with a deep/soft prompt and a head, or a causal LM
 with label words (a verbalizer). See model.py for the two classifiers, objective.py for the loss and
-metrics the training loop uses, artifact.py for saving and loading, runs.py for the CLI jobs."""
+metrics the training loop uses; saving and loading are in softprompt/io/classifier.py, the CLI jobs
+in softprompt/runs/classify.py."""
 
-from .artifact import classify_texts, is_classifier_card, load_classifier, render
-from .data import ClassificationData, parse_labels, read_classification, tokenize_classification
-from .model import HEAD_ONLY, Classifier, EncoderClassifier, VerbalizerClassifier
-from .objective import ClassificationObjective, accuracy_f1, predict
+from softprompt.classify.data import ClassificationData, parse_labels, read_classification, tokenize_classification
+from softprompt.classify.model import HEAD_ONLY, Classifier, EncoderClassifier, VerbalizerClassifier
+from softprompt.classify.objective import ClassificationObjective, accuracy_f1, predict
 
 __all__ = ["Classifier", "EncoderClassifier", "VerbalizerClassifier", "HEAD_ONLY", "ClassificationObjective",
-           "ClassificationData", "accuracy_f1", "predict", "load_classifier", "classify_texts",
-           "is_classifier_card", "render", "parse_labels", "read_classification", "tokenize_classification"]
+           "ClassificationData", "accuracy_f1", "predict", "parse_labels", "read_classification",
+           "tokenize_classification"]

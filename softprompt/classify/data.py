@@ -12,8 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import (BadRows, DataConfig, DataError, Example, TokenRows, bad_row, csv_rows, hf_rows, jsonl_rows,
-                    read_examples)
+from softprompt.loops.data import (
+    BadRows,
+    DataConfig,
+    DataError,
+    Example,
+    TokenRows,
+    bad_row,
+    csv_rows,
+    hf_rows,
+    jsonl_rows,
+    read_examples,
+)
 
 TEXT_FIELDS = ("text", "sentence", "input", "prompt", "content")
 

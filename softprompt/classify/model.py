@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..encoder import encode, pool
-from ..methods import InputPromptMethod, PromptMethod
+from softprompt.families.encoder import encode, pool
+from softprompt.methods import InputPromptMethod, PromptMethod
 
 HEAD_ONLY = "head_only"  # the `method` of an encoder classifier without a prompt
 
@@ -157,7 +157,7 @@ class VerbalizerClassifier(Classifier):
 
     def _lm(self, model, ids, mask, keep: int):
         if self.prompt is None:
-            from ..prefix import prefixed_forward
+            from softprompt.hf.prefix import prefixed_forward
 
             return prefixed_forward(model, ids, mask, [None], use_cache=False, logits_to_keep=keep).logits
         return self.prompt(model, ids, mask, logits_to_keep=keep).logits

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import ClassificationData
+from softprompt.classify.data import ClassificationData
 
 
 def accuracy_f1(preds: list[int], golds: list[int], num_classes: int) -> dict:

@@ -3,7 +3,7 @@ model's config. Generic code (artifact, store, runs, cli, serve, api) asks `fami
 never names a family; tests/test_boundary.py checks that it does not import one either.
 
     causal   decoder-only LMs (Llama, Qwen, Mistral, Gemma, GPT-2, OPT, Phi-3, GPT-NeoX, ...)
-    seq2seq  encoder-decoders (T5, BART): a prompt has up to four parts (softprompt/seq2seq/)
+    seq2seq  encoder-decoders (T5, BART): a prompt has up to four parts (softprompt/families/seq2seq/)
     encoder  bidirectional encoders (BERT family): deep prompts for classification only
 
 Adding a family is one new module here (a `Family` subclass) plus its tests; its entry in
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Family
+from softprompt.families.base import Family, FamilyRefusal
 
 FAMILIES = {  # name -> "module:Class", imported on first use (most processes need one family)
     "seq2seq": "softprompt.families.seq2seq:Seq2SeqFamily",
@@ -44,4 +44,4 @@ def family_of(model_or_config) -> Family:
     raise AssertionError("the causal family matches every config")  # pragma: no cover
 
 
-__all__ = ["FAMILIES", "Family", "family_named", "family_of"]
+__all__ = ["FAMILIES", "Family", "FamilyRefusal", "family_named", "family_of"]

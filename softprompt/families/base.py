@@ -68,9 +68,6 @@ class Family(ABC):
     def evaluate_groups(self, model, tokenizer, groups, prefix, **options) -> dict:
         raise FamilyRefusal(f"{self.name} models do not generate text; evaluate a classifier with --task classify")
 
-    def engine_class(self):
-        raise FamilyRefusal(f"{self.name} models are not served by the generation engine; POST /v1/classify serves "
-                            "classifiers")
 
     # --- PEFT ---------------------------------------------------------------------------------
     def import_peft(self, path, config: dict, embeddings, model):

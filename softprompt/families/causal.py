@@ -1,9 +1,9 @@
-"""Decoder-only LMs: a prompt is a KV prefix before the text (softprompt/prefix.py); every method
+"""Decoder-only LMs: a prompt is a KV prefix before the text (softprompt/hf/prefix.py); every method
 compiles to one, so serving mixes tasks in one continuous batch."""
 
 from __future__ import annotations
 
-from .base import Family
+from softprompt.families.base import Family
 
 
 class CausalFamily(Family):
@@ -23,41 +23,36 @@ class CausalFamily(Family):
         return AutoModelForCausalLM
 
     def geometry(self, model):
-        from ..models import geometry
+        from softprompt.core.geometry import geometry
 
         return geometry(model)
 
     def methods(self) -> dict:
-        from ..methods import METHODS
+        from softprompt.methods import METHODS
 
         return METHODS
 
     def create(self, method, model, tokenizer=None, **options):
-        from ..methods import create
+        from softprompt.methods import create
 
         return create(method, model, tokenizer, **options)
 
     def tokenize(self, examples, tokenizer, cfg, bad=None):
-        from ..data import tokenize
+        from softprompt.loops.data import tokenize
 
         return tokenize(examples, tokenizer, cfg, bad)
 
     def objective(self):
-        from ..train import CausalLMObjective
+        from softprompt.loops.train import CausalLMObjective
 
         return CausalLMObjective()
 
     def generate(self, model, tokenizer, prompts, prefix, params):
-        from ..generate import generate
+        from softprompt.loops.generate import generate
 
         return generate(model, tokenizer, prompts, prefix, params)
 
     def evaluate_groups(self, model, tokenizer, groups, prefix, **options) -> dict:
-        from ..evaluate import evaluate_groups
+        from softprompt.loops.evaluate import evaluate_groups
 
         return evaluate_groups(model, tokenizer, groups, prefix, **options)
-
-    def engine_class(self):
-        from ..serve.engine import Engine
-
-        return Engine

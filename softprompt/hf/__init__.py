@@ -9,12 +9,38 @@ model's signatures, not guessed from version strings, and `check` turns a prefix
 would silently ignore into an error.
 """
 
-from .cache import (GrowingCache, Output, cache_of, call, concat, encdec_cache, encdec_select, forward, from_layers,
-                    keyword, layers, length, new_cache, placement, reorder_rows, repeat_rows, select, to_prefix)
-from .check import PrefixIgnored, once
-from .errors import UnsupportedModel
-from .hooks import (additive_mask, cross_attention_kv, decoder_position_shift, eager_attention, encoder_prefix,
-                    gradient_checkpointing, lm_head_at, stack_layers)
+from softprompt.hf.cache import (
+                    GrowingCache,
+                    Output,
+                    cache_of,
+                    call,
+                    concat,
+                    encdec_cache,
+                    encdec_select,
+                    forward,
+                    from_layers,
+                    keyword,
+                    layers,
+                    length,
+                    new_cache,
+                    placement,
+                    reorder_rows,
+                    repeat_rows,
+                    select,
+                    to_prefix,
+)
+from softprompt.hf.check import PrefixIgnored, once
+from softprompt.hf.errors import UnsupportedModel
+from softprompt.hf.hooks import (
+                    additive_mask,
+                    cross_attention_kv,
+                    decoder_position_shift,
+                    eager_attention,
+                    encoder_prefix,
+                    gradient_checkpointing,
+                    lm_head_at,
+                    stack_layers,
+)
 
 __all__ = [
     "GrowingCache", "Output", "PrefixIgnored", "UnsupportedModel", "additive_mask", "cache_of", "call", "concat",

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .errors import UnsupportedModel
+from softprompt.hf.errors import UnsupportedModel
 
 KEYWORDS = ("cache", "past_key_values")  # newest first
 _keyword: dict[type, str] = {}
@@ -83,7 +83,7 @@ def forward(model, cache=None, **kwargs) -> Output:
     """One forward pass; returns an `Output` (its cache: the one returned, else the one given,
     which the model filled in place)."""
     if kwargs.get("logits_to_keep"):
-        from .hooks import contiguous_head
+        from softprompt.hf.hooks import contiguous_head
 
         contiguous_head(model)
     out = call(model, cache, **kwargs)

@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from .errors import PrefixIgnored
+from softprompt.hf.errors import PrefixIgnored
 
 _checked: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -101,10 +101,10 @@ NOISE_FACTOR = 3.0
 
 def compare_noisy(ours: torch.Tensor, want: torch.Tensor, bare: torch.Tensor, reference: torch.Tensor, what: str,
                   model) -> None:
-    """The int8 half of the self-check (softprompt/prefix.py): `ours`, `want`, `bare` from the int8
+    """The int8 half of the self-check (softprompt/hf/prefix.py): `ours`, `want`, `bare` from the int8
     base, `reference` the float reference mode's `want`. Raise PrefixIgnored where the prefixed int8
     logits stray from the reference by more than NOISE_FACTOR times the written-out int8 logits do."""
-    from ..int8_kernels import describe
+    from softprompt.core.int8_kernels import describe
 
     ours, want, bare, reference = ours.double(), want.double(), bare.double(), reference.double()
     noise = float((want - reference).abs().max())

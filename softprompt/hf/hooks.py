@@ -16,8 +16,8 @@ import contextlib
 
 import torch
 
-from .cache import keyword
-from .errors import UnsupportedModel
+from softprompt.hf.cache import keyword
+from softprompt.hf.errors import UnsupportedModel
 
 
 @contextlib.contextmanager

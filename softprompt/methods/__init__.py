@@ -2,10 +2,10 @@
 
 import os
 
-from .base import InputPromptMethod, PromptMethod
-from .p_tuning import PTuning, PTuningConfig
-from .prefix_tuning import PrefixTuning, PrefixTuningConfig
-from .prompt_tuning import PromptTuning, PromptTuningConfig
+from softprompt.methods.base import InputPromptMethod, PromptMethod
+from softprompt.methods.p_tuning import PTuning, PTuningConfig
+from softprompt.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
+from softprompt.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 
 METHODS: dict[str, type[PromptMethod]] = {
     PromptTuning.method: PromptTuning,
@@ -55,7 +55,7 @@ def check_size(model, method: str, num_virtual_tokens: int, projection_dim: int 
     """Refuse (ValueError, one line) a prompt that cannot fit: P virtual tokens take P positions
     before the text, so P must leave room in the model's context; and its memory estimate must fit
     in half of the free memory (P = 100000 with prefix tuning was killed by the kernel at 22 GB)."""
-    from ..models import geometry
+    from softprompt.core.geometry import geometry
 
     geo = geometry(model)
     P, ctx = num_virtual_tokens, geo.max_position_embeddings

@@ -15,16 +15,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..models import Geometry
-from ..prefix import positions_after_prefix
+from softprompt.core.geometry import Geometry
+from softprompt.hf.prefix import positions_after_prefix
 
 
 def resolved(cfg, method: str, tokenizer):
-    """The config with its open defaults filled from softprompt/config.py (the one source): the init
+    """The config with its open defaults filled from softprompt/core/defaults.py (the one source): the init
     a method starts from when none was named, and the text a text init reads."""
     from dataclasses import replace
 
-    from .. import config
+    from softprompt.core import defaults as config
 
     init = cfg.init if cfg.init is not None else config.default_init(method, tokenizer is not None)
     return replace(cfg, init=init, init_text=cfg.init_text or (config.INIT_TEXT if init == "text" else None))
@@ -75,24 +75,30 @@ class PromptMethod(nn.Module, ABC):
         """Rebuild (for inference or further training) from an artifact's tensors."""
 
     # --- the PEFT-style API ------------------------------------------------------------------
-    def attach_base(self, model) -> None:
+    def attach_base(self, model, save=None) -> None:
         """Remember (weakly: the prompt never keeps a model alive) the base this prompt belongs to,
-        so `save_pretrained(path)` can record its fingerprint without being handed the model."""
+        so `save_pretrained(path)` can record its fingerprint without being handed the model, and the
+        function that writes the artifact (`softprompt.io.artifact.save_artifact`: methods sit below
+        the artifact format, so the API that made the prompt hands it down)."""
         import weakref
 
         self.__dict__["_base_ref"] = weakref.ref(model)  # a plain attribute, not a registered submodule
+        if save is not None:
+            self.__dict__["_save"] = save
 
     def save_pretrained(self, path, model=None, **card):
         """Write this prompt as an artifact (a directory, or one `*.safetensors` file) for `model`
         (default: the base it was created or loaded with); `card`: metrics=, dataset=, ...
         An earlier artifact at `path` is replaced atomically; anything else there is refused."""
-        from ..artifact import save_artifact
-
         ref = self.__dict__.get("_base_ref")
         model = model if model is not None else (ref() if ref is not None else None)
         if model is None:
             raise ValueError("save_pretrained needs the base model: prompt.save_pretrained(path, model)")
-        return save_artifact(self, path, model, **card)
+        save = self.__dict__.get("_save")
+        if save is None:
+            raise ValueError("save_pretrained saves prompts made by sp.create or sp.load; save this one with "
+                             "softprompt.io.artifact.save_artifact(prompt, path, model)")
+        return save(self, path, model, **card)
 
     # --- sizes -------------------------------------------------------------------------------
     def num_trainable_parameters(self) -> int:
@@ -126,7 +132,7 @@ class InputPromptMethod(PromptMethod):
         return soft_prompt_forward(model, self.virtual_embeddings(), input_ids, attention_mask, **kwargs)
 
     def to_kv_prefix(self, model) -> torch.Tensor:
-        from ..prefix import compile_embeddings
+        from softprompt.hf.prefix import compile_embeddings
 
         with torch.no_grad():
             return compile_embeddings(model, self.virtual_embeddings())

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..models import Geometry, geometry
-from ..prefix import compile_embeddings, prefixed_forward
-from .base import PromptMethod, check_num_virtual_tokens, resolved
-from .prompt_tuning import repeat_to
+from softprompt.core.geometry import Geometry, geometry
+from softprompt.hf.prefix import compile_embeddings, prefixed_forward
+from softprompt.methods.base import PromptMethod, check_num_virtual_tokens, resolved
+from softprompt.methods.prompt_tuning import repeat_to
 
 INITS = ("random", "text")
 

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..models import Geometry, geometry
-from .base import InputPromptMethod, check_num_virtual_tokens, resolved
+from softprompt.core.geometry import Geometry, geometry
+from softprompt.methods.base import InputPromptMethod, check_num_virtual_tokens, resolved
 
 INITS = ("random", "vocab", "text", "tokens")
 

@@ -16,10 +16,18 @@ from concurrent.futures import Future
 
 import torch
 
-from ..generate import SamplingParams, cut_at_stop, eos_ids, greedy_ids, penalize, pick_next, token_logprobs
-from .handle import Completion, Handle, Request, TokenLogprob
-from .loader import TaskLoader, done_future
-from .tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
+from softprompt.loops.generate import (
+    SamplingParams,
+    cut_at_stop,
+    eos_ids,
+    greedy_ids,
+    penalize,
+    pick_next,
+    token_logprobs,
+)
+from softprompt.serve.handle import Completion, Handle, Request, TokenLogprob
+from softprompt.serve.loader import TaskLoader, done_future
+from softprompt.serve.tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
 
 log = logging.getLogger("softprompt.serve")
 

@@ -17,16 +17,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from ..artifact import ArtifactError
-from .tasks import RequestError, TaskRefused
+from softprompt.io.artifact import ArtifactError
+from softprompt.serve.schemas import MAX_INPUTS, ClassifyRequest  # noqa: F401  (the request body lives with the others)
+from softprompt.serve.tasks import RequestError, TaskRefused
 
-from .schemas import MAX_INPUTS, ClassifyRequest  # noqa: F401  (the request body lives with the others)
 MAX_CHARS = 20_000  # per text
 
 
 def default_encoder_loader(card: dict):
     """(model, tokenizer) for an encoder classifier's card: the embedded encoder, or its base directory."""
-    from ..encoder import EMBEDDED_ENCODER_NAME, load_encoder
+    from softprompt.io.load import EMBEDDED_ENCODER_NAME, load_encoder
 
     name = (card.get("base_model") or {}).get("name")
     if name and name != EMBEDDED_ENCODER_NAME and Path(name).is_dir():
@@ -47,8 +47,8 @@ class ClassifyService:
         self._lock = threading.Lock()
 
     def _load(self, name: str):
-        from ..classify.artifact import is_classifier_card, load_classifier, read_classifier_card
-        from ..classify.model import Classifier
+        from softprompt.classify.model import Classifier
+        from softprompt.io.classifier import is_classifier_card, load_classifier, read_classifier_card
 
         source = self.resolve(name)  # raises UnknownTask
         if isinstance(source, Classifier):
@@ -89,7 +89,7 @@ class ClassifyService:
         return clf, model, tok
 
     def classify(self, task: str, texts: list[str]) -> list[dict]:
-        from ..classify.artifact import classify_texts
+        from softprompt.io.classifier import classify_texts
 
         if not texts:
             raise RequestError("input must hold at least one text")

@@ -20,12 +20,12 @@ from collections.abc import Mapping
 
 import torch
 
-from .. import hf
-from ..prefix import prefixed_forward
-from ..generate import token_logprobs
-from .base import BaseEngine, Row, fault
-from .handle import Handle, Request, TokenLogprob
-from .tasks import RequestError, TaskRegistry
+from softprompt import hf
+from softprompt.hf.prefix import prefixed_forward
+from softprompt.loops.generate import token_logprobs
+from softprompt.serve.base import BaseEngine, Row, fault
+from softprompt.serve.handle import Handle, Request, TokenLogprob
+from softprompt.serve.tasks import RequestError, TaskRegistry
 
 
 class _Row(Row):

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .guard import error_body
+from softprompt.serve.guard import error_body
 
 # The engine's error codes and the HTTP status each maps to.
 STATUS = {"unknown_task": 404, "task_refused": 400, "prompt_too_long": 400, "bad_request": 400, "invalid_text": 400,

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..generate import SamplingParams
+from softprompt.loops.generate import SamplingParams
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Request:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def sampling(self) -> SamplingParams:
-        from .tasks import RequestError
+        from softprompt.serve.tasks import RequestError
 
         if (self.prompt is None) == (self.prompt_ids is None):
             raise RequestError("a request needs exactly one of prompt or prompt_ids")

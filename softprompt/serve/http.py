@@ -20,12 +20,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import errors
-from .classify import ClassifyService
-from .errors import STATUS, APIError, ErrorJSON  # noqa: F401  (imported from here by older code)
-from .guard import Auth, BodyGuard
-from .routers import admin, admin_tasks, classify, completions, tasks
-from .service import ServerConfig, Service
+from softprompt.serve import errors
+from softprompt.serve.classify import ClassifyService
+from softprompt.serve.errors import STATUS, APIError, ErrorJSON  # noqa: F401  (imported from here by older code)
+from softprompt.serve.guard import Auth, BodyGuard
+from softprompt.serve.routers import admin, admin_tasks, classify, completions, tasks
+from softprompt.serve.service import ServerConfig, Service
 
 
 def create_app(engine, store=None, config: ServerConfig = ServerConfig(), classifier=None) -> FastAPI:

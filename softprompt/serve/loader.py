@@ -18,7 +18,7 @@ from concurrent.futures import Future
 
 import torch
 
-from .tasks import PrefixCache
+from softprompt.serve.tasks import PrefixCache
 
 
 def done_future(value=None, error: BaseException | None = None) -> Future:

@@ -44,13 +44,14 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     against *its* fingerprint when loaded (`load_artifact` hashes the model it is given, and
     `apply_lora` drops any fingerprint cached for the bare weights), so prompts trained with that
     adapter are served and prompts trained on the bare base are refused per request (400)."""
-    from ..lora import load_base_with_lora
-    from ..families import family_of
-    from ..models import EMBEDDED_NAME
-    from ..store import Store, StoreUnavailable
-    from .http import ServerConfig, create_app
-    from .resolver import StoreResolver
-    from .tasks import TaskRegistry
+    from softprompt.families import family_of
+    from softprompt.io.load import EMBEDDED_NAME
+    from softprompt.io.lora import load_base_with_lora
+    from softprompt.serve.engines import engine_class
+    from softprompt.serve.http import ServerConfig, create_app
+    from softprompt.serve.resolver import StoreResolver
+    from softprompt.serve.tasks import TaskRegistry
+    from softprompt.store.core import Store, StoreUnavailable
 
     keys = read_api_keys(api_keys_file)  # a bad key file fails before the model loads
     model, tok = load_base_with_lora(base, lora, merge=merge_lora)
@@ -60,7 +61,7 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     # unreachable shared index is ridden out with the tasks already held (resolver.py)
     from_store = StoreResolver(store)
 
-    Engine = family_of(model).engine_class()  # continuous batching for decoders, batch-at-a-time for T5/BART
+    Engine = engine_class(family_of(model))  # continuous batching for decoders, batch-at-a-time for T5/BART
     engine = Engine(model, tok, TaskRegistry(tasks, fallback=from_store), max_batch_size=max_batch_size,
                     max_queue=max_queue, prefix_cache_bytes=prefix_cache_mb << 20)
     base_id = EMBEDDED_NAME if base is None else Path(base).name
@@ -79,8 +80,8 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
 
 async def _store_unavailable(request, exc):
     """The shared store's index is down and the task is not held here: a retryable 503."""
-    from .errors import ErrorJSON
-    from .guard import error_body
+    from softprompt.serve.errors import ErrorJSON
+    from softprompt.serve.guard import error_body
 
     return ErrorJSON(error_body(str(exc), "service_unavailable", "store_unavailable"), 503,
                      headers={"Retry-After": "1"})
@@ -119,7 +120,7 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
 
     import uvicorn
 
-    from ..device import set_threads
+    from softprompt.core.device import set_threads
 
     # With other busy processes on the cores, each small multi-threaded op waits for a descheduled
     # thread (measured: a decode step's attention 8 ms instead of 7 us); the default counts only free cores.
@@ -137,7 +138,7 @@ def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, b
     if served_model_name is not None and not 0 < len(served_model_name) <= 256:
         raise ValueError("served_model_name must be 1 to 256 characters")
     if ray:
-        from .ray_app import run
+        from softprompt.serve.ray_app import run
 
         return run(store, host, port, base, replicas, ray_address, threads or 1, api_keys_file=api_keys_file,
                    max_batch_size=max_batch_size, max_queue=max_queue, max_body_bytes=max_body_bytes,

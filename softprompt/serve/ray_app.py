@@ -88,7 +88,7 @@ class TaskServer:
 
         if threads:
             torch.set_num_threads(threads)  # replicas share a node's cores: one thread each unless told
-        from .main import build_app
+        from softprompt.serve.main import build_app
 
         self.app, self.config = build_app(store, base, **(options or {}))
         self.engine = self.app.state.engine
@@ -150,7 +150,7 @@ def route_of(body: bytes) -> tuple[str, bool]:
 
 
 def unavailable(message: str, status: int = 503) -> JSONResponse:
-    from .guard import error_body
+    from softprompt.serve.guard import error_body
 
     return JSONResponse(error_body(message, "service_unavailable", "replica_unavailable"), status,
                         headers={"Retry-After": "1"})
@@ -191,7 +191,7 @@ class Ingress:
     async def _rest(self, gen):
         from ray.exceptions import RayActorError
 
-        from .guard import error_body
+        from softprompt.serve.guard import error_body
 
         try:
             async for chunk in _bounded(gen, self.timeout_s):

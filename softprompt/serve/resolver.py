@@ -14,8 +14,8 @@ from __future__ import annotations
 import threading
 import time
 
-from ..store import NoSuchTask, Store, StoreError, StoreUnavailable, parse_ref
-from .tasks import TaskRefused
+from softprompt.serve.tasks import TaskRefused
+from softprompt.store.core import NoSuchTask, Store, StoreError, StoreUnavailable, parse_ref
 
 
 class StoreResolver:

@@ -13,9 +13,9 @@ import json
 import time
 from dataclasses import dataclass
 
-from .errors import STATUS
-from .guard import error_bytes
-from .handle import TokenLogprob
+from softprompt.serve.errors import STATUS
+from softprompt.serve.guard import error_bytes
+from softprompt.serve.handle import TokenLogprob
 
 FLOOR = -9999.0
 

@@ -11,7 +11,7 @@ Batching is simpler than `Engine`'s (no continuous batching): each `step()` take
 `max_batch_size` waiting requests, encodes them together (each row with its own task's soft
 prompt and encoder prefix, or none), then decodes them together to the end, one token for
 every unfinished row per forward pass, over a cache holding each row's decoder self- and
-cross-attention prefixes (softprompt/seq2seq/core.py, as in softprompt/seq2seq/generate.py).
+cross-attention prefixes (softprompt/families/seq2seq/core.py, as in softprompt/families/seq2seq/generate.py).
 Each row streams its text as it is made and leaves the batch as soon as it finishes or is
 cancelled (the batch tensors are cut down to the rows left). Requests that arrive meanwhile wait
 for the next batch. A row's tokens equal the same request run alone (greedy; sampled rows with a
@@ -24,14 +24,14 @@ import threading
 from collections.abc import Mapping
 
 import torch
-from ..generate import SamplingParams
-from ..models import is_seq2seq
-from .. import hf
-from ..seq2seq.core import Seq2SeqBatchPrefix, Seq2SeqPrefix, decode, encode, make_cache
-from ..seq2seq.generate import decoder_start_id
-from .base import BaseEngine, Row, fault
-from .handle import Completion, Handle, Request
-from .tasks import RequestError, TaskRefused, TaskRegistry
+
+from softprompt import hf
+from softprompt.families.seq2seq.core import Seq2SeqBatchPrefix, Seq2SeqPrefix, decode, encode, is_seq2seq, make_cache
+from softprompt.families.seq2seq.generate import decoder_start_id
+from softprompt.loops.generate import SamplingParams
+from softprompt.serve.base import BaseEngine, Row, fault
+from softprompt.serve.handle import Completion, Handle, Request
+from softprompt.serve.tasks import RequestError, TaskRefused, TaskRegistry
 
 
 class _Row(Row):
@@ -48,7 +48,7 @@ class Seq2SeqEngine(BaseEngine):
     model, tokenizer: from `load_base(T5_OR_BART_DIR)`; tasks: a TaskRegistry or {name: artifact}.
     Same limits as `Engine`: `max_batch_size`, `max_queue`, `max_new_tokens_limit`,
     `prefix_cache_bytes`. Prompts are tokenized with the tokenizer's special tokens (T5 and BART
-    expect them; `softprompt.seq2seq.generate.generate` and training do the same)."""
+    expect them; `softprompt.families.seq2seq.generate.generate` and training do the same)."""
 
     thread_name = "softprompt-seq2seq-engine"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from fastapi import Request as HTTPRequest
 
-from ..card_schema import card_file_path
-from .errors import STATUS, APIError
-from .tasks import QueueFull, RequestError, UnknownTask
+from softprompt.io.card_schema import card_file_path
+from softprompt.serve.errors import STATUS, APIError
+from softprompt.serve.tasks import QueueFull, RequestError, UnknownTask
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Service:
     def task_row(self, ref: str) -> dict:
         """store.show(ref), or what the engine's registry knows of a task registered in memory."""
         if self.store is not None:
-            from ..store import StoreError
+            from softprompt.store.core import StoreError
 
             try:
                 return self.store.show(ref)
@@ -67,7 +67,7 @@ class Service:
         card = getattr(source, "card", None)
         if card is None and isinstance(source, (str, Path)):
             try:
-                from ..artifact import read_card
+                from softprompt.io.artifact import read_card
 
                 card = read_card(source)
             except Exception:

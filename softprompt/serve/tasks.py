@@ -1,7 +1,7 @@
 """Tasks for the engine: where a task name's artifact is, and an LRU cache of compiled KV prefixes.
 
 A task resolves to a KV prefix `(L, 2, H_kv, P, D)` once, when first used. A store task reads the
-serving form the store keeps compiled for this base (softprompt/compiled.py: one
+serving form the store keeps compiled for this base (softprompt/store/compiled.py: one
 read of one file); an artifact path or an in-memory prompt is compiled here (prompt tuning and P-tuning by one
 pass of the frozen model). The cache holds recently used prefixes under a byte budget; loading a
 task never copies or reloads the model. The engine loads beside its loop (serve/loader.py).
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import ArtifactError, load_artifact
-from ..methods import PromptMethod
-from ..families import family_of
-from ..peft_io import PeftFormatError
+from softprompt.families import family_of
+from softprompt.io.artifact import ArtifactError, load_artifact
+from softprompt.io.peft import PeftFormatError
+from softprompt.methods import PromptMethod
 
 
 class RequestError(ValueError):

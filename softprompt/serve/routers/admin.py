@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
-from . import service
+from softprompt.serve.routers import service
 
 router = APIRouter()
 
@@ -38,7 +38,7 @@ async def models(svc=Depends(service)):
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(svc=Depends(service)):
-    from ..metrics import render
+    from softprompt.serve.metrics import render
 
     return PlainTextResponse(render(svc.engine), media_type="text/plain; version=0.0.4")
 

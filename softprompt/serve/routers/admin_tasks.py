@@ -23,8 +23,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from ..errors import APIError
-from . import service
+from softprompt.serve.errors import APIError
+from softprompt.serve.routers import service
 
 router = APIRouter(prefix="/v1/tasks")
 
@@ -39,7 +39,7 @@ def _writable(svc):
 
 
 def _store_error(e: Exception, param: str) -> APIError:
-    from ...store import NoSuchTask
+    from softprompt.store.core import NoSuchTask
 
     if isinstance(e, NoSuchTask):
         return APIError(404, str(e), code="model_not_found", param=param)
@@ -49,7 +49,7 @@ def _store_error(e: Exception, param: str) -> APIError:
 @router.post("/{name}", status_code=201)
 async def upload(name: str, request: Request, tags: str | None = None, svc=Depends(service)):
     store = _writable(svc)
-    from ...artifact import ArtifactError
+    from softprompt.io.artifact import ArtifactError
 
     body = await request.body()  # already read whole by BodyGuard, under max_upload_bytes
     if not body:
@@ -84,7 +84,7 @@ async def versions(name: str, svc=Depends(service)):
 @router.delete("/{ref}")
 async def retire(ref: str, svc=Depends(service)):
     store = _writable(svc)
-    from ...artifact import ArtifactError
+    from softprompt.io.artifact import ArtifactError
 
     try:
         removed = await run_in_threadpool(store.rm, ref)

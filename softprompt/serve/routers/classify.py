@@ -6,10 +6,10 @@ import asyncio
 
 from fastapi import APIRouter, Depends
 
-from ..schemas import ClassifyRequest
-from ..errors import APIError
-from ..tasks import RequestError, UnknownTask
-from . import service
+from softprompt.serve.errors import APIError
+from softprompt.serve.routers import service
+from softprompt.serve.schemas import ClassifyRequest
+from softprompt.serve.tasks import RequestError, UnknownTask
 
 router = APIRouter()
 

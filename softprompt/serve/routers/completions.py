@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Depends, Request as HTTPRequest
+from fastapi import APIRouter, Depends
+from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
-from ..errors import APIError
-from ..handle import Request
-from ..responses import Shape, body as response_body, sse
-from ..schemas import ChatRequest, CompletionRequest
-from . import service
+from softprompt.serve.errors import APIError
+from softprompt.serve.handle import Request
+from softprompt.serve.responses import Shape, sse
+from softprompt.serve.responses import body as response_body
+from softprompt.serve.routers import service
+from softprompt.serve.schemas import ChatRequest, CompletionRequest
 
 router = APIRouter(prefix="/v1")
 

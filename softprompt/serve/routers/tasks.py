@@ -7,8 +7,8 @@ import json
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 
-from ..errors import APIError
-from . import service
+from softprompt.serve.errors import APIError
+from softprompt.serve.routers import service
 
 router = APIRouter(prefix="/v1/tasks")
 

@@ -1,0 +1,111 @@
+"""The schema of an artifact's card, checked on every read (load, store add, serving).
+
+A card is data from whoever made the file: `"num_virtual_tokens": "abc"` or `"config": "x"` used to
+pass `store add` and then raise deep in a loader on the first request. `check_card_fields` refuses
+such a card with one line naming the field. Unknown fields are allowed (families and tasks add
+their own: `classifier`, `task`, `store`); known fields must have their type.
+
+Paths: a card may name a `plot` (.png) and an `inspection` (.json, or the summary inline). They are
+never trusted as places to read: the server reads them only inside the store or the artifact's
+folder (serve/http.py `confined`), and `store add` copies them into the store.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from softprompt.families import FAMILIES
+
+# Longer than any context we know of (P must also fit the model's context: see methods.check_size).
+MAX_VIRTUAL_TOKENS = 1 << 20
+MAX_PATH_CHARS = 4096
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class CardError(ValueError):
+    """A card field has the wrong type or value; the message names the field."""
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _str_or_none(v) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _path(v, suffix: str) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_PATH_CHARS and "\0" not in v and v.lower().endswith(suffix)
+
+
+# field -> (check, what it must be); each applies when the field is present
+FIELDS = {
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "tensors": (lambda v: isinstance(v, dict) and all(
+        isinstance(t, dict) and isinstance(t.get("shape"), list) and all(_int(n) and n >= 0 for n in t["shape"])
+        and isinstance(t.get("dtype"), str) for t in v.values()),
+        "an object of {name: {shape: [non-negative ints], dtype: string}}"),
+    "dtype": (lambda v: isinstance(v, str), "a string"),
+    "model_family": (lambda v: isinstance(v, str) and v in FAMILIES, "one of " + ", ".join(repr(f) for f in FAMILIES)),
+    "base_model": (lambda v: isinstance(v, dict) and _str_or_none(v.get("name"))
+                   and _str_or_none(v.get("fingerprint")) and (v.get("geometry") is None or isinstance(v["geometry"], dict)),
+                   "an object with string name and fingerprint and an object geometry"),
+    "library_version": (_str_or_none, "a string"),
+    "created": (_str_or_none, "a string"),
+    "metrics": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+                "an object of {name: value}"),
+    "dataset": (lambda v: v is None or isinstance(v, (str, dict)), "a string or an object"),
+    "tensor_sha256": (lambda v: isinstance(v, str) and bool(_HEX64.fullmatch(v)), "64 lowercase hex digits"),
+    "bytes": (lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    "plot": (lambda v: v is None or _path(v, ".png"), "a path ending in .png"),
+    "inspection": (lambda v: v is None or isinstance(v, dict) or _path(v, ".json"),
+                   "an object or a path ending in .json"),
+    "classifier": (lambda v: isinstance(v, dict), "an object"),
+    "task": (lambda v: isinstance(v, str), "a string"),
+    "store": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def check_card_fields(card: dict) -> None:
+    """Raise CardError (one line, naming the field) unless every known field has its type.
+    format, format_version and method are checked by the caller (artifact.check_card)."""
+    n = card.get("num_virtual_tokens")
+    lowest = 0 if card.get("method") == "head_only" else 1  # a linear probe has no prompt
+    if not _int(n) or not lowest <= n <= MAX_VIRTUAL_TOKENS:
+        raise CardError(f"card field 'num_virtual_tokens' must be an integer in [{lowest}, {MAX_VIRTUAL_TOKENS}], "
+                        f"got {_show(n)}")
+    for field, (ok, what) in FIELDS.items():
+        if field in card and not ok(card[field]):
+            raise CardError(f"card field {field!r} must be {what}, got {_show(card[field])}")
+
+
+def _show(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def card_file_path(artifact, value) -> "Path | None":
+    """The file a card's `plot`/`inspection` value names, if it is one the artifact may name: a file
+    beside the artifact, never elsewhere (a card naming /root/x.json must not make anyone read it).
+
+    An artifact F.safetensors or DIR may name files beside it whose name starts with `F.` or `DIR.`
+    (what `softprompt inspect` writes); DIR also files inside DIR, and a training run's OUT/best or
+    OUT/last also files inside OUT (where `softprompt train` draws plot.png).
+    Relative values are relative to the artifact's folder. Symlinks are resolved before the check.
+    """
+    from pathlib import Path
+
+    if not isinstance(value, str) or not value or "\0" in value:
+        return None
+    artifact = Path(artifact)
+    try:
+        real = (artifact.parent / value).resolve(strict=True)  # an absolute value stays itself
+        folder, stem = artifact.parent.resolve(), artifact.name.removesuffix(".safetensors")
+        ok = real.parent == folder and real.name.startswith(stem + ".")  # F.inspect.json, DIR.inspect.json
+        if artifact.is_dir():
+            ok = ok or real.is_relative_to(artifact.resolve()) or (
+                artifact.name in ("best", "last") and real.is_relative_to(folder))
+    except (OSError, RuntimeError, ValueError):  # missing, a symlink loop
+        return None
+    return real if ok and real.is_file() else None

@@ -1,0 +1,156 @@
+"""Evaluation: generate for each input, score against all of its references.
+
+Metrics (each input may have several references; E2E has ~8 per MR):
+  bleu         corpus BLEU (sacrebleu), multi-reference, 0..100
+  rouge_l      ROUGE-L F1 (rouge-score, stemmed), the best reference per input, averaged, 0..100
+  exact_match  % of outputs equal to one of the references (after normalizing case, spaces, punctuation)
+  accuracy     % of outputs whose first word is the first word of one of the references
+               (classification: "positive" / "negative")
+Decoding is greedy (batched) or beam search (`num_beams > 1`, length-normalized).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+
+import torch
+
+from softprompt import hf
+from softprompt.hf.prefix import prefixed_forward
+from softprompt.loops.generate import SamplingParams, StopStrings, cut_at_stop, eos_ids, generate_ids
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    """Corpus metrics for `hypotheses[i]` against its references `references[i]` (one or more)."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} outputs for {len(references)} reference lists")
+    if not hypotheses:
+        raise ValueError("nothing to score")
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+
+    hyps = [h.strip() for h in hypotheses]
+    refs = [[r.strip() for r in rs] for rs in references]
+    n_streams = max(len(r) for r in refs)
+    streams = [[rs[k] if k < len(rs) else None for rs in refs] for k in range(n_streams)]
+    bleu = BLEU().corpus_score(hyps, streams).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = sum(max(scorer.score(r, h)["rougeL"].fmeasure for r in rs) for h, rs in zip(hyps, refs)) / len(hyps)
+    em = sum(normalize(h) in {normalize(r) for r in rs} for h, rs in zip(hyps, refs)) / len(hyps)
+
+    def first(t):
+        w = normalize(t).split()
+        return w[0] if w else ""
+
+    acc = sum(first(h) in {first(r) for r in rs} for h, rs in zip(hyps, refs)) / len(hyps)
+    return {"bleu": bleu, "rouge_l": 100 * rouge, "exact_match": 100 * em, "accuracy": 100 * acc, "n": len(hyps)}
+
+
+@torch.no_grad()
+def beam_search(model, tokenizer, prompt: str, prefix: torch.Tensor | None, num_beams: int = 4,
+                max_new_tokens: int = 64, length_penalty: float = 1.0) -> list[int]:
+    """Token ids of the best beam for one prompt under one KV prefix `(L, 2, H, P, D)` (or None).
+
+    Beams are rows of one batch sharing the prefilled cache; a finished beam (eos) is scored
+    `logprob / len**length_penalty` and kept; the search stops when no live beam can beat the
+    best finished one at the same length or after `max_new_tokens`.
+    """
+    dev = next(model.parameters()).device
+    eos = eos_ids(tokenizer, model)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=dev)
+    mask = torch.ones_like(ids)
+    res = prefixed_forward(model, ids, mask, [prefix], use_cache=True, logits_to_keep=1)
+    cache = res.cache
+    hf.repeat_rows(cache, num_beams)
+    full_mask = res.attention_mask.repeat(num_beams, 1)
+    pos = res.position_ids[:, -1:].repeat(num_beams, 1)
+    logp = res.logits[:, -1].float().log_softmax(-1).repeat(num_beams, 1)  # (K, V)
+    scores = torch.zeros(num_beams, device=dev)
+    scores[1:] = float("-inf")  # all beams start identical: expand from the first only
+    seqs = [[] for _ in range(num_beams)]
+    finished: list[tuple[float, list[int]]] = []
+    V = logp.shape[-1]
+    for step in range(max_new_tokens):
+        cand = (scores[:, None] + logp).view(-1)  # (K*V,)
+        top = torch.topk(cand, 2 * num_beams)
+        new_scores, beam_idx, tokens, new_seqs = [], [], [], []
+        for s, flat in zip(top.values.tolist(), top.indices.tolist()):
+            b, t = divmod(flat, V)
+            if t in eos:
+                finished.append((s / max(len(seqs[b]) + 1, 1) ** length_penalty, seqs[b]))
+                continue
+            new_scores.append(s), beam_idx.append(b), tokens.append(t), new_seqs.append(seqs[b] + [t])
+            if len(new_scores) == num_beams:
+                break
+        best_done = max((f[0] for f in finished), default=float("-inf"))
+        if not new_scores or (len(finished) >= num_beams
+                              and max(new_scores) / (step + 1) ** length_penalty < best_done):
+            break
+        seqs = new_seqs
+        scores = torch.tensor(new_scores, device=dev)
+        bi = torch.tensor(beam_idx, device=dev)
+        hf.reorder_rows(cache, bi)
+        full_mask = torch.cat([full_mask[bi], torch.ones(len(bi), 1, dtype=full_mask.dtype, device=dev)], 1)
+        pos = pos[bi] + 1
+        out = hf.forward(model, cache, input_ids=torch.tensor(tokens, device=dev).view(-1, 1), attention_mask=full_mask,
+                         position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        logp = out.logits[:, -1].float().log_softmax(-1)
+        if len(tokens) < num_beams:  # fewer live beams: keep the shapes, park the rest at -inf
+            pad = num_beams - len(tokens)
+            scores = torch.cat([scores, torch.full((pad,), float("-inf"), device=dev)])
+            seqs += [[]] * pad
+            keep = torch.cat([torch.arange(len(tokens)), torch.zeros(pad, dtype=torch.long)]).to(dev)
+            hf.reorder_rows(cache, keep)
+            full_mask, pos, logp = full_mask[keep], pos[keep], logp[keep]
+    if not finished:
+        finished = [(float(scores[b]) / max(len(seqs[b]), 1) ** length_penalty, seqs[b]) for b in range(len(seqs))]
+    return max(finished, key=lambda f: f[0])[1]
+
+
+def predict(model, tokenizer, prompts: Sequence[str], prefix: torch.Tensor | None, *, max_new_tokens: int = 64,
+            num_beams: int = 1, batch_size: int = 16, stop: Sequence[str] = ("\n",)) -> list[str]:
+    """Outputs for rendered prompts under one KV prefix: greedy in batches, or beam search."""
+    dev = next(model.parameters()).device
+    outs: list[str] = [""] * len(prompts)
+    if num_beams > 1:
+        for i, p in enumerate(prompts):
+            outs[i] = _cut(tokenizer.decode(beam_search(model, tokenizer, p, prefix, num_beams, max_new_tokens),
+                                            skip_special_tokens=True), stop)
+        return outs
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop=tuple(stop))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths, less padding
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        stops = StopStrings(tokenizer, params.stop) if params.stop else None
+        rows = generate_ids(model, enc["input_ids"].to(dev), enc["attention_mask"].to(dev), [prefix], params,
+                            eos_ids(tokenizer, model), stops)
+        for j, (i, r) in enumerate(zip(idx, rows)):
+            outs[i] = stops.cut[j] if stops is not None and j in stops.cut else tokenizer.decode(r, skip_special_tokens=True)
+    return [o.strip() for o in outs]
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    return cut_at_stop(text, stop)[0].strip()
+
+
+def evaluate_groups(model, tokenizer, groups, prefix, *, chat_template: bool = False, max_new_tokens: int = 64,
+                    num_beams: int = 1, batch_size: int = 16) -> dict:
+    """Score `groups` = [(prompt, [references])] (see `data.group_references`); adds `predictions`."""
+    from softprompt.loops.data import render_prompt
+
+    prompts = [render_prompt(p, tokenizer, chat_template) for p, _ in groups]
+    hyps = predict(model, tokenizer, prompts, prefix, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                   batch_size=batch_size)
+    result = score(hyps, [refs for _, refs in groups])
+    result["predictions"] = hyps
+    return result
