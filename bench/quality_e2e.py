@@ -95,7 +95,7 @@ def run_one(name, lr, init, model, tok, train, held, steps, batch, seed, device=
         method = {"prefix": "prefix_tuning", "prompt": "prompt_tuning"}[name]
         opts = {"prefix": dict(projection_dim=512), "prompt": {}}[name]
         if init == "text":
-            from softprompt.runs.train import DEFAULT_INIT_TEXT
+            from softprompt.core.defaults import INIT_TEXT as DEFAULT_INIT_TEXT
 
             opts |= dict(init="text", init_text=DEFAULT_INIT_TEXT)
         else:
