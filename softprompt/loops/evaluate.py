@@ -39,9 +39,7 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dic
 
     hyps = [h.strip() for h in hypotheses]
     refs = [[r.strip() for r in rs] for rs in references]
-    n_streams = max(len(r) for r in refs)
-    streams = [[rs[k] if k < len(rs) else None for rs in refs] for k in range(n_streams)]
-    bleu = BLEU().corpus_score(hyps, streams).score
+    bleu = BLEU().corpus_score(hyps, _streams(references)).score
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = sum(max(scorer.score(r, h)["rougeL"].fmeasure for r in rs) for h, rs in zip(hyps, refs)) / len(hyps)
     em = sum(normalize(h) in {normalize(r) for r in rs} for h, rs in zip(hyps, refs)) / len(hyps)
@@ -52,6 +50,43 @@ def score(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dic
 
     acc = sum(first(h) in {first(r) for r in rs} for h, rs in zip(hyps, refs)) / len(hyps)
     return {"bleu": bleu, "rouge_l": 100 * rouge, "exact_match": 100 * em, "accuracy": 100 * acc, "n": len(hyps)}
+
+
+def _streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
+    """sacrebleu's layout: stream k holds every input's k-th reference (None where it has fewer)."""
+    refs = [[r.strip() for r in rs] for rs in references]
+    return [[rs[k] if k < len(rs) else None for rs in refs] for k in range(max(len(r) for r in refs))]
+
+
+def paired_bootstrap(systems: dict[str, Sequence[str]], references: Sequence[Sequence[str]], baseline: str,
+                     n_samples: int = 1000) -> dict[str, dict]:
+    """Corpus BLEU of each system with a 95% interval, and each system's p-value against `baseline`,
+    by paired bootstrap resampling (Koehn, 2004) as sacrebleu implements it (`--paired-bs`: the
+    same resampled inputs for every system, seed 12345, so a run is reproducible).
+
+    systems: name -> outputs, one per input, aligned with `references` (one or more per input).
+    Returns name -> {"bleu", "bleu_mean", "bleu_low", "bleu_high", "p_value"} (p_value None for the
+    baseline): the interval is the bootstrap mean +- sacrebleu's 95% half-width.
+    """
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    if baseline not in systems:
+        raise ValueError(f"baseline {baseline!r} is not among the systems {list(systems)}")
+    if any(len(h) != len(references) for h in systems.values()):
+        raise ValueError(f"every system needs one output per input ({len(references)})")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be positive, got {n_samples}")
+    order = [baseline, *(name for name in systems if name != baseline)]  # sacrebleu: the baseline first
+    named = [(name, [h.strip() for h in systems[name]]) for name in order]
+    test = PairedTest(named, {"BLEU": BLEU()}, references=_streams(references), test_type="bs", n_samples=n_samples)
+    _, results = test()
+    out = {}
+    for name, r in zip(order, results["BLEU"]):
+        mean, half = float(r.mean), float(r.ci)
+        out[name] = {"bleu": float(r.score), "bleu_mean": mean, "bleu_low": mean - half, "bleu_high": mean + half,
+                     "p_value": None if r.p_value is None else float(r.p_value)}
+    return out
 
 
 @torch.no_grad()
