@@ -92,63 +92,59 @@ def paired_bootstrap(systems: dict[str, Sequence[str]], references: Sequence[Seq
 @torch.no_grad()
 def beam_search(model, tokenizer, prompt: str, prefix: torch.Tensor | None, num_beams: int = 4,
                 max_new_tokens: int = 64, length_penalty: float = 1.0) -> list[int]:
-    """Token ids of the best beam for one prompt under one KV prefix `(L, 2, H, P, D)` (or None).
+    """Token ids of the best beam for one prompt under one KV prefix `(L, 2, H, P, D)` (or None),
+    without the end token: the beam transformers' `generate(num_beams=K, early_stopping=False)`
+    returns (tests/test_beam.py), so reported beam-5 scores mean what the papers' do.
 
-    Beams are rows of one batch sharing the prefilled cache; a finished beam (eos) is scored
-    `logprob / len**length_penalty` and kept; the search stops when no live beam can beat the
-    best finished one at the same length or after `max_new_tokens`.
+    Its rules, followed here: each step keeps the 2K best continuations of the K live beams; of
+    those, the ones ending (an end token, or the last allowed token) and ranked among the first K
+    become finished hypotheses, scored `logprob / generated_length**length_penalty` (the end token
+    counted), of which the K best are kept; the K best that do not end live on. The search stops
+    when every step's candidates end, or once K hypotheses are finished and the best live beam,
+    normalized at its current length, scores no better than the worst of them.
     """
     dev = next(model.parameters()).device
     eos = eos_ids(tokenizer, model)
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=dev)
-    mask = torch.ones_like(ids)
-    res = prefixed_forward(model, ids, mask, [prefix], use_cache=True, logits_to_keep=1)
+    res = prefixed_forward(model, ids, torch.ones_like(ids), [prefix], use_cache=True, logits_to_keep=1)
     cache = res.cache
     hf.repeat_rows(cache, num_beams)
     full_mask = res.attention_mask.repeat(num_beams, 1)
     pos = res.position_ids[:, -1:].repeat(num_beams, 1)
     logp = res.logits[:, -1].float().log_softmax(-1).repeat(num_beams, 1)  # (K, V)
-    scores = torch.zeros(num_beams, device=dev)
-    scores[1:] = float("-inf")  # all beams start identical: expand from the first only
-    seqs = [[] for _ in range(num_beams)]
-    finished: list[tuple[float, list[int]]] = []
+    scores = torch.full((num_beams,), -1e9, device=dev)
+    scores[0] = 0.0  # all beams start identical: expand from the first only
+    seqs: list[list[int]] = [[] for _ in range(num_beams)]
+    finished: list[tuple[float, list[int]]] = []  # the K best, by normalized score
     V = logp.shape[-1]
     for step in range(max_new_tokens):
-        cand = (scores[:, None] + logp).view(-1)  # (K*V,)
-        top = torch.topk(cand, 2 * num_beams)
-        new_scores, beam_idx, tokens, new_seqs = [], [], [], []
-        for s, flat in zip(top.values.tolist(), top.indices.tolist()):
+        last = step + 1 == max_new_tokens
+        top = torch.topk((scores[:, None] + logp).view(-1), 2 * num_beams)  # (2K,) of K*V
+        live: list[tuple[float, int, int]] = []  # (score, beam, token)
+        for rank, (s, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
             b, t = divmod(flat, V)
-            if t in eos:
-                finished.append((s / max(len(seqs[b]) + 1, 1) ** length_penalty, seqs[b]))
-                continue
-            new_scores.append(s), beam_idx.append(b), tokens.append(t), new_seqs.append(seqs[b] + [t])
-            if len(new_scores) == num_beams:
-                break
-        best_done = max((f[0] for f in finished), default=float("-inf"))
-        if not new_scores or (len(finished) >= num_beams
-                              and max(new_scores) / (step + 1) ** length_penalty < best_done):
+            if t in eos or last:
+                if rank < num_beams:
+                    finished.append((s / (step + 1) ** length_penalty, seqs[b] + ([] if t in eos else [t])))
+            elif len(live) < num_beams:
+                live.append((s, b, t))
+        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
+        if last or not live:
             break
-        seqs = new_seqs
-        scores = torch.tensor(new_scores, device=dev)
-        bi = torch.tensor(beam_idx, device=dev)
+        if len(finished) == num_beams and live[0][0] / (step + 1) ** length_penalty <= finished[-1][0]:
+            break  # no live beam can still beat the worst kept hypothesis (transformers' heuristic)
+        live += [(-1e9, live[0][1], live[0][2])] * (num_beams - len(live))  # shapes kept: dead rows
+        scores = torch.tensor([s for s, _, _ in live], device=dev)
+        bi = torch.tensor([b for _, b, _ in live], device=dev)
+        seqs = [seqs[b] + [t] for _, b, t in live]
         hf.reorder_rows(cache, bi)
-        full_mask = torch.cat([full_mask[bi], torch.ones(len(bi), 1, dtype=full_mask.dtype, device=dev)], 1)
+        full_mask = torch.cat([full_mask[bi], torch.ones(num_beams, 1, dtype=full_mask.dtype, device=dev)], 1)
         pos = pos[bi] + 1
-        out = hf.forward(model, cache, input_ids=torch.tensor(tokens, device=dev).view(-1, 1), attention_mask=full_mask,
-                         position_ids=pos, use_cache=True, logits_to_keep=1)
+        out = hf.forward(model, cache, input_ids=torch.tensor([t for _, _, t in live], device=dev).view(-1, 1),
+                         attention_mask=full_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache = out.cache
         logp = out.logits[:, -1].float().log_softmax(-1)
-        if len(tokens) < num_beams:  # fewer live beams: keep the shapes, park the rest at -inf
-            pad = num_beams - len(tokens)
-            scores = torch.cat([scores, torch.full((pad,), float("-inf"), device=dev)])
-            seqs += [[]] * pad
-            keep = torch.cat([torch.arange(len(tokens)), torch.zeros(pad, dtype=torch.long)]).to(dev)
-            hf.reorder_rows(cache, keep)
-            full_mask, pos, logp = full_mask[keep], pos[keep], logp[keep]
-    if not finished:
-        finished = [(float(scores[b]) / max(len(seqs[b]), 1) ** length_penalty, seqs[b]) for b in range(len(seqs))]
-    return max(finished, key=lambda f: f[0])[1]
+    return finished[0][1] if finished else []
 
 
 def predict(model, tokenizer, prompts: Sequence[str], prefix: torch.Tensor | None, *, max_new_tokens: int = 64,
