@@ -59,9 +59,12 @@ def trained_prefix(model, tok, steps: int, seed: int) -> Path:
         import shutil
 
         shutil.rmtree(out)  # a run killed half-way
-    run_train(str(E2E / "trainset.csv"), str(out), method="prefix_tuning", template="{mr} ||", target="ref",
-              steps=steps, batch_size=8, warmup_steps=max(1, steps // 10), checkpoint_every=0, max_rows=4000,
-              seed=seed, progress=False, model=model, tokenizer=tok)
+    from softprompt.runs.config import RunConfig
+
+    run_train(RunConfig.of(train_data=str(E2E / "trainset.csv"), out=str(out), method="prefix_tuning",
+                           template="{mr} ||", target="ref", steps=steps, batch_size=8,
+                           warmup_steps=max(1, steps // 10), checkpoint_every=0, max_rows=4000, seed=seed,
+                           progress=False), model, tok)
     return out / "last"
 
 

@@ -118,9 +118,15 @@ def run_one(name, model, tok, encoder, train, dev, args):
     else:
         method = {"prefix": "prefix_tuning", "prompt": "prompt_tuning", "head": "head_only",
                   "prefix_decoder": "prefix_tuning"}[name]
-        clf = build_classifier(model, tok, encoder, method, LABELS, template="{sentence}" if encoder else DECODER_TEMPLATE,
-                               num_virtual_tokens=args.p, projection_dim=0 if encoder else 512,
-                               label_words=None if encoder else [" negative", " positive"], seed=args.seed)
+        from softprompt import methods
+
+        prompt_cfg = None
+        if method != "head_only":
+            shape = {"projection_dim": 0 if encoder else 512} if method == "prefix_tuning" else {}
+            prompt_cfg = methods.CONFIGS[method](num_virtual_tokens=args.p, seed=args.seed, **shape)
+        clf = build_classifier(model, tok, encoder, method, LABELS, prompt_cfg,
+                               template="{sentence}" if encoder else DECODER_TEMPLATE,
+                               label_words=None if encoder else [" negative", " positive"])
     if encoder:
         clf.head_lr = HEAD_LR
     steps = args.steps if encoder else args.decoder_steps

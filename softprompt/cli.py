@@ -20,6 +20,8 @@ import sys
 import types
 import typing
 
+from softprompt.runs.config import ModelConfig
+
 # How this file works: a `{name: function}` map; flags come from each function's typed signature
 # and its docstring's `Args:` section; a parameter without a default is positional; a
 # `{name: function}` dict in the map is a command group (`softprompt store add ...`). Nothing heavy
@@ -38,16 +40,20 @@ CHOICES = {
 # Commands
 
 
-def info(base: str | None = None, num_virtual_tokens: int = 20, projection_dim: int = 512, json: bool = False):
+def info(base: str | None = None, num_virtual_tokens: int | None = None, projection_dim: int | None = None,
+         json: bool = False):
     """Show the base model's geometry and, per method, trainable parameters and artifact size.
 
     Args:
         base: a local HuggingFace model directory (default: the embedded SmolLM2-135M-Instruct)
-        num_virtual_tokens: prompt length P used for the size figures
-        projection_dim: width of prefix tuning's reparameterization MLP
+        num_virtual_tokens: prompt length P used for the size figures (default: the methods' own)
+        projection_dim: width of prefix tuning's reparameterization MLP (default: prefix tuning's own)
         json: print JSON instead of a table
     """
     from softprompt import methods
+
+    num_virtual_tokens = num_virtual_tokens or methods.PrefixTuningConfig.num_virtual_tokens
+    projection_dim = methods.PrefixTuningConfig.projection_dim if projection_dim is None else projection_dim
     from softprompt.core.geometry import geometry, model_fingerprint
     from softprompt.core.int8_kernels import describe
 
@@ -89,18 +95,18 @@ def _refuse_existing(path: str, overwrite: bool, what: str = "artifact") -> None
         raise ValueError(f"{path} already exists; pass --overwrite to replace the {what}, or choose a new path")
 
 
-def init(out: str, method: str = "prompt_tuning", num_virtual_tokens: int = 20, init: str | None = None,
-         text: str | None = None, projection_dim: int = 512, seed: int = 0, base: str | None = None,
+def init(out: str, method: str = "prompt_tuning", num_virtual_tokens: int | None = None, init: str | None = None,
+         text: str | None = None, projection_dim: int | None = None, seed: int = 0, base: str | None = None,
          overwrite: bool = False):
     """Create a freshly initialized (untrained) prompt and save it as an artifact.
 
     Args:
         out: artifact path: a directory, or a file ending in .safetensors
         method: prompt_tuning, prefix_tuning or p_tuning
-        num_virtual_tokens: prompt length P
+        num_virtual_tokens: prompt length P (default: the method's)
         init: prompt tuning: random, vocab, text or tokens; prefix tuning: random or text
         text: the string for init=text
-        projection_dim: prefix tuning's MLP width (0: direct)
+        projection_dim: prefix tuning's MLP width (0: direct; default: prefix tuning's)
         seed: random seed for the initialization
         base: a local HuggingFace model directory (default: the embedded model)
         overwrite: replace an existing artifact at OUT (refused by default)
@@ -109,17 +115,18 @@ def init(out: str, method: str = "prompt_tuning", num_virtual_tokens: int = 20, 
     from softprompt.io.artifact import save_artifact
 
     _refuse_existing(out, overwrite)
-    model, tok = _load(base)
     name = methods.canonical(method)
-    opts: dict = {"num_virtual_tokens": num_virtual_tokens, "seed": seed}
-    if init is not None:
-        opts["init"] = init
-    elif text is not None and name != "p_tuning":
-        opts["init"] = "text"
-    if text is not None:
-        opts["init_text"] = text
-    if name == "prefix_tuning":
-        opts["projection_dim"] = projection_dim
+    given = {"num_virtual_tokens": num_virtual_tokens, "init": init, "init_text": text,
+             "projection_dim": projection_dim, "seed": seed}
+    if init is None and text is not None:
+        given["init"] = "text"
+    options = {k: v for k, v in given.items() if v is not None and hasattr(methods.CONFIGS[name], k)}
+    config = methods.CONFIGS[name](**options)  # checked before the model loads
+    model, tok = _load(base)
+    from dataclasses import asdict
+
+    opts = {k: v for k, v in asdict(config).items() if v is not None}
+    num_virtual_tokens = config.num_virtual_tokens
     prompt = methods.create(name, model, tok, **opts)
     path = save_artifact(prompt, out, model)
     sizes = prompt.sizes(model)
@@ -191,110 +198,6 @@ def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool
     print(f"wrote PEFT adapter to {path}", file=sys.stderr)
 
 
-def train(data: str, out: str, method: str = "prefix_tuning", base: str | None = None, template: str | None = None,
-          target: str | None = None, chat_template: bool = False, eval_data: str | None = None,
-          eval_fraction: float = 0.0, num_virtual_tokens: int = 20, init: str | None = None,
-          init_text: str | None = None, projection_dim: int | None = None, steps: int = 200, batch_size: int = 8,
-          micro_batch_size: int = 0, lr: float | None = None, weight_decay: float = 0.0, warmup_steps: int = 0,
-          schedule: str = "linear", max_grad_norm: float = 1.0, seed: int = 0, eval_every: int = 0,
-          eval_generate: int = 0, metric: str = "eval_loss", patience: int = 0, checkpoint_every: int = 50,
-          keep_checkpoints: int = 2, resume: bool = False, gradient_checkpointing: bool = False,
-          max_length: int = 512, max_rows: int = 0, skip_bad_rows: bool = False, progress: bool = True,
-          lora: str | None = None, merge_lora: bool = True, task: str = "generate", labels: str | None = None,
-          label_words: str | None = None, pooling: str = "mean", overwrite: bool = False,
-          report_to: list[str] | None = None):
-    """Train a prompt on a dataset; writes OUT/best and OUT/last (artifacts), metrics.jsonl, plot.png, checkpoints/.
-
-    Runs data-parallel unchanged under `torchrun --nproc-per-node N -m softprompt.cli train ...`
-    (or `accelerate launch`); --batch-size is the global batch.
-
-    Args:
-        data: training data: .jsonl ({input,output} / {prompt,completion} / {messages}), .csv/.tsv, or hf:NAME[:SPLIT]
-        out: run directory
-        method: prompt_tuning, prefix_tuning or p_tuning
-        base: a local HuggingFace model directory (default: the embedded model)
-        template: prompt template over a row's fields, e.g. "{mr} ||" (CSV needs it)
-        target: the target field (or a template with {field})
-        chat_template: wrap each prompt in the base model's chat template as a user turn
-        eval_data: held-out data in the same format (default: --eval-fraction of the training inputs)
-        eval_fraction: hold out this fraction of the distinct training inputs for evaluation
-        num_virtual_tokens: prompt length P
-        init: prompt tuning: vocab, random, text, tokens; prefix tuning: text or random (default: the method's best, see README)
-        init_text: the text for init=text (default: a generic task description)
-        projection_dim: prefix tuning's reparameterization MLP width (0: optimize the prefix directly; default 512, and 0 for an encoder classifier)
-        steps: optimizer steps
-        batch_size: rows per optimizer step, over all processes
-        micro_batch_size: rows per forward pass (gradient accumulation when smaller; 0: the whole batch)
-        lr: peak learning rate (default: per method, see README)
-        weight_decay: AdamW weight decay
-        warmup_steps: linear warmup steps
-        schedule: linear, cosine or constant decay after warmup
-        max_grad_norm: clip the gradient norm to this (0: no clipping)
-        seed: seed for initialization and data order
-        eval_every: evaluate every N steps (0: at the end only)
-        eval_generate: also generate for this many held-out inputs and score BLEU/ROUGE-L/exact match/accuracy
-        metric: eval_loss, bleu, rouge_l, exact_match or accuracy: picks OUT/best and drives early stopping
-        patience: stop after this many evaluations without improvement (0: never)
-        checkpoint_every: write a checkpoint every N steps (0: never)
-        keep_checkpoints: keep this many newest checkpoints
-        resume: continue from the newest good checkpoint in OUT/checkpoints
-        gradient_checkpointing: recompute activations in backward (less memory; works with prefix tuning)
-        max_length: rows longer than this many tokens (prompt + target) are bad rows
-        max_rows: read at most this many rows (0: all)
-        skip_bad_rows: skip and count bad rows instead of stopping at the first
-        progress: show a progress bar
-        lora: train on top of this PEFT LoRA adapter (directory, safetensors); the artifact is then refused on the bare base
-        merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
-        task: generate, or classify (needs --labels; --template renders the text, --target names the label column; default base: the embedded encoder all-MiniLM-L6-v2 with a head; --base smollm2 or a decoder directory: label words; --method head_only: the linear probe)
-        labels: classify: the class names, comma-separated (data labels are names or 0-based indices)
-        label_words: classify on a decoder: the word the model predicts per class (default: the label names)
-        pooling: classify on an encoder: mean or cls
-        overwrite: start afresh in an OUT that already holds files: the earlier run's files are removed (refused by default; --resume continues it instead)
-        report_to: experiment trackers: tensorboard, mlflow, wandb (repeat, or comma-separate); needs softprompt[tracking]
-    """
-    _prepare_run_dir(out, resume, overwrite)
-    args = dict(locals())
-    args.pop("overwrite")
-    if task != "generate":
-        from softprompt.runs.classify import train_from_cli
-
-        return train_from_cli(args)
-    for key in ("task", "labels", "label_words", "pooling"):
-        args.pop(key)
-    if args["projection_dim"] is None:
-        args["projection_dim"] = 512
-    from softprompt.runs.train import run_train
-
-    if args.pop("lora") is not None:  # load the adapted model here; run_train then uses it
-        args["model"], args["tokenizer"] = _load(base, lora, args.pop("merge_lora"))
-    args.pop("merge_lora", None)
-
-    run_train(**args)
-
-
-RUN_FILES = ("best", "last", "checkpoints", "metrics.jsonl", "run.json", "plot.png")
-
-
-def _prepare_run_dir(out: str, resume: bool, overwrite: bool) -> None:
-    """A run directory that holds anything is refused unless --resume (continue it) or --overwrite
-    (remove the earlier run's own files; other files are left alone)."""
-    import shutil
-
-    if resume or not os.path.isdir(out) or not os.listdir(out):
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise ValueError(f"{out} is a file; a training run needs a directory")
-        return
-    if not overwrite:
-        raise ValueError(f"{out} already holds files; pass --resume to continue its run, --overwrite to start "
-                         "afresh there (the earlier run's artifacts are removed), or choose a new OUT")
-    for name in RUN_FILES:
-        path = os.path.join(out, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
-
-
 def eval(adapter: str | None = None, data: str | None = None, base: str | None = None, template: str | None = None,
          target: str | None = None, chat_template: bool = False, max_new_tokens: int = 64, num_beams: int = 1,
          batch_size: int = 16, max_inputs: int = 0, skip_bad_rows: bool = False, predictions: str | None = None,
@@ -319,15 +222,21 @@ def eval(adapter: str | None = None, data: str | None = None, base: str | None =
         lora: a PEFT LoRA adapter directory (safetensors) applied to the base first, for prompts trained with --lora
         merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
     """
-    args = dict(locals())
     if adapter and adapter != "none":
-        from softprompt.runs.classify import eval_from_cli, is_classifier_path
+        from softprompt.runs.classify import is_classifier_path, run_eval_classify
 
         if is_classifier_path(adapter):  # a classifier: accuracy and macro-F1 instead of generation scores
-            return eval_from_cli(args)
+            if not data:
+                raise ValueError("--data PATH is required")
+            return run_eval_classify(adapter, data, base=base, template=template, label_field=target,
+                                     batch_size=batch_size, max_rows=max_inputs, skip_bad_rows=skip_bad_rows,
+                                     predictions=predictions, allow_other_base=allow_other_base, json=json)
     from softprompt.runs.train import run_eval
 
-    run_eval(**args)
+    run_eval(adapter=adapter, data=data, base=base, template=template, target=target, chat_template=chat_template,
+             max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, max_inputs=max_inputs,
+             skip_bad_rows=skip_bad_rows, predictions=predictions, allow_other_base=allow_other_base, json=json,
+             lora=lora, merge_lora=merge_lora)
 
 
 def demo(out: str = "out/demo", steps: int = 30, base: str | None = None, method: str = "prefix_tuning",
@@ -539,7 +448,7 @@ STORE_COMMANDS = {"add": store_add, "ls": store_ls, "show": store_show, "rm": st
                   "import": store_import, "gc": store_gc, "verify": store_verify, "compile": store_compile,
                   "migrate": store_migrate}
 
-COMMANDS = {"info": info, "init": init, "generate": generate, "export-peft": export_peft, "train": train,
+COMMANDS = {"info": info, "init": init, "generate": generate, "export-peft": export_peft, "train": "train",
             "eval": eval, "demo": demo, "store": STORE_COMMANDS, "serve": serve}
 
 
@@ -595,58 +504,331 @@ def card(adapter: str, out: str | None = None):
         print(f"wrote {out}", file=sys.stderr)
 
 
-def compare(data: str | None = None, out: str = "out/compare", base: str | None = None, template: str | None = None,
-            target: str | None = None, eval_data: str | None = None, eval_fraction: float = 0.2, steps: int = 50,
-            batch_size: int = 8, num_virtual_tokens: int = 20, lora_r: int = 8, lora_lr: float = 1e-3, seed: int = 0,
-            max_new_tokens: int = 16, tasks: int = 16, eval_inputs: int = 50, eval_max_new_tokens: int = 64,
-            progress: bool = True):
-    """Train prefix tuning, prompt tuning and LoRA (PEFT) on the same data and budget; report them side by side.
+COMMANDS.update({"inspect": inspect_, "card": card, "compare": "compare"})
 
-    Writes OUT/compare.json, OUT/compare.md (a markdown table) and OUT/compare.png, and prints the table.
 
-    Args:
-        data: training data (required; same formats as train)
-        out: output directory
-        base: a local HuggingFace model directory (default: the embedded model)
-        template: prompt template over a row's fields
-        target: the target field
-        eval_data: held-out data (default: --eval-fraction of the training data)
-        eval_fraction: held-out fraction when --eval-data is not given
-        steps: optimizer steps for every method
-        batch_size: rows per step for every method
-        num_virtual_tokens: P for the prompt methods
-        lora_r: LoRA rank (q_proj and v_proj)
-        lora_lr: LoRA learning rate (the prompt methods use their defaults)
-        seed: random seed
-        max_new_tokens: tokens generated per row when measuring tokens/s
-        tasks: rows (and distinct tasks, when mixed) in the tokens/s measurement
-        eval_inputs: distinct held-out inputs scored (eval_loss over all their references; BLEU and ROUGE-L of greedy outputs); 0: all
-        eval_max_new_tokens: at most this many new tokens per scored output
-        progress: a progress bar (with ETA) for each method's training, and a line per stage
-    """
-    if data is None:
-        raise ValueError("--data is required (training data; same formats as train)")
-    args = dict(locals())
+# -------------------------------------------------------------------------------------------
+# train and compare: flags generated from the run's configs (softprompt/runs/config.py) by jsonargparse.
+# Every field has its nested flag (--train.steps, --data.template, --prompt.num_virtual_tokens,
+# --model.base, --output.resume, --classify.labels) and, where the name is unambiguous, the short one
+# (--steps, --template, --num-virtual-tokens, --base, --resume, --labels). jsonargparse is imported
+# only when one of these commands' parser is built, so `softprompt --help` stays light.
+
+HELP = {
+    "train_data": "training data: .jsonl ({input,output} / {prompt,completion} / {messages}), .csv/.tsv, or "
+                  "hf:NAME[:SPLIT]",
+    "out": "run directory",
+    "task": "generate, or classify (needs --labels; --template renders the text, --target names the label column; "
+            "default base: the embedded encoder all-MiniLM-L6-v2 with a head; --base smollm2 or a decoder directory: "
+            "label words; --method head_only: the linear probe)",
+    "method": "prompt_tuning, prefix_tuning or p_tuning",
+    "eval_data": "held-out data in the same format (default: --eval-fraction of the training inputs)",
+    "eval_fraction": "hold out this fraction of the distinct training inputs for evaluation",
+    "base": "a local HuggingFace model directory (default: the embedded model)",
+    "device": "auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps",
+    "dtype": "the base model's precision: float32, bfloat16 or float16 (prompts stay float32)",
+    "quantize": "none, or int8: the base's Linear layers in int8 (CPU only; for serving and eval)",
+    "threads": "torch CPU threads (0: the cores not busy with other processes; see docs/devices.md)",
+    "lora": "train on top of this PEFT LoRA adapter (directory, safetensors); the artifact is then refused on the "
+            "bare base",
+    "merge_lora": "merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)",
+    "template": "prompt template over a row's fields, e.g. \"{mr} ||\" (CSV needs it)",
+    "target": "the target field (or a template with {field}); classify: the label column",
+    "chat_template": "wrap each prompt in the base model's chat template as a user turn",
+    "max_length": "rows longer than this many tokens (prompt + target) are bad rows",
+    "skip_bad_rows": "skip and count bad rows instead of stopping at the first",
+    "max_rows": "read at most this many rows (0: all)",
+    "delimiter": "CSV delimiter (default: \",\", or a tab for .tsv)",
+    "num_virtual_tokens": "prompt length P",
+    "projection_dim": "prefix tuning's reparameterization MLP width (0: optimize the prefix directly; an encoder "
+                      "classifier: 0 unless given)",
+    "init": "prompt tuning: vocab, random, text, tokens; prefix tuning: text or random (default: the method's best, "
+            "see README)",
+    "init_text": "the text for init=text (default: a generic task description)",
+    "init_tokens": "prompt tuning, init=tokens: the token ids, e.g. [12, 7, 99]",
+    "encoder": "P-tuning's prompt encoder: mlp or lstm",
+    "encoder_hidden_size": "P-tuning's encoder width (default: the model's hidden size)",
+    "seed": "seed for initialization and data order",
+    "steps": "optimizer steps",
+    "batch_size": "rows per optimizer step, over all processes",
+    "micro_batch_size": "rows per forward pass (gradient accumulation when smaller; 0: the whole batch)",
+    "lr": "peak learning rate (default: per method, see README)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_steps": "linear warmup steps",
+    "schedule": "linear, cosine or constant decay after warmup",
+    "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
+    "eval_every": "evaluate every N steps (0: at the end only)",
+    "eval_generate": "also generate for this many held-out inputs and score BLEU/ROUGE-L/exact match/accuracy",
+    "eval_max_new_tokens": "at most this many new tokens per generated output when scoring",
+    "metric": "eval_loss, bleu, rouge_l, exact_match or accuracy (classify: accuracy or f1): picks OUT/best and "
+              "drives early stopping",
+    "patience": "stop after this many evaluations without improvement (0: never)",
+    "checkpoint_every": "write a checkpoint every N steps (0: never)",
+    "keep_checkpoints": "keep this many newest checkpoints",
+    "gradient_checkpointing": "recompute activations in backward (less memory; works with prefix tuning)",
+    "log_every": "log a metrics row every N steps",
+    "overwrite": "start afresh in an OUT that already holds files: the earlier run's files are removed (refused by "
+                 "default; --resume continues it instead)",
+    "resume": "continue from the newest good checkpoint in OUT/checkpoints",
+    "report_to": "experiment trackers: tensorboard, mlflow, wandb (repeat, or comma-separate); needs "
+                 "softprompt[tracking]",
+    "progress": "show a progress bar",
+    "labels": "classify: the class names, comma-separated (data labels are names or 0-based indices)",
+    "label_words": "classify on a decoder: the word the model predicts per class, comma-separated (default: the "
+                   "label names)",
+    "pooling": "classify on an encoder: mean or cls",
+    # compare's own
+    "lora_r": "LoRA rank (q_proj and v_proj)",
+    "lora_lr": "LoRA learning rate (the prompt methods use their defaults)",
+    "max_new_tokens": "tokens generated per row when measuring tokens/s",
+    "tasks": "rows (and distinct tasks, when mixed) in the tokens/s measurement",
+    "eval_inputs": "distinct held-out inputs scored (eval_loss over all their references; BLEU and ROUGE-L of greedy "
+                   "outputs); 0: all",
+}
+SUMMARY = {
+    "train": "Train a prompt on a dataset; writes OUT/best and OUT/last (artifacts), metrics.jsonl, plot.png, "
+             "checkpoints/ and run.json.\n\nRuns data-parallel unchanged under `torchrun --nproc-per-node N -m "
+             "softprompt.cli train ...` (or `accelerate launch`); --batch-size is the global batch. Options are the "
+             "run's config (RunConfig): --config FILE reads one (YAML or JSON, e.g. an earlier run's run.json), flags "
+             "override it.",
+    "compare": "Train prefix tuning, prompt tuning and LoRA (PEFT) on the same data and budget; report them side by "
+               "side.\n\nWrites OUT/compare.json, OUT/compare.md (a markdown table) and OUT/compare.png, and prints "
+               "the table.",
+}
+# compare takes these of the run's options, under their short names (as it always has)
+COMPARE_RUN_OPTIONS = ("base", "device", "dtype", "quantize", "threads", "template", "target", "eval_data",
+                       "eval_fraction", "steps", "batch_size", "num_virtual_tokens", "seed", "progress")
+RENAMED = {}  # flags that no longer exist: old -> the new one (each named in a one-line error)
+
+
+class _Accumulate(argparse.Action):
+    """A repeatable, comma-separable list flag (--report-to a,b --report-to c)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        held = namespace.get(self.dest) if hasattr(namespace, "get") else getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, list(held or []) + [v.strip() for v in values.split(",") if v.strip()])
+
+
+def _run_options() -> list[tuple[str, str | None, object, object]]:
+    """(dest, short name or None, type, default) for every option of a training run."""
+    from dataclasses import fields
+
+    from softprompt.runs.config import SECTIONS, RunConfig, flat_names, prompt_fields
+
+    hints = typing.get_type_hints(RunConfig)
+    flat = flat_names()
+    opts = [(name, name, hints[name], getattr(RunConfig, name)) for name in ("task", "method", "eval_data",
+                                                                              "eval_fraction")]
+    for section, cls in SECTIONS.items():
+        h = typing.get_type_hints(cls)
+        for f in fields(cls):
+            short = f.name if flat.get(f.name) == (section, f.name) else None
+            opts.append((f"{section}.{f.name}", short, h[f.name], f.default))
+    for name, (tp, per_method) in prompt_fields().items():
+        short = name if flat.get(name) == ("prompt", name) else None
+        opts.append((f"prompt.{name}", short, tp, None))  # None: the chosen method's default
+    return opts
+
+
+def _method_default(name: str) -> str:
+    from softprompt.runs.config import prompt_fields
+
+    per = prompt_fields()[name][1]
+    values = {v for v in per.values()}
+    if len(values) == 1:
+        return f"the method's; {next(iter(values))}" if None not in values else "the method's"
+    return "the method's; " + ", ".join(f"{m}: {v}" for m, v in per.items())
+
+
+def _add_option(p, dest: str, flags: list[str], tp, default, help_text: str) -> None:
+    base, is_list = _base_type(tp)
+    name = dest.rsplit(".", 1)[-1]
+    if dest.startswith("prompt.") and "default" not in help_text.lower():
+        help_text = f"{help_text} (default: {_method_default(name)})"
+    if base is bool:
+        p.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+    elif typing.get_origin(base) is tuple or is_list:
+        if name == "init_tokens":
+            p.add_argument(*flags, dest=dest, type=tp, default=default, help=help_text)
+        else:
+            p.add_argument(*flags, dest=dest, action=_Accumulate, default=None if not default else list(default),
+                           help=help_text, metavar=name.upper())
+    else:
+        extra = {"choices": CHOICES[name]} if name in CHOICES else {"metavar": name.upper()}
+        p.add_argument(*flags, dest=dest, type=typing.Optional[base] if default is None else base, default=default,
+                       help=help_text, **extra)
+
+
+def config_parser(command: str):
+    """The parser of `train` or `compare`, built from the run's configs (jsonargparse)."""
+    from jsonargparse import ArgumentParser, DefaultHelpFormatter
+
+    class Formatter(DefaultHelpFormatter, _HelpFormatter):
+        def _get_help_string(self, action):
+            return _HelpFormatter._get_help_string(self, action)
+
+    class Parser(ArgumentParser):
+        def error(self, message, *args, **kwargs):
+            _Parser.error(self, str(message))
+
+    p = Parser(prog=f"softprompt {command}", description=SUMMARY[command], formatter_class=Formatter,
+               exit_on_error=False)
+    p.add_argument("--config", dest="_config", metavar="FILE",
+                   help="a YAML or JSON file of this command's options (a run's run.json, or flat names such as "
+                        "num_virtual_tokens); flags given on the command line override it")
+    options = _run_options()
+    if command == "train":
+        p.add_argument("train_data", nargs="?", metavar="DATA", help=HELP["train_data"])
+        p.add_argument("output.out", nargs="?", metavar="OUT", help=HELP["out"])
+        for dest, short, tp, default in options:
+            if dest == "output.out":
+                continue
+            flags = [f"--{dest}"] + ([f"--{short.replace('_', '-')}"] if short else [])
+            if dest in ("task", "method", "eval_data", "eval_fraction"):
+                flags = [f"--{dest.replace('_', '-')}"]
+            _add_option(p, dest, flags, tp, default, HELP.get(short or dest.rsplit(".", 1)[-1], ""))
+        return p
+    from dataclasses import fields
+
+    from softprompt.runs.config import RUN_DEFAULTS, CompareConfig
+
+    p.add_argument("--data", dest="train_data", type=typing.Optional[str], default=None,
+                   help="training data (required; same formats as train)")
+    p.add_argument("--out", dest="out", type=str, default=RUN_DEFAULTS["out"], help="output directory")
+    for dest, short, tp, default in options:  # flat names: compare's flags are the ones it always had
+        if short in COMPARE_RUN_OPTIONS:
+            _add_option(p, short, [f"--{short.replace('_', '-')}"], tp, RUN_DEFAULTS.get(short, default), HELP[short])
+    hints = typing.get_type_hints(CompareConfig)
+    for f in fields(CompareConfig):
+        if f.name != "run":
+            _add_option(p, f.name, [f"--{f.name.replace('_', '-')}"], hints[f.name], f.default, HELP[f.name])
+    return p
+
+
+def _file_flags(parser, command: str, path: str) -> list[str]:
+    """The options of `--config FILE` as flags (checked by the same parser as the command line's);
+    the positionals DATA and OUT become the parser's defaults."""
+    from softprompt.runs.config import nest
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror or e}") from None
+    try:
+        if path.endswith(".json"):
+            values = jsonlib.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as e:  # a parse error names the line
+        raise ValueError(f"--config {path} does not parse: {' '.join(str(e).split())}") from None
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a mapping of option names to values")
+    if command == "compare":  # compare's options are flat, as its flags
+        flat = {("train_data" if k == "data" else k): v for k, v in values.items()}
+    else:
+        try:
+            nested = nest(values)
+        except ValueError as e:
+            raise ValueError(f"--config {path}: {e}") from None
+        flat = {}
+        for key, value in nested.items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+    dests = {a.dest: a for a in parser._actions}
+    flags, defaults = [], {}
+    for dest, value in flat.items():
+        action = dests.get(dest)
+        if action is None:
+            if value in (None, False, [], {}):
+                continue  # an option this command does not take, left at nothing: no harm
+            raise ValueError(f"--config {path}: no option {dest!r} for `softprompt {command}`")
+        if not action.option_strings or dest in ("output.out", "train_data"):
+            defaults[dest] = value
+        elif value is None:
+            continue
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            flags.append(action.option_strings[0] if value else f"--no-{action.option_strings[0][2:]}")
+        elif isinstance(action, _Accumulate):
+            flags += [action.option_strings[0], ",".join(map(str, value if isinstance(value, (list, tuple))
+                                                              else [value]))]
+        elif isinstance(value, (list, tuple, dict)):
+            flags += [action.option_strings[0], jsonlib.dumps(value)]
+        else:
+            flags += [action.option_strings[0], str(value)]
+    if defaults:
+        parser.set_defaults(defaults)
+    return flags
+
+
+def _config_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(--config FILE, the rest) from a command's words."""
+    rest, path, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            path, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--config="):
+            path = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    return path, rest
+
+
+def parse_config_command(command: str, argv: list[str]):
+    """`softprompt train|compare ...` -> a RunConfig (train) or a CompareConfig (compare)."""
+    parser = config_parser(command)
+    path, rest = _config_argv(argv)
+    for word in rest:
+        old = word.split("=", 1)[0]
+        if old in RENAMED:
+            raise ValueError(f"{old} is now {RENAMED[old]}")
+    flags = _file_flags(parser, command, path) if path else []
+    ns = parser.parse_args(flags + rest).as_dict()
+    ns.pop("_config", None)
+    return build_config(command, ns)
+
+
+def build_config(command: str, d: dict):
+    from softprompt.runs.config import RunConfig
+
+    if command == "compare":
+        from softprompt.runs.config import CompareConfig
+
+        own = {k: d.pop(k) for k in list(d) if k in CompareConfig.__dataclass_fields__}
+        return CompareConfig(run=RunConfig.from_dict({k: v for k, v in d.items() if v is not None}), **own)
+    if d.get("train_data") is None or (d.get("output") or {}).get("out") is None:
+        raise ValueError("DATA and OUT are required (or --config FILE naming them, e.g. a run's run.json)")
+    d["prompt"] = {k: v for k, v in (d.get("prompt") or {}).items() if v is not None}
+    if d.get("task") != "classify":
+        d.pop("classify", None)
+    return RunConfig.from_dict(d)
+
+
+def run_config_command(command: str, cfg) -> None:
+    if command == "train":
+        from softprompt.runs.train import run_train
+
+        run_train(cfg)
+        return
     from softprompt.runs.compare import run_compare
 
-    model, tok = _load(base)
-    report = run_compare(**args, model=model, tokenizer=tok)
+    out = cfg.run.output.out
+    report = run_compare(cfg)
     print(open(os.path.join(out, "compare.md")).read(), end="")
     print(f"wrote {out}/compare.json, compare.md and compare.png ({len(report['rows'])} methods)", file=sys.stderr)
-
-
-COMMANDS.update({"inspect": inspect_, "card": card, "compare": compare})
 
 
 # Where and how a command's model runs: every command that loads a model takes these flags; `main`
 # applies them once (softprompt.core.device.set_defaults, set_threads), so every loader below it, also in
 # the jobs that load their own model (train, eval, demo, classify), picks them up.
-MODEL_FLAGS = {
-    "device": (str, "auto", "auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps"),
-    "dtype": (str, "float32", "the base model's precision: float32, bfloat16 or float16 (prompts stay float32)"),
-    "quantize": (str, "none", "none, or int8: the base's Linear layers in int8 (CPU only; for serving and eval)"),
-    "threads": (int, 0, "torch CPU threads (0: the cores not busy with other processes; see docs/devices.md)"),
-}
+MODEL_FLAGS = {name: (type(getattr(ModelConfig, name)), getattr(ModelConfig, name), HELP[name])
+               for name in ("device", "dtype", "quantize", "threads")}
 LOADS_MODEL = {"info", "init", "generate", "export-peft", "train", "eval", "demo", "serve", "inspect", "compare",
                "store add", "store import"}
 
@@ -726,6 +908,10 @@ def build_parser() -> argparse.ArgumentParser:
                 dest="_sub", required=True)
             for subname, subfn in fn.items():
                 _add_command(group, subname, subfn, f"{name} {subname}")
+        elif isinstance(fn, str):  # built from the run's configs when the command runs (config_parser)
+            p = sub.add_parser(name, help=SUMMARY[name].splitlines()[0], add_help=False, prefix_chars="\0")
+            p.add_argument("_argv", nargs=argparse.REMAINDER)
+            p.set_defaults(_fn=fn, _name=name)
         else:
             _add_command(sub, name, fn, name)
     return parser
@@ -771,9 +957,27 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args["_name"], str(e))
     args.pop("_config", None)
     fn, name = args.pop("_fn"), args.pop("_name")
+    if isinstance(fn, str):  # train, compare: their options are a RunConfig's, parsed before anything heavy
+        try:
+            cfg = parse_config_command(name, args["_argv"])
+        except SystemExit as e:  # --help (0) or a usage error (2), already printed
+            return e.code if isinstance(e.code, int) else 2
+        except ValueError as e:
+            return _fail(name, str(e))
+        return _run(name, run_config_command, name, cfg)
     args.pop("command")
     args.pop("_sub", None)
     flags = {k: args.pop(k) for k in MODEL_FLAGS if k in args and k not in inspect.signature(fn).parameters}
+    return _run(name, _call, fn, args, flags)
+
+
+def _call(fn, args: dict, flags: dict) -> None:
+    _apply_model_flags(flags)
+    fn(**args)
+
+
+def _run(name: str, fn, *args) -> int:
+    """Run a command; every failure is one line on stderr and exit status 2."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -782,8 +986,9 @@ def main(argv: list[str] | None = None) -> int:
     from softprompt.io.peft import PeftFormatError
 
     try:
-        _apply_model_flags(flags)
-        fn(**args)
+        fn(*args)
+    except SystemExit as e:  # --help (0) or a usage error (2) of a command's own parser, already printed
+        return e.code if isinstance(e.code, int) else 2
     except (ArtifactError, BaseModelError, PeftFormatError, ValueError) as e:
         return _fail(name, str(e))
     except OSError as e:  # a path that cannot be written or read: the OS's reason and the path

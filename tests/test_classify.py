@@ -21,7 +21,7 @@ from softprompt.core.geometry import geometry
 from softprompt.families.encoder import encode, pool
 from softprompt.io.artifact import ArtifactError, load_artifact, save_artifact
 from softprompt.io.classifier import load_classifier
-from softprompt.loops.train import TrainConfig, Trainer
+from softprompt.loops.train import TrainConfig, Trainer, TrainerOutput
 from softprompt.methods import PrefixTuning, PromptTuning
 
 
@@ -165,8 +165,8 @@ def test_loss_falls_and_accuracy_is_reported(kind, tmp_path):
         clf = VerbalizerClassifier(prompt, ["no", "yes"], ["ca", "ce"], [[word_id("ca")], [word_id("ce")]])
         data, lr = toy_data(False), 3e-1  # a random 2-layer LM moves slowly
     cfg = TrainConfig(steps=40, batch_size=16, lr=lr, metric="accuracy", eval_every=40, schedule="constant")
-    trainer = Trainer(model, tok, clf, data, cfg, out=tmp_path / "run", eval_data=data,
-                      objective=ClassificationObjective(), save=save_artifact)
+    trainer = Trainer(model, tok, clf, data, cfg, data, objective=ClassificationObjective(),
+                      output=TrainerOutput(tmp_path / "run", save_artifact))
     res = trainer.run()
     losses = [r["loss"] for r in res.history]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5

@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
-from softprompt.runs.compare import markdown, run_compare
+from softprompt.runs.compare import CompareConfig, markdown, run_compare
+from softprompt.runs.config import RunConfig
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,10 @@ def run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         # each training run's own loss plot (train.py's, tested there) is half of this test's time
         mp.setattr("softprompt.loops.train.plot_history", lambda *a, **k: None)
-        rep = run_compare(str(train), str(tmp / "out"), eval_data=str(heldout), steps=2, batch_size=2,
-                          num_virtual_tokens=2, lora_r=2, max_new_tokens=2, tasks=2, eval_inputs=2,
-                          eval_max_new_tokens=3, model=model, tokenizer=tok)
+        run = RunConfig.of(train_data=str(train), out=str(tmp / "out"), eval_data=str(heldout), steps=2,
+                           batch_size=2, num_virtual_tokens=2, progress=False)
+        rep = run_compare(CompareConfig(run, lora_r=2, max_new_tokens=2, tasks=2, eval_inputs=2,
+                                        eval_max_new_tokens=3), model, tok)
     return rep, tmp / "out", model, tok
 
 

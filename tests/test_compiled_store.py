@@ -11,6 +11,7 @@ from softprompt import methods
 from softprompt.cli import main
 from softprompt.core.geometry import model_fingerprint
 from softprompt.io.artifact import ArtifactError, save_artifact
+from softprompt.methods.base import KVPrefix
 from softprompt.store import compiled
 from softprompt.store import core as store_mod
 from softprompt.store.core import Store, StoreError
@@ -200,7 +201,7 @@ def test_a_read_prefix_is_its_own_tensor_in_every_serving_dtype(tmp_path, dtype)
     view) stays alive with it in the prefix cache, and the bytes are exactly those written."""
     store = Store(tmp_path / "s")
     kv = torch.randn(2, 2, 3, 5, 4).to(dtype)
-    path = compiled.publish(store, "ab" * 32, "sha256:" + "cd" * 32, kv)
+    path = compiled.publish(store, "ab" * 32, "sha256:" + "cd" * 32, KVPrefix(kv))
     want = compiled._row(store, "ab" * 32, "sha256:" + "cd" * 32, dtype)
     compiled._verified.clear()
     for _ in range(2):  # hashed, then trusted

@@ -120,9 +120,17 @@ def test_bfloat16_mixed_batch_rows_equal_rows_alone(arch):
 def test_every_model_command_takes_the_device_flags(capsys):
     from softprompt.cli import LOADS_MODEL, build_parser, main
 
+    from softprompt.cli import parse_config_command
+
     parser = build_parser()
     for name in sorted(LOADS_MODEL):
         words = name.split()
+        if name in ("train", "compare"):  # a RunConfig's model part
+            cfg = parse_config_command(name, _positionals(name) + ["--device", "cpu", "--dtype", "bfloat16",
+                                                                   "--quantize", "none", "--threads", "1"])
+            m = (cfg if name == "train" else cfg.run).model
+            assert (m.device, m.dtype, m.quantize, m.threads) == ("cpu", "bfloat16", "none", 1), name
+            continue
         args = vars(parser.parse_args([*words, *["x"] * 3][:len(words)] + _positionals(name) +
                                       ["--device", "cpu", "--dtype", "bfloat16", "--quantize", "none", "--threads", "1"]))
         assert (args["device"], args["dtype"], args["quantize"], args["threads"]) == ("cpu", "bfloat16", "none", 1), name

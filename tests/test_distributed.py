@@ -74,6 +74,7 @@ def test_two_processes_split_the_batch_and_equal_one(tmp_path, monkeypatch):
     # The same run in one process, watched the same way.
     import softprompt.loops.train as T
     from softprompt.io.load import load_base
+    from softprompt.runs.config import RunConfig
     from softprompt.runs.train import run_train
 
     seen, grads = [], []
@@ -94,8 +95,9 @@ def test_two_processes_split_the_batch_and_equal_one(tmp_path, monkeypatch):
     monkeypatch.setattr(T.CausalLMObjective, "loss", watched_loss)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", watched_clip)
     model, tok = load_base(base)
-    run_train(str(data), str(tmp_path / "one"), method="prefix_tuning", projection_dim=8, num_virtual_tokens=2,
-              steps=4, batch_size=8, lr=0.01, checkpoint_every=0, progress=False, model=model, tokenizer=tok)
+    run_train(RunConfig.of(train_data=str(data), out=str(tmp_path / "one"), method="prefix_tuning", projection_dim=8,
+                           num_virtual_tokens=2, steps=4, batch_size=8, lr=0.01, checkpoint_every=0, progress=False),
+              model, tok)
     monkeypatch.undo()
 
     # Each step: the two processes take disjoint halves of 4 rows, together the 8 rows one process takes.
@@ -110,10 +112,9 @@ def test_two_processes_split_the_batch_and_equal_one(tmp_path, monkeypatch):
     # sum, and equals the one process's full-batch gradient.
     from softprompt import methods
     from softprompt.loops.data import DataConfig, read_examples, tokenize
-    from softprompt.runs.train import method_options
 
     assert all(torch.equal(ranks[0]["init"][k], ranks[1]["init"][k]) for k in ranks[0]["init"])
-    prompt = methods.create("prefix_tuning", model, tok, **method_options("prefix_tuning", 2, None, None, 8, 0))
+    prompt = methods.create("prefix_tuning", model, tok, num_virtual_tokens=2, projection_dim=8, seed=0)
     prompt.load_state_dict(ranks[0]["init"])
     prompt.train()
     td = tokenize(read_examples(str(data), DataConfig()), tok, DataConfig())

@@ -47,6 +47,8 @@ def _options(parser) -> dict[str, set[str]]:
     out = {}
     for action in parser._subparsers._group_actions:
         for name, sub in action.choices.items():
+            if name in ("train", "compare"):  # built from the run's configs
+                sub = __import__("softprompt.cli", fromlist=["config_parser"]).config_parser(name)
             if name == "store":
                 for sname, ssub in sub._subparsers._group_actions[0].choices.items():
                     out[f"store {sname}"] = {o for a in ssub._actions for o in a.option_strings}

@@ -159,13 +159,14 @@ def test_cli_inspect_and_card(tmp_path, capsys, monkeypatch):
 
 
 def test_card_of_a_training_run(tmp_path):
+    from softprompt.runs.config import RunConfig
     from softprompt.runs.train import run_train
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"input": "ba be", "output": "bo"}) + "\n" for _ in range(4)))
-    run_train(str(data), str(tmp_path / "run"), method="prompt_tuning", num_virtual_tokens=2, steps=2, batch_size=2,
-              checkpoint_every=0, progress=False, model=model, tokenizer=tok)
+    run_train(RunConfig.of(train_data=str(data), out=str(tmp_path / "run"), method="prompt_tuning",
+                           num_virtual_tokens=2, steps=2, batch_size=2, checkpoint_every=0, progress=False), model, tok)
     md = model_card(tmp_path / "run" / "best")
     assert "# run/best" in md and "## Training hyperparameters" in md and "| lr |" in md and "d.jsonl" in md
 

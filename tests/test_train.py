@@ -19,7 +19,8 @@ from softprompt import methods
 from softprompt.io.artifact import load_artifact, read_card, save_artifact
 from softprompt.loops.checkpoint import TENSORS, latest_checkpoint, list_checkpoints
 from softprompt.loops.data import TokenizedData, collate
-from softprompt.loops.train import TrainConfig, Trainer, TrainingError, gradient_checkpointing, lr_at, target_loss
+from softprompt.loops.train import (TrainConfig, Trainer, TrainerOutput, TrainingError, gradient_checkpointing, lr_at,
+                                    target_loss)
 
 METHODS = [("prefix_tuning", dict(projection_dim=16)), ("prefix_tuning", dict(projection_dim=0)),
            ("prompt_tuning", {}), ("p_tuning", dict(encoder_hidden_size=16))]
@@ -82,7 +83,7 @@ def make_trainer(out=None, steps=6, micro=0, method="prefix_tuning", **kw):
     cfg = TrainConfig(steps=steps, batch_size=4, micro_batch_size=micro, lr=1e-2, warmup_steps=2, seed=5,
                       **kw)
     data = toy_data()
-    return Trainer(model, None, prompt, data, cfg, out=out, eval_data=toy_data(6, seed=9), save=save_artifact)
+    return Trainer(model, None, prompt, data, cfg, toy_data(6, seed=9), output=TrainerOutput(out, save_artifact))
 
 
 def test_training_lowers_the_loss_and_accumulation_matches(tmp_path):
@@ -244,11 +245,13 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "resumed from step 2" in out.stderr
     from softprompt.io.load import load_base
+    from softprompt.runs.config import RunConfig
     from softprompt.runs.train import run_train
 
     model, tok = load_base(base)  # the uninterrupted run, in this process
-    run_train(str(data), str(tmp_path / "ref"), method="prefix_tuning", projection_dim=8, num_virtual_tokens=2,
-              steps=8, batch_size=4, checkpoint_every=0, lr=0.01, progress=False, model=model, tokenizer=tok)
+    run_train(RunConfig.of(train_data=str(data), out=str(tmp_path / "ref"), method="prefix_tuning", projection_dim=8,
+                           num_virtual_tokens=2, steps=8, batch_size=4, checkpoint_every=0, lr=0.01, progress=False),
+              model, tok)
     losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa
     assert len(losses("run")) == len(losses("ref")) == 8 and not math.isnan(losses("run")[-1])
     # exact in one process (test_resume_equals_uninterrupted_run_exactly); across processes, thread counts may

@@ -95,10 +95,11 @@ def read_classification(path, labels: list[str], template: str | None = None, la
     return out, template
 
 
-def tokenize_classification(examples: list[Example], tokenizer, encoder: bool, max_length: int = 512,
+def tokenize_classification(examples: list[Example], tokenizer, encoder: bool, max_length: int | None = None,
                             skip_bad_rows: bool = False, bad: BadRows | None = None) -> ClassificationData:
     """Encoders get [CLS] text [SEP] (the tokenizer's special tokens), decoders the bare text (as the
-    generation data). A row over `max_length` tokens is a bad row."""
+    generation data). A row over `max_length` tokens (None: DataConfig's default) is a bad row."""
+    max_length = DataConfig.max_length if max_length is None else max_length
     ids, labels, kept = [], [], []
     for ex in examples:
         t = tokenizer(ex.prompt, add_special_tokens=encoder)["input_ids"]

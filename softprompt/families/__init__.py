@@ -21,6 +21,9 @@ FAMILIES = {  # name -> "module:Class", imported on first use (most processes ne
     "encoder": "softprompt.families.encoder:EncoderFamily",
     "causal_lm": "softprompt.families.causal:CausalFamily",  # last: what every other decoder is
 }
+# What a card without `model_family` was made for (cards written before seq2seq support are all
+# decoder prompts), and the family of an in-memory prompt whose class names none (the decoder methods)
+UNNAMED = "causal_lm"
 _loaded: dict[str, Family] = {}
 
 
@@ -44,4 +47,14 @@ def family_of(model_or_config) -> Family:
     raise AssertionError("the causal family matches every config")  # pragma: no cover
 
 
-__all__ = ["FAMILIES", "Family", "FamilyRefusal", "family_named", "family_of"]
+def card_family(card: dict) -> str:
+    """The family a card's prompt was made for (`model_family`, recorded by every writer since it existed)."""
+    return card.get("model_family") or UNNAMED
+
+
+def prompt_family(prompt) -> str:
+    """The family an in-memory prompt was made for: its class's `family`, else its card's."""
+    return getattr(prompt, "family", None) or card_family(getattr(prompt, "card", None) or {})
+
+
+__all__ = ["FAMILIES", "Family", "FamilyRefusal", "card_family", "family_named", "family_of", "prompt_family"]

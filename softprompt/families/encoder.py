@@ -52,10 +52,7 @@ class EncoderFamily(Family):
     def matches(config) -> bool:
         return is_encoder_config(config)
 
-    def geometry(self, model):
-        from softprompt.core.geometry import geometry
-
-        return geometry(model)
+    steps = {"geometry": "softprompt.core.geometry:geometry", "create": "softprompt.methods:create"}
 
     def methods(self) -> dict:
         from softprompt.methods import METHODS
@@ -64,11 +61,6 @@ class EncoderFamily(Family):
 
     def accepts_card_family(self, name: str) -> bool:
         return name in (self.name, "causal_lm")  # cards written before this family existed say causal_lm
-
-    def create(self, method, model, tokenizer=None, **options):
-        from softprompt.methods import create
-
-        return create(method, model, tokenizer, **options)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from safetensors.torch import save as st_save
 from softprompt import __version__
 from softprompt.core.atomic import fsync_write, staged_dir, write_file
 from softprompt.core.geometry import model_fingerprint
-from softprompt.families import family_of
+from softprompt.families import card_family, family_of
 from softprompt.io.card_schema import CardError, check_card_fields
 from softprompt.methods import METHODS, PromptMethod
 
@@ -174,8 +174,9 @@ def check_card(card: dict, path: Path) -> None:
                             f"({card.get('library_version')}); this is {__version__}, which reads up to version "
                             f"{FORMAT_VERSION}: upgrade softprompt")
     method = card.get("method")
-    if not isinstance(method, str) or (method not in METHODS
-                                       and not (card.get("task") == "classify" and method == "head_only")):
+    # a classifier may be its head alone, with no prompt: its method then names the classifier (io/classifier.py)
+    prompt_less = card.get("task") == "classify" and card.get("num_virtual_tokens") == 0
+    if not isinstance(method, str) or (method not in METHODS and not prompt_less):
         raise ArtifactError(f"{path}: unknown method {method!r}; this softprompt knows "
                             f"{', '.join(sorted(METHODS))}: upgrade softprompt or check the card")
     try:
@@ -228,7 +229,7 @@ def load_artifact(path: str | os.PathLike, model, *, allow_other_base: bool = Fa
         raise ArtifactError(f"{path} is a classifier (an encoder with a head, labels "
                             f"{card['classifier'].get('labels')}), not a prompt for generation: use `softprompt eval "
                             "--adapter` on classification data, POST /v1/classify, or softprompt.classify.load_classifier")
-    family = card.get("model_family", "causal_lm")  # cards before seq2seq support are all decoder prompts
+    family = card_family(card)
     fam = family_of(model)
     base_family = fam.name
     if not fam.accepts_card_family(family):

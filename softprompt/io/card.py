@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from softprompt.families import card_family, family_named
 from softprompt.io.artifact import read_card
 
 METHOD_NAMES = {"prompt_tuning": "prompt tuning (Lester et al. 2021)",
@@ -80,8 +81,9 @@ def model_card(path: str | os.PathLike) -> str:
     tensors = {k: f"{v['shape']} {v['dtype']}" for k, v in (card.get("tensors") or {}).items()}
     rows = {"method": method, "virtual tokens (P)": P, **{f"tensor {k}": v for k, v in tensors.items()},
             "artifact bytes (tensors)": f"{card.get('bytes') or 0:,}", "tensor sha256": card.get("tensor_sha256")}
-    if geo and method == "prefix_tuning":
-        rows["KV prefix"] = f"({geo.get('num_layers')}, 2, {geo.get('num_key_value_heads')}, {P}, {geo.get('head_dim')})"
+    serving = family_named(card_family(card)).describe_prefix(card)
+    if serving:
+        rows["KV prefix"] = serving
     lines += _table(rows) + [""]
     lines += ["## Configuration", ""] + _table(card.get("config") or {}, ("option", "value")) + [""]
     run, last = _run_info(path)

@@ -71,7 +71,7 @@ def check_card_fields(card: dict) -> None:
     """Raise CardError (one line, naming the field) unless every known field has its type.
     format, format_version and method are checked by the caller (artifact.check_card)."""
     n = card.get("num_virtual_tokens")
-    lowest = 0 if card.get("method") == "head_only" else 1  # a linear probe has no prompt
+    lowest = 0 if card.get("task") == "classify" else 1  # a classifier may be its head alone, with no prompt
     if not _int(n) or not lowest <= n <= MAX_VIRTUAL_TOKENS:
         raise CardError(f"card field 'num_virtual_tokens' must be an integer in [{lowest}, {MAX_VIRTUAL_TOKENS}], "
                         f"got {_show(n)}")

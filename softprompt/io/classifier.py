@@ -47,7 +47,10 @@ def load_classifier(path: str | os.PathLike, model, *, allow_other_base: bool = 
     prompt_tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
     prompt = None
     if method != HEAD_ONLY:
-        cls = METHODS[method]
+        cls = METHODS.get(method)
+        if cls is None:
+            raise ArtifactError(f"{path}: unknown classifier method {method!r}; this softprompt knows "
+                                f"{', '.join(sorted([*METHODS, HEAD_ONLY]))}: upgrade softprompt or check the card")
         want = {k: tuple(v) for k, v in cls.expected_shapes(geo, int(card["num_virtual_tokens"])).items()}
         have = {k: tuple(t.shape) for k, t in prompt_tensors.items()}
         if want != have:

@@ -20,25 +20,14 @@ from safetensors.torch import load_file, save_file
 from softprompt.core.atomic import fsync_write, staged_dir
 from softprompt.core.geometry import geometry
 from softprompt.families import FAMILIES, family_named, family_of
-from softprompt.methods import PrefixTuning, PromptMethod, PromptTuning, PTuning
+from softprompt.methods import PromptMethod
+from softprompt.methods.prefix_tuning import kv_to_peft, peft_to_kv  # noqa: F401  (PEFT's layout, named here too)
 
 PEFT_TYPES = {"PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}
 
 
 class PeftFormatError(ValueError):
     """A PEFT adapter we cannot use; the message says why."""
-
-
-def kv_to_peft(kv: torch.Tensor) -> torch.Tensor:
-    """(L, 2, H, P, D) -> PEFT's (P, L*2*H*D)."""
-    L, two, H, P, D = kv.shape
-    return kv.permute(3, 0, 1, 2, 4).reshape(P, L * two * H * D)
-
-
-def peft_to_kv(emb: torch.Tensor, num_layers: int, num_heads: int, head_dim: int) -> torch.Tensor:
-    """PEFT's (P, L*2*H*D) -> (L, 2, H, P, D) (PEFT views it as (P, L*2, H, D), layer-major)."""
-    P = emb.shape[0]
-    return emb.reshape(P, num_layers, 2, num_heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
 
 
 def is_peft_dir(path: str | os.PathLike) -> bool:
@@ -79,29 +68,12 @@ def import_peft(path: str | os.PathLike, model) -> PromptMethod:
     if "prompt_embeddings" not in tensors:
         raise PeftFormatError(f"{tensor_file} has no 'prompt_embeddings' tensor (found {sorted(tensors)})")
     emb = tensors["prompt_embeddings"].float()
-    if not base.flat_prefix:  # the family's own layout (an encoder-decoder's four parts)
-        return base.import_peft(path, cfg, emb, model)
-    geo = geometry(model)
-    P = int(cfg.get("num_virtual_tokens") or emb.shape[0])
-    if (cfg.get("num_transformer_submodules") or 1) != 1:
-        raise PeftFormatError(f"{path}: adapters for encoder-decoder models are not supported yet")
-    config = {"num_virtual_tokens": P, "source": "peft", "peft_type": peft_type}
-    if peft_type == "PREFIX_TUNING":
-        want = (P, geo.num_layers * 2 * geo.kv_dim)
-        if tuple(emb.shape) != want or cfg.get("num_layers") not in (None, geo.num_layers):
-            raise PeftFormatError(
-                f"{path}: prefix of shape {tuple(emb.shape)} (num_layers={cfg.get('num_layers')}, "
-                f"num_attention_heads={cfg.get('num_attention_heads')}) does not fit this model, which needs {want} "
-                f"({geo.num_layers} layers x 2 x {geo.num_key_value_heads} KV heads x {geo.head_dim})")
-        prompt = PrefixTuning.from_export(geo, config, {"prefix": peft_to_kv(
-            emb, geo.num_layers, geo.num_key_value_heads, geo.head_dim)})
-    else:
-        if tuple(emb.shape) != (P, geo.hidden_size):
-            raise PeftFormatError(f"{path}: prompt embeddings of shape {tuple(emb.shape)} do not fit this model, "
-                                  f"which needs ({P}, {geo.hidden_size})")
-        cls = PromptTuning if peft_type == "PROMPT_TUNING" else PTuning
-        prompt = cls.from_export(geo, config, {"prompt_embeddings": emb})
-    prompt.card = {"method": prompt.method, "num_virtual_tokens": P, "source": "peft", "path": str(path),
+    try:
+        prompt = base.import_peft(path, cfg, emb, model)  # the family's own layout
+    except ValueError as e:
+        raise PeftFormatError(str(e)) from e
+    prompt.card = {"method": prompt.method, "num_virtual_tokens": prompt.num_virtual_tokens, "source": "peft",
+                   "path": str(path), "model_family": base.name,
                    "base_model": {"name": cfg.get("base_model_name_or_path")}, "peft_config": cfg}
     return prompt
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from softprompt.loops.config import DataConfig  # noqa: F401  (public here too)
+
 
 class DataError(ValueError):
     """A data file or row cannot be used; the message names the file and line."""
@@ -38,23 +40,6 @@ class Example:
     prompt: str
     target: str
     where: str = ""  # "file:line", for messages
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How rows become examples. `template`/`target` None: the format's own fields."""
-
-    template: str | None = None  # prompt template over a row's fields, e.g. "{mr} ||"
-    target: str | None = None  # target field (or a template if it contains "{")
-    chat_template: bool = False  # wrap the prompt in the tokenizer's chat template as a user turn
-    max_length: int = 512  # prompt + target + eos tokens
-    skip_bad_rows: bool = False
-    max_rows: int = 0  # 0: all rows
-    delimiter: str | None = None  # CSV delimiter (default: "," or tab for .tsv)
-
-    def __post_init__(self):
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
 
 
 @dataclass

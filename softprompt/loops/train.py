@@ -33,46 +33,11 @@ from softprompt import hf
 from softprompt.hf import gradient_checkpointing, lm_head_at  # noqa: F401  (gradient_checkpointing: public here)
 from softprompt.hf.prefix import check_prefix_support
 from softprompt.loops import checkpoint as ckpt
+from softprompt.loops.config import HIGHER_IS_BETTER, SCHEDULES, TrainConfig  # noqa: F401  (public here too)
 from softprompt.loops.data import TokenizedData, collate, length_grouped_batches
-
-SCHEDULES = ("linear", "cosine", "constant")
-HIGHER_IS_BETTER = {"bleu", "rouge_l", "exact_match", "accuracy", "f1"}
-
 
 class TrainingError(ValueError):  # a ValueError so the CLI prints it as a one-line error
     """Training cannot go on; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 200
-    batch_size: int = 8  # global: rows per optimizer step over all processes
-    micro_batch_size: int = 0  # rows per forward pass (0: the whole per-process batch)
-    lr: float | None = None  # None: the method's default (softprompt/core/defaults.py), resolved by the Trainer
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "linear"
-    max_grad_norm: float = 1.0  # 0: no clipping
-    seed: int = 0
-    eval_every: int = 0  # 0: only at the end (if there is an eval split)
-    eval_generate: int = 0  # also generate for this many eval inputs and score them
-    eval_max_new_tokens: int = 64
-    metric: str = "eval_loss"  # what picks the best artifact and drives early stopping
-    patience: int = 0  # stop after this many evaluations without improvement (0: never)
-    checkpoint_every: int = 50  # 0: no checkpoints; only written when the run has an output directory
-    keep_checkpoints: int = 2
-    gradient_checkpointing: bool = False
-    log_every: int = 1
-
-    def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.metric != "eval_loss" and self.metric not in HIGHER_IS_BETTER:
-            raise ValueError(f"metric must be eval_loss or one of {sorted(HIGHER_IS_BETTER)}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError("warmup_steps must be between 0 and steps")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -211,19 +176,33 @@ def eval_loss(prompt, model, data: TokenizedData, batch_size: int, pad_id: int, 
     return total / max(n, 1)
 
 
+@dataclass(frozen=True)
+class TrainerOutput:
+    """What a run hands the loop besides the model, data and config: where it writes and who else
+    hears of it. The defaults: nothing written, one process, no bar."""
+
+    out: str | os.PathLike | None = None  # checkpoints, metrics.jsonl, plot.png, best/ and last/ here
+    # Writes the best and last artifacts under `out` (softprompt.io.artifact.save_artifact, handed
+    # down by the run: the loop sits below the artifact format); None: checkpoints and metrics only.
+    save: object = None
+    card: dict | None = None  # extra card fields for the artifacts (e.g. {"dataset": path})
+    reporter: object = None  # experiment trackers (tracking.Reporters): the rows metrics.jsonl gets
+    progress: bool = False
+    dist: Dist = Dist()
+
+
 class Trainer:
     """Holds the state of one run; `run()` trains to `cfg.steps` or early stopping."""
 
     def __init__(self, model, tokenizer, prompt, train_data: TokenizedData, cfg: TrainConfig,
-                 out: str | os.PathLike | None = None, eval_data: TokenizedData | None = None,
-                 eval_groups: list | None = None, dist: Dist | None = None, progress: bool = False,
-                 card: dict | None = None, objective=None, reporter=None, save=None):
-        if cfg.lr is None:  # the one source of defaults: the method's measured learning rate
+                 eval_data: TokenizedData | None = None, eval_groups: list | None = None, objective=None,
+                 output: TrainerOutput | None = None):
+        if cfg.lr is None:  # the method's measured learning rate, which its config knows
             from dataclasses import replace
 
-            from softprompt.core.defaults import default_lr
+            from softprompt.methods.config import default_lr_of
 
-            cfg = replace(cfg, lr=default_lr(getattr(prompt, "method", ""), getattr(prompt, "projection_dim", 512)))
+            cfg = replace(cfg, lr=default_lr_of(prompt))
         self.objective = objective or CausalLMObjective()
         if getattr(model, "softprompt_quantize", None):  # int8 matmuls have no gradient
             raise ValueError(f"cannot train on a {model.softprompt_quantize}-quantized base: it is for serving and "
@@ -232,13 +211,12 @@ class Trainer:
             raise ValueError(f"metric {cfg.metric} needs --eval-generate N (inputs to generate for)")
         self.model, self.tok, self.prompt, self.data, self.cfg = model, tokenizer, prompt, train_data, cfg
         self.eval_data, self.eval_groups = eval_data, eval_groups
-        self.dist = dist or Dist()
-        self.out = Path(out) if out is not None else None
-        self.progress, self.card = progress, dict(card or {})
-        self.reporter = reporter  # experiment trackers (tracking.Reporters): the rows metrics.jsonl gets
-        # Writes the best and last artifacts under `out` (softprompt.io.artifact.save_artifact, handed
-        # down by the run: the loop sits below the artifact format); None: checkpoints and metrics only.
-        self.save = save
+        output = output or TrainerOutput()
+        self.dist = output.dist
+        self.out = Path(output.out) if output.out is not None else None
+        self.progress, self.card = output.progress, dict(output.card or {})
+        self.reporter = output.reporter
+        self.save = output.save
         if cfg.batch_size % self.dist.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {self.dist.world} processes")
         self.params = [p for p in prompt.parameters() if p.requires_grad]

@@ -1,39 +1,48 @@
-"""Prompt methods, one file each, behind the `PromptMethod` protocol (see base.py)."""
+"""Prompt methods, one file each, behind the `PromptMethod` protocol (see base.py).
+
+The configs (config.py) are torch-free and load at once; the method classes (and torch) load on
+first use of a name here, so the command line can build its parser from the configs quickly.
+"""
 
 import os
 
-from softprompt.methods.base import InputPromptMethod, PromptMethod
-from softprompt.methods.p_tuning import PTuning, PTuningConfig
-from softprompt.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
-from softprompt.methods.prompt_tuning import PromptTuning, PromptTuningConfig
+from softprompt.methods.config import (ALIASES, CONFIGS, PromptTuningConfig, PrefixTuningConfig,  # noqa: F401
+                                       PTuningConfig, canonical)
 
-METHODS: dict[str, type[PromptMethod]] = {
-    PromptTuning.method: PromptTuning,
-    PrefixTuning.method: PrefixTuning,
-    PTuning.method: PTuning,
+_LAZY = {
+    "PromptMethod": "softprompt.methods.base",
+    "InputPromptMethod": "softprompt.methods.base",
+    "PromptTuning": "softprompt.methods.prompt_tuning",
+    "PrefixTuning": "softprompt.methods.prefix_tuning",
+    "PTuning": "softprompt.methods.p_tuning",
 }
-CONFIGS = {
-    PromptTuning.method: PromptTuningConfig,
-    PrefixTuning.method: PrefixTuningConfig,
-    PTuning.method: PTuningConfig,
-}
-ALIASES = {"prompt": "prompt_tuning", "prefix": "prefix_tuning", "ptuning": "p_tuning", "p-tuning": "p_tuning"}
 
 
-def canonical(method: str) -> str:
-    name = ALIASES.get(method, method).replace("-", "_")
-    if name not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    return name
+def __getattr__(name: str):
+    import importlib
+
+    if name == "METHODS":
+        from softprompt.methods.p_tuning import PTuning
+        from softprompt.methods.prefix_tuning import PrefixTuning
+        from softprompt.methods.prompt_tuning import PromptTuning
+
+        methods = {cls.method: cls for cls in (PromptTuning, PrefixTuning, PTuning)}
+        globals()["METHODS"] = methods
+        return methods
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'softprompt.methods' has no attribute {name!r}")
 
 
-def create(method: str, model, tokenizer=None, **options) -> PromptMethod:
+def create(method: str, model, tokenizer=None, **options):
     """A freshly initialized prompt of `method` for `model`; options are the method's config fields.
     Sizes are checked before anything is allocated (see check_size)."""
     name = canonical(method)
     config = CONFIGS[name](**options)
     check_size(model, name, config.num_virtual_tokens, getattr(config, "projection_dim", 0))
-    return METHODS[name].create(model, tokenizer, config)
+    return __getattr__("METHODS")[name].create(model, tokenizer, config)
 
 
 def estimate_bytes(geo, method: str, num_virtual_tokens: int, projection_dim: int = 0) -> int:

@@ -2,8 +2,9 @@
 
 Training side: `forward(model, input_ids, attention_mask)` runs the frozen model with the method's
 trainable tensors entering where the method puts them (input embeddings or per-layer K/V).
-Serving side: `to_kv_prefix(model)` gives the `(L, 2, H_kv, P, D)` KV prefix that replaces the
-method at inference. Storage: `export_tensors()` / `from_export()` (what the artifact holds; any
+Serving side: `to_kv_prefix(model)` gives the `Prefix` that replaces the method at inference: for
+a decoder a `KVPrefix`, the `(L, 2, H_kv, P, D)` tensor itself; a family whose prompts enter in
+several places has its own `Prefix` (an encoder-decoder's `Seq2SeqPrefix`). Storage: `export_tensors()` / `from_export()` (what the artifact holds; any
 training-only reparameterization is gone) and `config_dict()`.
 """
 
@@ -17,23 +18,80 @@ from torch import nn
 
 from softprompt.core.geometry import Geometry
 from softprompt.hf.prefix import positions_after_prefix
+from softprompt.methods.config import check_num_virtual_tokens  # noqa: F401  (the config boundary's check)
 
 
 def resolved(cfg, method: str, tokenizer):
-    """The config with its open defaults filled from softprompt/core/defaults.py (the one source): the init
-    a method starts from when none was named, and the text a text init reads."""
+    """The config with its open defaults filled: the init a method starts from when none was named
+    (the config's own `default_init`) and the text a text init reads (softprompt/core/defaults.py)."""
     from dataclasses import replace
 
-    from softprompt.core import defaults as config
+    from softprompt.core.defaults import INIT_TEXT
 
-    init = cfg.init if cfg.init is not None else config.default_init(method, tokenizer is not None)
-    return replace(cfg, init=init, init_text=cfg.init_text or (config.INIT_TEXT if init == "text" else None))
+    init = cfg.init if cfg.init is not None else cfg.default_init(tokenizer is not None)
+    return replace(cfg, init=init, init_text=cfg.init_text or (INIT_TEXT if init == "text" else None))
 
 
-def check_num_virtual_tokens(n) -> None:
-    """Validated once, at the config boundary, before any tensor is sized by it."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+class Prefix:
+    """What every prompt compiles to for serving, whatever the family: the engine reads `kv()`, the
+    prefix cache counts `nbytes`, a task moves it with `to(device, dtype)`, and the store keeps its
+    compiled form as `tensors()` (named tensors), read back by the family's `load_prefix`."""
+
+    def kv(self):
+        """What the family's engine reads (a decoder's: the plain `(L, 2, H_kv, P, D)` tensor)."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def to(self, device=None, dtype=None) -> "Prefix":
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The prefix as named tensors, for the store's compiled form."""
+        raise NotImplementedError
+
+
+class KVPrefix(torch.Tensor, Prefix):
+    """A decoder's prefix: the `(L, 2, H_kv, P, D)` tensor itself (a tensor subclass, as
+    `nn.Parameter` is: no `__torch_function__`, so every op on it returns a plain tensor and the
+    engine's loop pays nothing for it). Keys are stored as attention sees them (after RoPE)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def of(kv: torch.Tensor) -> "KVPrefix":
+        """`kv` as a KVPrefix, sharing its storage (no copy); detached."""
+        if type(kv) is KVPrefix:
+            return kv
+        return torch.Tensor._make_subclass(KVPrefix, kv.detach(), False)
+
+    def __new__(cls, kv: torch.Tensor):
+        return cls.of(kv)
+
+    def kv(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor)
+
+    def to(self, *args, **kwargs) -> "KVPrefix":
+        out = torch.Tensor.to(self, *args, **kwargs)
+        return self if out is self else KVPrefix.of(out.contiguous())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"kv": self.kv()}
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> "KVPrefix":
+        return KVPrefix.of(tensors["kv"])
+
+    def __reduce_ex__(self, proto):
+        return KVPrefix.of, (self.kv(),)
+
+    def __deepcopy__(self, memo):
+        return KVPrefix.of(self.kv().clone())
+
+    def __repr__(self) -> str:
+        return f"KVPrefix(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
 
 class PromptMethod(nn.Module, ABC):
@@ -52,8 +110,9 @@ class PromptMethod(nn.Module, ABC):
 
     # --- serving side ------------------------------------------------------------------------
     @abstractmethod
-    def to_kv_prefix(self, model) -> torch.Tensor:
-        """The KV prefix `(L, 2, H_kv, P, D)` that stands for this prompt at inference."""
+    def to_kv_prefix(self, model) -> Prefix:
+        """The prefix that stands for this prompt at inference, on the model's device and in its
+        dtype (a decoder's: the `KVPrefix` `(L, 2, H_kv, P, D)`)."""
 
     # --- storage -----------------------------------------------------------------------------
     @abstractmethod
@@ -131,11 +190,11 @@ class InputPromptMethod(PromptMethod):
     def forward(self, model, input_ids, attention_mask, **kwargs):
         return soft_prompt_forward(model, self.virtual_embeddings(), input_ids, attention_mask, **kwargs)
 
-    def to_kv_prefix(self, model) -> torch.Tensor:
+    def to_kv_prefix(self, model) -> KVPrefix:
         from softprompt.hf.prefix import compile_embeddings
 
         with torch.no_grad():
-            return compile_embeddings(model, self.virtual_embeddings())
+            return KVPrefix.of(compile_embeddings(model, self.virtual_embeddings()))
 
     def export_tensors(self):
         with torch.no_grad():

@@ -10,30 +10,14 @@ P-tuning artifact is served exactly like a prompt-tuning one (compiled to a KV p
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from softprompt.core.geometry import Geometry, geometry
 from softprompt.methods.base import InputPromptMethod, check_num_virtual_tokens
-
-ENCODERS = ("mlp", "lstm")
-
-
-@dataclass(frozen=True)
-class PTuningConfig:
-    num_virtual_tokens: int = 20
-    encoder: str = "mlp"
-    encoder_hidden_size: int | None = None  # default: the model's hidden size
-    seed: int = 0
-
-    def __post_init__(self):
-        check_num_virtual_tokens(self.num_virtual_tokens)
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"P-tuning encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
-            raise ValueError("encoder_hidden_size must be positive")
+from softprompt.methods.config import P_TUNING_ENCODERS as ENCODERS, PTuningConfig  # noqa: F401
 
 
 class PTuning(InputPromptMethod):

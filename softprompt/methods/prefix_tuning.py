@@ -19,35 +19,17 @@ Initializations:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from softprompt.core.geometry import Geometry, geometry
 from softprompt.hf.prefix import compile_embeddings, prefixed_forward
-from softprompt.methods.base import PromptMethod, check_num_virtual_tokens, resolved
+from softprompt.methods.base import KVPrefix, PromptMethod, check_num_virtual_tokens, resolved
+from softprompt.methods.config import PREFIX_TUNING_INITS as INITS, PrefixTuningConfig  # noqa: F401
 from softprompt.methods.prompt_tuning import repeat_to
 
-INITS = ("random", "text")
-
-
-@dataclass(frozen=True)
-class PrefixTuningConfig:
-    num_virtual_tokens: int = 20
-    projection_dim: int = 512  # 0: direct optimization of the prefix
-    init: str | None = None  # None: "text" when create() is given a tokenizer, else "random" (config.py)
-    init_text: str | None = None  # None: config.INIT_TEXT
-    seed: int = 0
-
-    def __post_init__(self):
-        check_num_virtual_tokens(self.num_virtual_tokens)
-        if self.init is not None and self.init not in INITS:
-            raise ValueError(f"prefix tuning init must be one of {INITS}, got {self.init!r}")
-        if self.init_text is not None and not self.init_text:
-            raise ValueError("init_text must be a non-empty string")
-        if self.projection_dim < 0:
-            raise ValueError(f"projection_dim must be >= 0 (0 = no MLP), got {self.projection_dim}")
 
 
 class PrefixTuning(PromptMethod):
@@ -118,9 +100,10 @@ class PrefixTuning(PromptMethod):
         kwargs.setdefault("use_cache", False)
         return prefixed_forward(model, input_ids, attention_mask, [self.kv()], **kwargs)
 
-    def to_kv_prefix(self, model) -> torch.Tensor:
+    def to_kv_prefix(self, model) -> KVPrefix:
         p = next(model.parameters())
-        return self.kv().detach().to(device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            return KVPrefix.of(self.kv().detach().to(device=p.device, dtype=p.dtype))
 
     def export_tensors(self):
         return {"prefix": self.kv().detach().float().cpu().contiguous()}
@@ -137,3 +120,15 @@ class PrefixTuning(PromptMethod):
     def from_export(cls, geometry, config, tensors):
         prefix = tensors["prefix"]
         return cls(geometry, int(prefix.shape[3]), 0, prefix, dict(config, projection_dim=0))
+
+
+def kv_to_peft(kv: torch.Tensor) -> torch.Tensor:
+    """A prefix (L, 2, H, P, D) in PEFT's layout (P, L*2*H*D)."""
+    L, two, H, P, D = kv.shape
+    return kv.permute(3, 0, 1, 2, 4).reshape(P, L * two * H * D)
+
+
+def peft_to_kv(emb: torch.Tensor, num_layers: int, num_heads: int, head_dim: int) -> torch.Tensor:
+    """PEFT's (P, L*2*H*D) -> (L, 2, H, P, D) (PEFT views it as (P, L*2, H, D), layer-major)."""
+    P = emb.shape[0]
+    return emb.reshape(P, num_layers, 2, num_heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()

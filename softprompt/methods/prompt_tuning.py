@@ -12,33 +12,15 @@ Initializations (Lester et al. find sampled vocabulary or label words beat rando
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from softprompt.core.geometry import Geometry, geometry
 from softprompt.methods.base import InputPromptMethod, check_num_virtual_tokens, resolved
+from softprompt.methods.config import PROMPT_TUNING_INITS as INITS, PromptTuningConfig  # noqa: F401
 
-INITS = ("random", "vocab", "text", "tokens")
-
-
-@dataclass(frozen=True)
-class PromptTuningConfig:
-    num_virtual_tokens: int = 20
-    init: str | None = None  # None: "text" when create() is given a tokenizer, else "vocab" (config.py)
-    init_text: str | None = None  # None: config.INIT_TEXT
-    init_tokens: tuple[int, ...] | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        check_num_virtual_tokens(self.num_virtual_tokens)
-        if self.init is not None and self.init not in INITS:
-            raise ValueError(f"prompt tuning init must be one of {INITS}, got {self.init!r}")
-        if self.init_text is not None and not self.init_text:
-            raise ValueError("init_text must be a non-empty string")
-        if self.init == "tokens" and not self.init_tokens:
-            raise ValueError("init='tokens' needs init_tokens (a non-empty list of token ids)")
 
 
 def repeat_to(ids: list[int], n: int) -> list[int]:

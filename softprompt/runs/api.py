@@ -6,7 +6,7 @@ and the config dataclasses are the one source). Every model family takes the sam
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
 
 from softprompt.families import family_of
@@ -26,44 +26,25 @@ def create(model, config, tokenizer=None) -> PromptMethod:
     return prompt
 
 
-def _examples(data, template: str | None, target: str | None, chat_template: bool, max_length: int):
-    from softprompt.loops.data import DataConfig, read_examples, row_to_example
-
-    cfg = DataConfig(template=template, target=target, chat_template=chat_template, max_length=max_length)
-    if isinstance(data, (str, os.PathLike)):
-        return read_examples(data, cfg), cfg
-    if isinstance(data, dict) or not isinstance(data, Iterable):
-        raise TypeError("data must be a path, a list of dicts or a datasets.Dataset")
-    return [row_to_example(dict(row), cfg, f"row {i + 1}") for i, row in enumerate(data)], cfg
-
-
 def train(prompt: PromptMethod, model, tokenizer, data, *, eval_data=None, out: str | os.PathLike | None = None,
-          template: str | None = None, target: str | None = None, chat_template: bool = False, max_length: int = 512,
-          progress: bool = True, **options):
+          template: str | None = None, target: str | None = None, chat_template: bool = False, **options):
     """Train `prompt` on `data` in place; returns the `TrainResult` (loss history, best evaluation).
 
     data, eval_data: a JSONL/CSV/TSV path, a list of dicts ({"input", "output"}, {"prompt",
     "completion"}, chat "messages", or any fields with `template`/`target`), or a datasets.Dataset.
-    options: `TrainConfig` fields (steps, batch_size, lr, schedule, ...), the CLI's defaults.
-    `out`: also write checkpoints, metrics.jsonl and the best/last artifacts there.
+    options: `TrainConfig` fields (steps, batch_size, lr, schedule, ...), and `max_length`,
+    `progress`: the CLI's defaults (the same RunConfig, the same pipeline: runs/train.py).
+    `out`: also write checkpoints, metrics.jsonl, run.json and the best/last artifacts there.
     """
-    from softprompt.loops.data import group_references
-    from softprompt.loops.train import TrainConfig, Trainer
+    from softprompt.runs.config import RunConfig
+    from softprompt.runs.train import run_train
 
-    cfg = TrainConfig(**options)
-    train_ex, dcfg = _examples(data, template, target, chat_template, max_length)
-    family = family_of(model)
-    objective, tok_fn = family.objective(), family.tokenize
-    train_tok = tok_fn(train_ex, tokenizer, dcfg)
-    eval_tok = groups = None
-    if eval_data is not None:
-        eval_tok = tok_fn(_examples(eval_data, template, target, chat_template, max_length)[0], tokenizer, dcfg)
-        groups = group_references(eval_tok.examples)
-    prompt.to(next(model.parameters()).device)
-    trainer = Trainer(model, tokenizer, prompt, train_tok, cfg, out=out, save=save_artifact, eval_data=eval_tok,
-                      eval_groups=groups,
-                      progress=progress, objective=objective)
-    return trainer.run()
+    paths = {k: os.fspath(v) for k, v in (("train_data", data), ("eval_data", eval_data))
+             if isinstance(v, (str, os.PathLike))}
+    cfg = RunConfig.of(**paths, template=template, target=target, chat_template=chat_template,
+                       out=None if out is None else os.fspath(out), method=prompt.method, **options)
+    return run_train(cfg, model, tokenizer, prompt=prompt, rows=None if "train_data" in paths else data,
+                     eval_rows=None if eval_data is None or "eval_data" in paths else eval_data)
 
 
 def generate(model, tokenizer, prompts: str | Sequence[str], prompt: PromptMethod | None = None, **sampling) -> list[str]:

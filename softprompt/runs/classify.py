@@ -8,16 +8,11 @@ p_tuning, and head_only (encoder: the linear probe).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 DECODER_ALIASES = ("smollm2", "SmolLM2-135M-Instruct")
-# Measured on SST-2 (bench/quality_sst2.py): the head and the deep prompt train at the same rate.
-DEFAULT_LR = {"head_only": 1e-2, "prefix_tuning": 1e-2, "prefix_tuning_mlp": 1e-3, "prompt_tuning": 3e-2,
-              "p_tuning": 1e-3}
-HEAD_LR = 1e-2  # the head's own rate in every encoder run (the linear probe's best), whatever the prompt's lr
 DEFAULT_DECODER_SUFFIX = "\nAnswer:"
 
 
@@ -42,56 +37,59 @@ def load_classification_base(base: str | None, device=None):
     return (*load_base(base, device=device), False)
 
 
-def default_lr(method: str, projection_dim: int, encoder: bool = True) -> float:
-    if not encoder and method == "prefix_tuning":  # label words: 1e-3 (generation's rate) collapsed to one class
-        return 1e-4
-    if method == "prefix_tuning" and projection_dim:
-        return DEFAULT_LR["prefix_tuning_mlp"]
-    return DEFAULT_LR[method]
+def classify_on_encoder(base: str | None) -> bool:
+    """Whether a classification run on `base` gets an encoder (a head) or a decoder (label words):
+    the embedded encoder by default, the embedded decoder for `smollm2`, else the directory's config."""
+    from softprompt.io.load import ENCODER_ALIASES
+
+    if base is None or base in ENCODER_ALIASES:
+        return True
+    if base in DECODER_ALIASES:
+        return False
+    import json
+    import types
+    from pathlib import Path
+
+    from softprompt.families.encoder import is_encoder_config
+
+    try:
+        raw = json.loads((Path(base) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # not a readable directory: the loader names the problem
+    return is_encoder_config(types.SimpleNamespace(**raw))
 
 
-def build_classifier(model, tokenizer, encoder: bool, method: str, labels: list[str], *, template: str = "{text}",
-                     num_virtual_tokens: int = 20, init: str | None = None, init_text: str | None = None,
-                     projection_dim: int = 0, pooling: str = "mean", label_words: list[str] | None = None,
-                     seed: int = 0):
-    """A fresh classifier. Encoder deep prompts start from the encoder's own K/V over `init_text`
-    (init "text", the default) or N(0, 1) (init "random", PEFT's default)."""
+def build_classifier(model, tokenizer, encoder: bool, method: str, labels: list[str], prompt_cfg=None, *,
+                     template: str = "{text}", pooling: str | None = None, label_words: list[str] | None = None):
+    """A fresh classifier; `prompt_cfg`: the method's config (None: its defaults). Encoder deep prompts
+    start from the encoder's own K/V over `init_text` (init "text", the default) or N(0, 1) (init
+    "random", PEFT's default)."""
+    from dataclasses import replace
+
     from softprompt import methods
     from softprompt.classify.model import HEAD_ONLY, EncoderClassifier, VerbalizerClassifier
+    from softprompt.core.defaults import INIT_TEXT
     from softprompt.core.geometry import geometry
-    from softprompt.runs.train import DEFAULT_INIT_TEXT, method_options
+    from softprompt.runs.config import HEAD_ONLY_ALIASES
 
-    method = method.replace("-", "_")
-    if method in (HEAD_ONLY, "head", "linear_probe"):
+    from softprompt.runs.config import ClassifyConfig
+
+    seed = 0 if prompt_cfg is None else prompt_cfg.seed
+    pooling = pooling or ClassifyConfig.pooling
+    if method in HEAD_ONLY_ALIASES:
         method = HEAD_ONLY
         if not encoder:
             raise ValueError("head_only needs an encoder (a decoder classifies through label words, with a prompt)")
         prompt = None
-    elif encoder and methods.canonical(method) == "prefix_tuning":
-        from softprompt.families.encoder import text_prefix
-        from softprompt.methods import PrefixTuning
-
-        init = init or "text"
-        if init not in ("text", "random"):
-            raise ValueError(f"prefix tuning init must be text or random, got {init!r}")
-        prompt = PrefixTuning.create(model, None, methods.PrefixTuningConfig(
-            num_virtual_tokens=num_virtual_tokens, projection_dim=projection_dim, init="random", seed=seed))
-        if init == "text":  # the same as PrefixTuning's own text init, with the encoder's K/V
-            kv = text_prefix(model, tokenizer, init_text or DEFAULT_INIT_TEXT, num_virtual_tokens)
-            with __import__("torch").no_grad():
-                if projection_dim:
-                    prompt.base.copy_(kv)
-                    prompt.transform[2].weight.zero_()
-                    prompt.transform[2].bias.zero_()
-                else:
-                    prompt.prefix.copy_(kv)
-            prompt._config.update(init="text", init_text=init_text or DEFAULT_INIT_TEXT)
     else:
         name = methods.canonical(method)
-        if encoder and name == "prompt_tuning" and init is None:
-            init = "vocab"
-        prompt = methods.create(name, model, tokenizer,
-                                **method_options(name, num_virtual_tokens, init, init_text, projection_dim, seed))
+        cfg = prompt_cfg if prompt_cfg is not None else methods.CONFIGS[name]()
+        if encoder and isinstance(cfg, methods.PrefixTuningConfig):  # the encoder's own K/V, not a decoder's
+            prompt = _encoder_prefix(model, tokenizer, cfg, INIT_TEXT)
+        else:
+            if getattr(cfg, "init", "") is None:  # the config picks, knowing the base is an encoder
+                cfg = replace(cfg, init=cfg.default_init(tokenizer is not None, encoder=encoder))
+            prompt = methods.create(name, model, tokenizer, **_options(cfg))
     if encoder:
         clf = EncoderClassifier(prompt, geometry(model).hidden_size, labels, pooling, template, seed=seed)
     else:
@@ -101,86 +99,100 @@ def build_classifier(model, tokenizer, encoder: bool, method: str, labels: list[
     return clf.to(next(model.parameters()).device)
 
 
-def run_train_classify(data, out, labels, method="prefix_tuning", base=None, template=None, label_field=None,
-                       label_words=None, pooling="mean", eval_data=None, eval_fraction=0.0, num_virtual_tokens=20,
-                       init=None, init_text=None, projection_dim=None, steps=200, batch_size=8, micro_batch_size=0,
-                       lr=None, weight_decay=0.0, warmup_steps=0, schedule="linear", max_grad_norm=1.0, seed=0,
-                       eval_every=0, metric="accuracy", patience=0, checkpoint_every=50, keep_checkpoints=2,
-                       resume=False, max_length=256, max_rows=0, skip_bad_rows=False, progress=True, model=None,
-                       tokenizer=None, encoder=None):
-    """Train a classifier and save it (OUT/best, OUT/last); returns the TrainResult."""
-    import random as _random
+def _options(cfg) -> dict:
+    from dataclasses import asdict
 
-    from softprompt.classify.data import parse_labels, read_classification, tokenize_classification
-    from softprompt.classify.objective import ClassificationObjective
-    from softprompt.io.artifact import save_artifact
-    from softprompt.loops.data import BadRows
-    from softprompt.loops.train import TrainConfig, Trainer
+    return {k: v for k, v in asdict(cfg).items() if v is not None}
 
-    labels = parse_labels(labels)
-    words = parse_labels(label_words) if label_words else None
-    if words is not None and len(words) != len(labels):
-        raise ValueError(f"--label-words needs one word per label ({len(labels)}), got {len(words)}")
-    if model is None:
-        model, tokenizer, encoder = load_classification_base(base)
-    elif encoder is None:
-        from softprompt.families.encoder import is_encoder_config
 
-        encoder = is_encoder_config(model.config)
-    bad = BadRows()
-    train_ex, tmpl = read_classification(data, labels, template, label_field, max_rows, skip_bad_rows, bad)
-    if not encoder and template is None:  # a bare text gives a decoder no cue where the answer goes
-        tmpl += DEFAULT_DECODER_SUFFIX
-        train_ex = [type(e)(e.prompt + DEFAULT_DECODER_SUFFIX, e.target, e.where) for e in train_ex]
-    eval_ex = None
-    if eval_data:
-        eval_ex, _ = read_classification(eval_data, labels, tmpl, label_field, 0, skip_bad_rows, bad)
-    elif eval_fraction > 0:
-        idx = list(range(len(train_ex)))
-        _random.Random(seed).shuffle(idx)
-        n = max(1, round(len(idx) * eval_fraction))
-        held = set(idx[:n])
-        eval_ex = [train_ex[i] for i in sorted(held)]
-        train_ex = [e for i, e in enumerate(train_ex) if i not in held]
-    train_tok = tokenize_classification(train_ex, tokenizer, encoder, max_length, skip_bad_rows, bad)
-    eval_tok = tokenize_classification(eval_ex, tokenizer, encoder, max_length, skip_bad_rows, bad) if eval_ex else None
-    _say(f"data: {len(train_tok)} training rows, {len(eval_tok) if eval_tok else 0} held-out rows; {bad.report()}")
-    if projection_dim is None:  # what bench/quality_sst2.py measured: a direct deep prompt on an encoder
-        projection_dim = 0 if encoder else 512
-    clf = build_classifier(model, tokenizer, encoder, method, labels, template=tmpl,
-                           num_virtual_tokens=num_virtual_tokens, init=init, init_text=init_text,
-                           projection_dim=projection_dim, pooling=pooling, label_words=words, seed=seed)
-    lr = lr if lr is not None else default_lr(clf.method, projection_dim, encoder)
-    if encoder:
-        clf.head_lr = HEAD_LR
-    metric = metric if eval_tok is not None else "eval_loss"
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
-                      weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule,
-                      max_grad_norm=max_grad_norm, seed=seed, eval_every=eval_every, metric=metric, patience=patience,
-                      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints)
-    out = Path(out)
-    if out.exists() and not resume and ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()):
-        raise ValueError(f"{out} holds an earlier run; pass --resume to continue it, or choose a new --out")
-    trainer = Trainer(model, tokenizer, clf, train_tok, cfg, out=out, save=save_artifact, eval_data=eval_tok, progress=progress,
-                      card={"dataset": str(data)}, objective=ClassificationObjective())
-    if resume and trainer.resume():
-        _say(f"resumed from step {trainer.step}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({
-        "task": "classify", "method": clf.method, "kind": clf.kind, "labels": labels, "label_words": words,
-        "template": tmpl, "pooling": pooling, "num_virtual_tokens": num_virtual_tokens, "init": init,
-        "projection_dim": projection_dim, "train": cfg.__dict__, "data_path": str(data), "eval_data": eval_data,
-        "bad_rows": bad.count}, indent=2, default=str))
-    t0 = time.perf_counter()
-    result = trainer.run()
-    best = ", ".join(f"{k}={v:.4g}" for k, v in (result.best or {}).items() if isinstance(v, float))
-    _say(f"done: {result.step} steps in {time.perf_counter() - t0:.0f} s ({result.stopped}); last train loss "
-         f"{result.train_loss:.4f}{'; best ' + best if best else ''}\nartifact: {out / 'best'}")
-    return result
+def _encoder_prefix(model, tokenizer, cfg, init_text: str):
+    from softprompt.families.encoder import text_prefix
+    from softprompt.methods import PrefixTuning, PrefixTuningConfig
+
+    init = cfg.init or "text"
+    prompt = PrefixTuning.create(model, None, PrefixTuningConfig(
+        num_virtual_tokens=cfg.num_virtual_tokens, projection_dim=cfg.projection_dim, init="random", seed=cfg.seed))
+    if init == "text":  # the same as PrefixTuning's own text init, with the encoder's K/V
+        kv = text_prefix(model, tokenizer, cfg.init_text or init_text, cfg.num_virtual_tokens)
+        with __import__("torch").no_grad():
+            if cfg.projection_dim:
+                prompt.base.copy_(kv)
+                prompt.transform[2].weight.zero_()
+                prompt.transform[2].bias.zero_()
+            else:
+                prompt.prefix.copy_(kv)
+        prompt._config.update(init="text", init_text=cfg.init_text or init_text)
+    return prompt
+
+
+class ClassifyTask:
+    """`softprompt train --task classify`, for runs/train.py's run_train: an encoder gets a head, a
+    decoder label words; the loop optimizes the classification loss and picks the best by accuracy or F1."""
+
+    def load(self, cfg, dist):
+        model, tokenizer, self.encoder = load_classification_base(cfg.model.base)
+        return model, tokenizer
+
+    def data(self, cfg, model, tokenizer, rows=None, eval_rows=None):
+        import random as _random
+
+        from softprompt.classify.data import parse_labels, read_classification, tokenize_classification
+        from softprompt.classify.objective import ClassificationObjective
+        from softprompt.loops.data import BadRows
+        from softprompt.runs.train import Prepared
+
+        if rows is not None or eval_rows is not None:
+            raise ValueError("classification reads its data from files (DATA, --eval-data)")
+        if not hasattr(self, "encoder"):
+            from softprompt.families.encoder import is_encoder_config
+
+            self.encoder = is_encoder_config(model.config)
+        d, encoder, labels = cfg.data, self.encoder, parse_labels(list(cfg.classify.labels))
+        bad = BadRows()
+        train_ex, tmpl = read_classification(cfg.train_data, labels, d.template, d.target, d.max_rows, d.skip_bad_rows,
+                                             bad)
+        if not encoder and d.template is None:  # a bare text gives a decoder no cue where the answer goes
+            tmpl += DEFAULT_DECODER_SUFFIX
+            train_ex = [type(e)(e.prompt + DEFAULT_DECODER_SUFFIX, e.target, e.where) for e in train_ex]
+        eval_ex = None
+        if cfg.eval_data:
+            eval_ex, _ = read_classification(cfg.eval_data, labels, tmpl, d.target, 0, d.skip_bad_rows, bad)
+        elif cfg.eval_fraction > 0:
+            idx = list(range(len(train_ex)))
+            _random.Random(cfg.train.seed).shuffle(idx)
+            held = set(idx[:max(1, round(len(idx) * cfg.eval_fraction))])
+            eval_ex = [train_ex[i] for i in sorted(held)]
+            train_ex = [e for i, e in enumerate(train_ex) if i not in held]
+        tok = lambda exs: tokenize_classification(exs, tokenizer, encoder, d.max_length, d.skip_bad_rows, bad)  # noqa: E731
+        train_tok, eval_tok = tok(train_ex), (tok(eval_ex) if eval_ex else None)
+        self.template, self.labels = tmpl, labels
+        return Prepared(train_tok, eval_tok, None, ClassificationObjective(), {"bad_rows": bad.count, "classify_template": tmpl},
+                        f"data: {len(train_tok)} training rows, {len(eval_tok) if eval_tok else 0} held-out rows; "
+                        f"{bad.report()}")
+
+    def prompt(self, cfg, model, tokenizer, prepared):
+        from softprompt.core.defaults import HEAD_LR
+
+        words = list(cfg.classify.label_words) if cfg.classify.label_words else None
+        clf = build_classifier(model, tokenizer, self.encoder, cfg.method, self.labels, cfg.prompt,
+                               template=self.template, pooling=cfg.classify.pooling, label_words=words)
+        if self.encoder:
+            clf.head_lr = HEAD_LR
+        return clf
+
+    def lr(self, cfg, prompt) -> float:
+        from softprompt.core.defaults import CLASSIFY_LR
+
+        if cfg.prompt is None:
+            return CLASSIFY_LR[prompt.method]
+        return cfg.prompt.default_lr("classify", encoder=self.encoder)
+
+    def metric(self, cfg, prepared) -> str:
+        return cfg.train.metric if prepared.eval is not None else "eval_loss"
 
 
 def run_eval_classify(adapter, data, base=None, template=None, label_field=None, batch_size=32, max_rows=0,
-                      skip_bad_rows=False, predictions=None, allow_other_base=False, json=False, max_length=512,
+                      skip_bad_rows=False, predictions=None, allow_other_base=False, json=False, max_length=None,
                       model=None, tokenizer=None):
     """Accuracy and macro-F1 of a classifier artifact on labelled data; returns the metrics dict."""
     import json as jsonlib
@@ -244,30 +256,6 @@ def is_classifier_path(adapter) -> bool:
         return is_classifier_card(read_classifier_card(adapter))
     except (ArtifactError, OSError):
         return False  # not ours (a PEFT directory) or damaged: the generation path reports it
-
-
-def train_from_cli(a: dict):
-    """`softprompt train --task classify`: the generation flags mapped onto the classification job."""
-    if a["task"] != "classify":
-        raise ValueError(f"--task must be generate or classify, got {a['task']!r}")
-    if not a["labels"]:
-        raise ValueError("--task classify needs --labels (e.g. --labels negative,positive)")
-    for flag in ("lora", "chat_template", "eval_generate", "gradient_checkpointing", "report_to"):
-        if a.get(flag):
-            raise ValueError(f"--{flag.replace('_', '-')} is not supported with --task classify")
-    metric = "accuracy" if a["metric"] == "eval_loss" else a["metric"]
-    if metric not in ("accuracy", "f1"):
-        raise ValueError(f"--task classify picks the best by accuracy or f1, not {metric}")
-    return run_train_classify(
-        a["data"], a["out"], a["labels"], method=a["method"], base=a["base"], template=a["template"],
-        label_field=a["target"], label_words=a["label_words"], pooling=a["pooling"], eval_data=a["eval_data"],
-        eval_fraction=a["eval_fraction"], num_virtual_tokens=a["num_virtual_tokens"], init=a["init"],
-        init_text=a["init_text"], projection_dim=a["projection_dim"], steps=a["steps"], batch_size=a["batch_size"],
-        micro_batch_size=a["micro_batch_size"], lr=a["lr"], weight_decay=a["weight_decay"],
-        warmup_steps=a["warmup_steps"], schedule=a["schedule"], max_grad_norm=a["max_grad_norm"], seed=a["seed"],
-        eval_every=a["eval_every"], metric=metric, patience=a["patience"], checkpoint_every=a["checkpoint_every"],
-        keep_checkpoints=a["keep_checkpoints"], resume=a["resume"], max_length=a["max_length"],
-        max_rows=a["max_rows"], skip_bad_rows=a["skip_bad_rows"], progress=a["progress"])
 
 
 def eval_from_cli(a: dict):

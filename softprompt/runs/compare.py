@@ -24,9 +24,13 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
+from softprompt.loops.train import Dist
+from softprompt.runs.config import RUN_DEFAULTS, CompareConfig, RunConfig  # noqa: F401
 
 METHODS = ("prefix_tuning", "prompt_tuning", "lora")
 
@@ -76,7 +80,9 @@ class _LoraCall:
         return self.peft_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
 
 
-def _train_lora(model, tok, train_tok, eval_tok, steps, batch_size, lr, r, seed, out: Path, progress: bool = False):
+def _train_lora(model, tok, train_tok, eval_tok, cfg: "CompareConfig", out: Path):
+    steps, batch_size, lr, r = cfg.run.train.steps, cfg.run.train.batch_size, cfg.lora_lr, cfg.lora_r
+    seed, progress = cfg.run.train.seed, cfg.run.output.progress
     from peft import LoraConfig, get_peft_model
 
     from softprompt.loops.data import collate
@@ -171,35 +177,48 @@ def _peft_tps(pm, tok, names: list[str], prompts: list[str], max_new_tokens: int
     return _tokens_per_s(run, lambda o: (o.shape[1] - enc["input_ids"].shape[1]) * o.shape[0])
 
 
-def run_compare(data: str, out: str, base: str | None = None, template: str | None = None, target: str | None = None,
-                eval_data: str | None = None, eval_fraction: float = 0.2, steps: int = 50, batch_size: int = 8,
-                num_virtual_tokens: int = 20, lora_r: int = 8, lora_lr: float = 1e-3, seed: int = 0,
-                max_new_tokens: int = 16, tasks: int = 16, eval_inputs: int = 50, eval_max_new_tokens: int = 64,
-                model=None, tokenizer=None, progress: bool = False) -> dict:
+def method_run(run: RunConfig, method: str, out: Path) -> RunConfig:
+    """The comparison's run for one prompt method: the same data, budget, seed and P."""
+    d = run.to_dict()  # the split is written as plain {input, output} rows: no template, no target
+    return RunConfig.from_dict({**d, "method": method, "output": {**d["output"], "out": str(out)}, "data": {},
+                                "prompt": {"num_virtual_tokens": run.prompt.num_virtual_tokens},
+                                "train": {**d["train"], "checkpoint_every": 0}})
+
+
+def run_compare(cfg: CompareConfig, model=None, tokenizer=None) -> dict:
     """Train and measure every method; writes OUT/compare.{json,md,png} and returns the report.
 
     `eval_inputs`: held-out distinct inputs scored (0: all); `eval_max_new_tokens`: the longest
     output generated for BLEU/ROUGE-L (`max_new_tokens` is only for the tokens/s measurement).
     """
-    from softprompt import methods as M
     from softprompt.io.artifact import load_artifact, save_artifact
-    from softprompt.loops.data import DataConfig, read_examples, split_heldout, tokenize
+    from softprompt.loops.data import read_examples, split_heldout, tokenize
     from softprompt.loops.train import eval_loss
-    from softprompt.runs.train import method_options, run_train
+    from softprompt.runs.train import GenerateTask, run_train
 
+    run = cfg.run
+    if run.train_data is None:
+        raise ValueError("--data is required (training data; same formats as train)")
+    data, out, eval_data, seed = run.train_data, run.output.out, run.eval_data, run.train.seed
+    steps, batch_size, progress, num_virtual_tokens = run.train.steps, run.train.batch_size, run.output.progress, \
+        run.prompt.num_virtual_tokens
+    tasks, eval_inputs, max_new_tokens, eval_max_new_tokens = cfg.tasks, cfg.eval_inputs, cfg.max_new_tokens, \
+        cfg.eval_max_new_tokens
+    lora_r = cfg.lora_r
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
-        from softprompt.io.load import load_base
+        from softprompt.runs.train import apply_model_config
 
-        model, tokenizer = load_base(base)
+        apply_model_config(run.model)
+        model, tokenizer = GenerateTask().load(run, Dist())
     device = str(next(model.parameters()).device)
-    dcfg = DataConfig(template=template, target=target)
+    dcfg = run.data
     train_ex = read_examples(data, dcfg)
     if eval_data:
         eval_ex = read_examples(eval_data, dcfg)
     else:
-        train_ex, eval_ex = split_heldout(train_ex, eval_fraction, seed)
+        train_ex, eval_ex = split_heldout(train_ex, run.eval_fraction, seed)
     groups, eval_ex = _heldout(eval_ex, eval_inputs) if eval_ex else ([], [])
     eval_tok = tokenize(eval_ex, tokenizer, dcfg) if eval_ex else None
     # distinct held-out inputs for the tokens/s rows too (E2E repeats each input ~8 times)
@@ -220,9 +239,9 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
         stage(i, f"{method}: training {steps} steps, then scoring {len(groups)} held-out inputs and timing {tasks} tasks")
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            res = run_train(str(split_dir / "train.jsonl"), str(out / method), method=method,
-                            num_virtual_tokens=num_virtual_tokens, steps=steps, batch_size=batch_size, seed=seed,
-                            checkpoint_every=0, progress=progress, model=model, tokenizer=tokenizer)
+            mrun = method_run(replace(run, train_data=str(split_dir / "train.jsonl"), eval_data=None,
+                                      eval_fraction=0.0), method, out / method)
+            res = run_train(mrun, model, tokenizer)
             train_s = time.perf_counter() - t0
         art = out / method / "last"
         prompt = load_artifact(art, model)
@@ -234,8 +253,7 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
             kv = prompt.to_kv_prefix(model)  # (L, 2, H_kv, P, D): what serving uses, compiled once
         scores = _score(model, tokenizer, groups, kv, eval_max_new_tokens, batch_size,
                         out / method / "predictions.jsonl")
-        trainable = M.create(method, model, tokenizer, **method_options(
-            method, num_virtual_tokens, None, None, 512, seed)).num_trainable_parameters()
+        trainable = GenerateTask().prompt(mrun, model, tokenizer, None).num_trainable_parameters()
         # 16 distinct tasks: the trained prompt plus small perturbations (same cost as 16 trained ones)
         arts = [str(art)]
         for i in range(1, tasks):
@@ -254,8 +272,7 @@ def run_compare(data: str, out: str, base: str | None = None, template: str | No
     stage(3, f"lora (PEFT, r={lora_r}): training {steps} steps, then scoring and timing")
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        pm, trainable, eval_l = _train_lora(model, tokenizer, train_tok, eval_tok, steps, batch_size, lora_lr,
-                                            lora_r, seed, out / "lora", progress)
+        pm, trainable, eval_l = _train_lora(model, tokenizer, train_tok, eval_tok, cfg, out / "lora")
         train_s = time.perf_counter() - t0
     lora_bytes = sum(t.numel() * t.element_size() for n, t in pm.state_dict().items() if "lora_" in n)
     # scored before more adapters are loaded, with the trained one active: `model` now holds PEFT's

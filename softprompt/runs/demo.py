@@ -49,6 +49,7 @@ def run_demo(out: str = "out/demo", steps: int = 30, base: str | None = None, me
     from softprompt.io.load import load_base
     from softprompt.loops.data import DataConfig, read_examples
     from softprompt.loops.evaluate import predict, score
+    from softprompt.runs.config import RunConfig
     from softprompt.runs.train import run_train
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -75,11 +76,12 @@ def run_demo(out: str = "out/demo", steps: int = 30, base: str | None = None, me
         import shutil
 
         shutil.rmtree(out_dir)  # the demo always starts fresh
-    say(f"\n== training {method} for {steps} steps (batch 8) ==")
+    say(f"\n== training {method} for {steps} steps (batch {RunConfig().train.batch_size}) ==")
     t0 = time.perf_counter()
-    run_train(str(train_path), out, method=method, eval_data=str(dev_path), steps=steps, batch_size=8, lr=None,
-              warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 2), checkpoint_every=0, seed=seed,
-              model=model, tokenizer=tok, progress=True)
+    cfg = RunConfig.of(train_data=str(train_path), out=str(out), overwrite=True, method=method,
+                       eval_data=str(dev_path), steps=steps, warmup_steps=max(1, steps // 10),
+                       eval_every=max(1, steps // 2), checkpoint_every=0, seed=seed)
+    run_train(cfg, model, tok)
     minutes = (time.perf_counter() - t0) / 60
     from softprompt.io.artifact import load_artifact
 

@@ -1,30 +1,23 @@
-"""The jobs behind `softprompt train` and `softprompt eval`: data -> model -> loop -> artifact.
+"""The one training pipeline, `run_train(cfg)`, from a `RunConfig` (runs/config.py): what
+`softprompt train` (both tasks), `sp.train`, `softprompt compare` and the demo all call; and the
+job behind `softprompt eval`. data -> model -> loop -> artifact.
 
-Library code (data.py, train.py, evaluate.py) stays free of printing and argument handling;
-this file is the glue the command line calls.
+A task (generation here, classification in runs/classify.py) says how the base loads, how rows
+become training data, what prompt is created and what the loop optimizes; the rest (the run
+directory, the learning rate, trackers, run.json, resuming, the loop) is the same for every task.
+Library code (data.py, train.py, evaluate.py) stays free of printing and argument handling.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from softprompt.core.defaults import default_lr
-
-
-def method_options(method: str, num_virtual_tokens: int, init: str | None, init_text: str | None,
-                   projection_dim: int, seed: int) -> dict:
-    """Options for `methods.create`; what is left None takes the config's default (config.py)."""
-    opts: dict = {"num_virtual_tokens": num_virtual_tokens, "seed": seed}
-    if init is not None:
-        opts["init"] = init
-    if init_text is not None:
-        opts["init_text"] = init_text
-    if method == "prefix_tuning":
-        opts["projection_dim"] = projection_dim
-    return opts
+RUN_FILES = ("best", "last", "checkpoints", "metrics.jsonl", "run.json", "plot.png")
 
 
 def _say(msg: str, main: bool = True) -> None:
@@ -32,85 +25,164 @@ def _say(msg: str, main: bool = True) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run_train(data, out, method="prefix_tuning", base=None, template=None, target=None, chat_template=False,
-              eval_data=None, eval_fraction=0.0, num_virtual_tokens=20, init=None, init_text=None,
-              projection_dim=512, steps=200, batch_size=8, micro_batch_size=0, lr=None, weight_decay=0.0,
-              warmup_steps=0, schedule="linear", max_grad_norm=1.0, seed=0, eval_every=0, eval_generate=0,
-              metric="eval_loss", patience=0, checkpoint_every=50, keep_checkpoints=2, resume=False,
-              gradient_checkpointing=False, max_length=512, max_rows=0, skip_bad_rows=False, progress=True,
-              model=None, tokenizer=None, report_to=None):
-    """Train and save; returns the `TrainResult`. `model`/`tokenizer` skip loading (tests, demo).
-    `report_to`: experiment trackers (tracking.py: tensorboard, mlflow, wandb)."""
-    from softprompt import methods
-    from softprompt.families import family_of
-    from softprompt.loops.data import BadRows, DataConfig, group_references, read_examples, split_heldout
-    from softprompt.loops.tracking import Reporters, parse_report_to
-    from softprompt.loops.train import TrainConfig, Trainer, init_distributed
+@dataclass
+class Prepared:
+    """A task's training data, ready for the loop."""
 
-    parse_report_to(report_to)  # a bad name fails before the data and the model load
-    dist = init_distributed()
-    name = methods.canonical(method)
-    lr = lr if lr is not None else default_lr(name, projection_dim)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
-                      weight_decay=weight_decay, warmup_steps=warmup_steps, schedule=schedule,
-                      max_grad_norm=max_grad_norm, seed=seed, eval_every=eval_every, eval_generate=eval_generate,
-                      metric=metric, patience=patience, checkpoint_every=checkpoint_every,
-                      keep_checkpoints=keep_checkpoints, gradient_checkpointing=gradient_checkpointing)
-    dcfg = DataConfig(template=template, target=target, chat_template=chat_template, max_length=max_length,
-                      skip_bad_rows=skip_bad_rows, max_rows=max_rows)
-    out = Path(out)
-    if out.exists() and not resume and ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()):
-        raise ValueError(f"{out} holds an earlier run; pass --resume to continue it, or choose a new --out")
-    if dist.world > 1:  # every process has checked before any of them writes
-        import torch.distributed
+    train: object  # TokenizedData (or a task's own kind)
+    eval: object = None
+    groups: list | None = None  # distinct held-out inputs with all their references (generation)
+    objective: object = None  # what the loop optimizes (None: the causal LM's target loss)
+    facts: dict | None = None  # what the run learned, for run.json (bad rows, the template used, ...)
+    note: str = ""  # the data line the run prints
 
-        torch.distributed.barrier()
-    bad = BadRows()
-    train_ex = read_examples(data, dcfg, bad)
-    eval_ex = None
-    if eval_data:
-        eval_ex = read_examples(eval_data, DataConfig(**{**dcfg.__dict__, "max_rows": 0}), bad)
-    elif eval_fraction > 0:
-        train_ex, eval_ex = split_heldout(train_ex, eval_fraction, seed)
-    if model is None:
-        if base is None:
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """A run directory that holds anything is refused unless resume (continue it) or overwrite
+    (remove the earlier run's own files; other files are left alone)."""
+    import shutil
+
+    if resume or not out.is_dir() or not any(out.iterdir()):
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out} is a file; a training run needs a directory")
+        return
+    if not overwrite:
+        raise ValueError(f"{out} already holds files; pass --resume to continue its run, --overwrite to start "
+                         "afresh there (the earlier run's artifacts are removed), or choose a new OUT")
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
+
+
+def apply_model_config(mc) -> None:
+    """Where the base runs (device, dtype, quantize, threads) for every loader below this run."""
+    from softprompt.core.device import set_defaults, set_threads
+
+    set_defaults(mc.device, mc.dtype, mc.quantize)
+    set_threads(mc.threads)
+
+
+class GenerateTask:
+    """Generation on a decoder or an encoder-decoder: the family tokenizes, creates and scores."""
+
+    def load(self, cfg, dist):
+        from softprompt.io.lora import load_base_with_lora
+
+        if cfg.model.base is None:
             _say("loading the embedded SmolLM2-135M-Instruct ...", dist.main)
-        from softprompt.io.load import load_base
-
-        model, tokenizer = load_base(base)  # --device auto: CUDA when present
+        model, tokenizer = load_base_with_lora(cfg.model.base, cfg.model.lora, merge=cfg.model.merge_lora)
         if dist.world > 1 and _cuda():
             import torch
 
             torch.cuda.set_device(dist.rank % torch.cuda.device_count())
             model.to(f"cuda:{dist.rank % torch.cuda.device_count()}")
-    family = family_of(model)  # how this base tokenizes, trains and creates prompts
-    tokenize, objective = family.tokenize, family.objective()
-    train_tok = tokenize(train_ex, tokenizer, dcfg, bad)
-    eval_tok = tokenize(eval_ex, tokenizer, dcfg, bad) if eval_ex else None
-    groups = group_references(eval_tok.examples) if eval_tok else None
-    _say(f"data: {len(train_tok)} training rows, {len(eval_tok) if eval_tok else 0} held-out rows"
-         f" ({len(groups) if groups else 0} distinct inputs); {bad.report()}", dist.main)
-    prompt = family.create(name, model, tokenizer,
-                    **method_options(name, num_virtual_tokens, init, init_text, projection_dim, seed))
-    prompt.to(next(model.parameters()).device)
-    run_config = {"method": name, "method_options": method_options(name, num_virtual_tokens, init, init_text,
-                                                                   projection_dim, seed),
-                  "train": cfg.__dict__, "data": dcfg.__dict__, "data_path": str(data), "eval_data": eval_data,
-                  "world": dist.world, "bad_rows": bad.count}
-    reporter = Reporters(report_to, out, json.loads(json.dumps(run_config, default=str))) if dist.main else None
-    from softprompt.io.artifact import save_artifact
+        return model, tokenizer
 
-    trainer = Trainer(model, tokenizer, prompt, train_tok, cfg, out=out, save=save_artifact, eval_data=eval_tok, eval_groups=groups,
-                      dist=dist, progress=progress, card={"dataset": str(data)}, objective=objective,
-                      reporter=reporter or None)
-    if resume:
+    def data(self, cfg, model, tokenizer, rows=None, eval_rows=None) -> Prepared:
+        from softprompt.families import family_of
+        from softprompt.loops.data import BadRows, group_references, split_heldout
+
+        bad, dcfg = BadRows(), cfg.data
+        train_ex = examples(rows if rows is not None else cfg.train_data, dcfg, bad)
+        eval_ex = None
+        if eval_rows is not None or cfg.eval_data:
+            eval_ex = examples(eval_rows if eval_rows is not None else cfg.eval_data, replace(dcfg, max_rows=0), bad)
+        elif cfg.eval_fraction > 0:
+            train_ex, eval_ex = split_heldout(train_ex, cfg.eval_fraction, cfg.train.seed)
+        family = family_of(model)  # how this base tokenizes, trains and creates prompts
+        train_tok = family.tokenize(train_ex, tokenizer, dcfg, bad)
+        eval_tok = family.tokenize(eval_ex, tokenizer, dcfg, bad) if eval_ex else None
+        groups = group_references(eval_tok.examples) if eval_tok else None
+        note = (f"data: {len(train_tok)} training rows, {len(eval_tok) if eval_tok else 0} held-out rows"
+                f" ({len(groups) if groups else 0} distinct inputs); {bad.report()}")
+        return Prepared(train_tok, eval_tok, groups, family.objective(), {"bad_rows": bad.count}, note)
+
+    def prompt(self, cfg, model, tokenizer, prepared):
+        from dataclasses import asdict
+
+        from softprompt.families import family_of
+
+        options = {k: v for k, v in asdict(cfg.prompt).items() if v is not None}
+        return family_of(model).create(cfg.method, model, tokenizer, **options)
+
+    def lr(self, cfg, prompt) -> float:
+        return cfg.prompt.default_lr()
+
+    def metric(self, cfg, prepared) -> str:
+        return cfg.train.metric
+
+
+def examples(data, dcfg, bad=None):
+    """Examples from a path (JSONL, CSV/TSV, hf:NAME) or from rows (a list of dicts, a datasets.Dataset)."""
+    from collections.abc import Iterable
+
+    from softprompt.loops.data import read_examples, row_to_example
+
+    if isinstance(data, (str, os.PathLike)):
+        return read_examples(data, dcfg, bad)
+    if data is None:
+        raise ValueError("no training data: pass DATA (a .jsonl, .csv/.tsv file or hf:NAME)")
+    if isinstance(data, dict) or not isinstance(data, Iterable):
+        raise TypeError("data must be a path, a list of dicts or a datasets.Dataset")
+    return [row_to_example(dict(row), dcfg, f"row {i + 1}") for i, row in enumerate(data)]
+
+
+def run_train(cfg, model=None, tokenizer=None, *, prompt=None, rows=None, eval_rows=None):
+    """Train and save per `cfg` (a RunConfig); returns the `TrainResult`.
+
+    `model`/`tokenizer`: skip loading (tests, the demo, the Python API). `prompt`: train this prompt
+    in place instead of creating one (`sp.train`). `rows`/`eval_rows`: in-memory rows instead of
+    `cfg.train_data`/`cfg.eval_data`. Without `cfg.output.out` nothing is written and nothing printed.
+    """
+    from softprompt.io.artifact import save_artifact
+    from softprompt.loops.tracking import Reporters, parse_report_to
+    from softprompt.loops.train import Trainer, TrainerOutput, init_distributed
+
+    parse_report_to(list(cfg.output.report_to) or None)  # a bad name fails before the data and the model load
+    dist = init_distributed()
+    out = Path(cfg.output.out) if cfg.output.out is not None else None
+    say = dist.main and out is not None
+    if out is not None and dist.main:
+        prepare_run_dir(out, cfg.output.resume, cfg.output.overwrite)
+    if dist.world > 1:  # every process has checked before any of them writes
+        import torch.distributed
+
+        torch.distributed.barrier()
+    if cfg.task == "classify":
+        from softprompt.runs.classify import ClassifyTask
+
+        task = ClassifyTask()
+    else:
+        task = GenerateTask()
+    if model is None:
+        apply_model_config(cfg.model)
+        model, tokenizer = task.load(cfg, dist)
+    prepared = task.data(cfg, model, tokenizer, rows, eval_rows)
+    _say(prepared.note, say)
+    if prompt is None:
+        prompt = task.prompt(cfg, model, tokenizer, prepared)
+    prompt.to(next(model.parameters()).device)
+    train_cfg = replace(cfg.train, lr=cfg.train.lr if cfg.train.lr is not None else task.lr(cfg, prompt),
+                        metric=task.metric(cfg, prepared))
+    cfg = replace(cfg, train=train_cfg)
+    run_json = {**cfg.to_dict(), **(prepared.facts or {}), "world": dist.world}
+    run_json = json.loads(json.dumps(run_json, default=str))
+    reporter = Reporters(list(cfg.output.report_to) or None, out, run_json) if dist.main and out is not None else None
+    card = {"dataset": str(cfg.train_data)} if cfg.train_data else None
+    trainer = Trainer(model, tokenizer, prompt, prepared.train, train_cfg, prepared.eval, prepared.groups,
+                      prepared.objective, TrainerOutput(out, save_artifact, card, reporter or None,
+                                                        cfg.output.progress, dist))
+    if cfg.output.resume and out is not None:
         if trainer.resume():
-            _say(f"resumed from step {trainer.step}", dist.main)
+            _say(f"resumed from step {trainer.step}", say)
         else:
-            _say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", dist.main)
-    if dist.main:
+            _say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", say)
+    if out is not None and dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(run_config, indent=2, default=str))
+        (out / "run.json").write_text(json.dumps(run_json, indent=2))
     t0 = time.perf_counter()
     try:
         result = trainer.run()
@@ -120,7 +192,7 @@ def run_train(data, out, method="prefix_tuning", base=None, template=None, targe
         raise
     if reporter:
         reporter.close(out / "best")
-    if dist.main:
+    if say:
         best = ", ".join(f"{k}={v:.4g}" for k, v in (result.best or {}).items() if isinstance(v, float))
         _say(f"done: {result.step} steps in {time.perf_counter() - t0:.0f} s ({result.stopped}); "
              f"last train loss {result.train_loss:.4f}{'; best ' + best if best else ''}\n"

@@ -4,7 +4,7 @@ Names load on first use, so importing `softprompt.serve.main` (the CLI does, for
 does not pull in torch."""
 
 _EXPORTS = {"Engine": "engine", "Request": "handle", "Completion": "handle", "Event": "handle", "Handle": "handle",
-            "TaskRegistry": "tasks", "PrefixCache": "tasks", "QueueFull": "tasks", "RequestError": "tasks",
+            "TaskRegistry": "tasks", "Task": "tasks", "PrefixCache": "tasks", "QueueFull": "tasks", "RequestError": "tasks",
             "UnknownTask": "tasks", "TaskRefused": "tasks"}
 
 __all__ = list(_EXPORTS)

@@ -27,7 +27,7 @@ from softprompt.loops.generate import (
 )
 from softprompt.serve.handle import Completion, Handle, Request, TokenLogprob
 from softprompt.serve.loader import TaskLoader, done_future
-from softprompt.serve.tasks import PrefixCache, QueueFull, RequestError, TaskRegistry, compile_task
+from softprompt.serve.tasks import PrefixCache, QueueFull, RequestError, Task, TaskRegistry, compile_task
 
 log = logging.getLogger("softprompt.serve")
 
@@ -232,7 +232,8 @@ class BaseEngine:
         prefix = None
         if req.task is not None:
             slot = self._loads.pop(id(req), None)
-            fut = slot[1] if slot is not None and slot[0] is req else self._load_task(req.task, background=False)
+            fut = slot[1] if slot is not None and slot[0] is req else self._load_task(req.resolved or req.task,
+                                                                                         background=False)
             prefix = fut.result()  # loaded beside the loop (see _take_ready), or here; a failed load raises
         ids = list(req.prompt_ids) if req.prompt_ids is not None else \
             self.tokenizer(req.prompt, add_special_tokens=add_special_tokens)["input_ids"]
@@ -241,11 +242,12 @@ class BaseEngine:
         return params, prefix, ids
 
     # ---- task prefixes, loaded beside the loop --------------------------------------------
-    def _load_task(self, task: str, background: bool) -> Future:
-        source = self.tasks.resolve(task)
-        # keyed by what the name resolves to now, so a new version in the store is served at once
-        key = f"{task}:{id(source)}" if isinstance(source, torch.nn.Module) else f"{task}:{source}"
-        return self.loader.load(key, lambda: compile_task(task, source, self.model), background=background)
+    def _load_task(self, task: str | Task, background: bool) -> Future:
+        """The future of a task's prefix; a name is resolved here, a `Task` (resolved by whoever
+        took the request, e.g. Service.task_of) is not resolved again."""
+        if not isinstance(task, Task):
+            task = self.tasks.task(task)
+        return self.loader.load(task.key, lambda: compile_task(task, self.model), background=background)
 
     def _take_ready(self, n: int) -> list[tuple[Handle, Request]]:
         """Pop up to `n` waiting requests that can join the batch now, oldest first (caller holds _lock).
@@ -280,7 +282,7 @@ class BaseEngine:
         if slot is not None and slot[0] is req:
             return slot[1]
         try:
-            fut = self._load_task(req.task, background=True)
+            fut = self._load_task(req.resolved or req.task, background=True)
         except Exception as e:  # noqa: BLE001 - an unknown task: the request's own error, raised when taken
             fut = done_future(error=e)
         self._loads[id(req)] = (req, fut)

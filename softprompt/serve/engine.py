@@ -129,7 +129,8 @@ class Engine(BaseEngine):
         self._compact()
 
     def _prepare(self, handle: Handle, req: Request):
-        params, kv, ids = self._prepare_common(req, add_special_tokens=False)
+        params, prefix, ids = self._prepare_common(req, add_special_tokens=False)
+        kv = None if prefix is None else prefix.kv()  # the plain (L, 2, H_kv, P, D) tensor the batch reads
         P = 0 if kv is None else kv.shape[3]
         if self.max_positions and P + len(ids) + params.max_new_tokens > self.max_positions:
             raise RequestError(f"prompt of {len(ids)} tokens + prefix of {P} + max_new_tokens "

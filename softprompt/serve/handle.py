@@ -37,6 +37,8 @@ class Request:
     logprobs: int | None = None  # report each new token's logprob and this many top alternatives (0: none)
     prompt_logprobs: bool = False  # also the prompt tokens' logprobs (OpenAI's echo with logprobs)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    # `task` already resolved (a serve.tasks.Task, by Service.task_of): the engine does not resolve it again
+    resolved: object = field(default=None, repr=False, compare=False)
 
     def sampling(self) -> SamplingParams:
         from softprompt.serve.tasks import RequestError

@@ -1,6 +1,6 @@
 """Task prefixes loaded beside the decode loop, so a task miss never stalls the rows running.
 
-The engine asks `TaskLoader.load(key, load)` for a waiting request's KV prefix and gets a future:
+The engine asks `TaskLoader.load(key, load)` for a waiting request's prefix and gets a future:
 done at once on a prefix-cache hit, otherwise done when one background thread has run `load`
 (for a store task: one read of its compiled form) and put the result in the cache.
 The request stays queued meanwhile and joins the batch at the first step after the future is done;
@@ -18,6 +18,7 @@ from concurrent.futures import Future
 
 import torch
 
+from softprompt.methods.base import Prefix
 from softprompt.serve.tasks import PrefixCache
 
 
@@ -45,7 +46,7 @@ class TaskLoader:
         """Loads queued or running now."""
         return len(self._inflight)
 
-    def load(self, key: str, load: Callable[[], torch.Tensor], *, background: bool = True) -> Future:
+    def load(self, key: str, load: Callable[[], Prefix], *, background: bool = True) -> Future:
         """A future of the prefix under `key`. A hit is done now; a miss runs `load` once per key, on the
         loader thread, or in this thread when not `background` (joining a load already under way)."""
         with self._lock:
@@ -75,7 +76,7 @@ class TaskLoader:
         while True:
             self._run(*self._queue.get())
 
-    def _run(self, key: str, load: Callable[[], torch.Tensor], fut: Future) -> None:
+    def _run(self, key: str, load: Callable[[], Prefix], fut: Future) -> None:
         try:
             with torch.no_grad():  # grad mode is per thread: the engine's no_grad does not reach here
                 kv = self.cache.get(key, load)

@@ -6,6 +6,10 @@ import os
 import sys
 from pathlib import Path
 
+from softprompt.serve.config import ServerConfig
+
+LIMITS = ServerConfig()  # every limit's default, in one place (serve/config.py)
+
 
 def _check_key(key: str, where: str) -> str:
     """A key is one token of printable ASCII (what an Authorization header can carry); anything else
@@ -36,10 +40,11 @@ def read_api_keys(api_keys_file: str | None) -> frozenset[str]:
 
 
 def build_app(store_dir: str | None = None, base: str | None = None, api_keys_file: str | None = None,
-              max_batch_size: int = 32, max_queue: int = 256, max_body_bytes: int = 1 << 20,
-              request_timeout_s: float = 120.0, prefix_cache_mb: int = 256, tasks: dict | None = None,
-              lora: str | None = None, merge_lora: bool = True, body_timeout_s: float = 30.0,
-              served_model_name: str | None = None, max_upload_bytes: int = 64 << 20):
+              max_batch_size: int = LIMITS.max_batch_size, max_queue: int = LIMITS.max_queue,
+              max_body_bytes: int = LIMITS.max_body_bytes, request_timeout_s: float = LIMITS.request_timeout_s,
+              prefix_cache_mb: int = LIMITS.prefix_cache_mb, tasks: dict | None = None,
+              lora: str | None = None, merge_lora: bool = True, body_timeout_s: float = LIMITS.body_timeout_s,
+              served_model_name: str | None = None, max_upload_bytes: int = LIMITS.max_upload_bytes):
     """(app, config). With `lora`, the engine's model is the LoRA-adapted base: every task is checked
     against *its* fingerprint when loaded (`load_artifact` hashes the model it is given, and
     `apply_lora` drops any fingerprint cached for the bare weights), so prompts trained with that
@@ -48,7 +53,7 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
     from softprompt.io.load import EMBEDDED_NAME
     from softprompt.io.lora import load_base_with_lora
     from softprompt.serve.engines import engine_class
-    from softprompt.serve.http import ServerConfig, create_app
+    from softprompt.serve.http import create_app
     from softprompt.serve.resolver import StoreResolver
     from softprompt.serve.tasks import TaskRegistry
     from softprompt.store.core import Store, StoreUnavailable
@@ -71,7 +76,8 @@ def build_app(store_dir: str | None = None, base: str | None = None, api_keys_fi
         base_id = served_model_name
     config = ServerConfig(base_model_id=base_id, api_keys=keys,
                           max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s,
-                          body_timeout_s=body_timeout_s, max_upload_bytes=max_upload_bytes)
+                          body_timeout_s=body_timeout_s, max_upload_bytes=max_upload_bytes,
+                          max_batch_size=max_batch_size, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb)
     app = create_app(engine, store, config)
     app.state.health_hooks.append(from_store.health)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
@@ -88,11 +94,13 @@ async def _store_unavailable(request, exc):
 
 
 def serve(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, base: str | None = None,
-          api_keys_file: str | None = None, max_batch_size: int = 32, max_queue: int = 256,
-          max_body_bytes: int = 1 << 20, request_timeout_s: float = 120.0, prefix_cache_mb: int = 256,
-          lora: str | None = None, merge_lora: bool = True, threads: int = 0, body_timeout_s: float = 30.0,
-          ray: bool = False, replicas: int = 1, ray_address: str | None = None,
-          served_model_name: str | None = None, max_upload_bytes: int = 64 << 20):
+          api_keys_file: str | None = None, max_batch_size: int = LIMITS.max_batch_size,
+          max_queue: int = LIMITS.max_queue, max_body_bytes: int = LIMITS.max_body_bytes,
+          request_timeout_s: float = LIMITS.request_timeout_s, prefix_cache_mb: int = LIMITS.prefix_cache_mb,
+          lora: str | None = None, merge_lora: bool = True, threads: int = 0,
+          body_timeout_s: float = LIMITS.body_timeout_s, ray: bool = False, replicas: int = 1,
+          ray_address: str | None = None, served_model_name: str | None = None,
+          max_upload_bytes: int = LIMITS.max_upload_bytes):
     """Serve every task in a prompt store over an OpenAI-compatible HTTP API (and the base model).
 
     Args:

@@ -5,6 +5,34 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+C, G = CounterMetricFamily, GaugeMetricFamily
+METRICS = [  # (name after softprompt_, kind, help, where: a key of engine.status(), "cache." one of its prefix_cache)
+    ("requests", C, "requests accepted into the queue", "requests"),
+    ("requests_completed", C, "requests finished normally", "completed"),
+    ("requests_failed", C, "requests finished with an error", "errors"),
+    ("requests_cancelled", C, "requests cancelled (client gone or asked)", "cancelled"),
+    ("requests_refused_queue_full", C, "requests refused because the queue was full", "refused_queue_full"),
+    ("generated_tokens", C, "tokens generated", "generated_tokens"),
+    ("prompt_tokens", C, "prompt tokens prefilled", "prompt_tokens"),
+    ("decode_steps", C, "engine steps with running rows", "steps"),
+    ("batch_rows", C, "sum over steps of the rows in the batch", "batch_rows_sum"),
+    ("engine_faults", C, "engine steps that failed with no row to blame (their rows ended)", "faults"),
+    ("engine_restarts", C, "times the engine loop died and was restarted", "restarts"),
+    ("prefix_cache_hits", C, "task prefix cache hits", "cache.hits"),
+    ("prefix_cache_misses", C, "task prefix cache misses (loads)", "cache.misses"),
+    ("prefix_cache_evictions", C, "task prefixes evicted", "cache.evictions"),
+    ("running_rows", G, "rows in the running batch", "running_rows"),
+    ("queue_length", G, "requests waiting", "waiting"),
+    ("max_batch_size", G, "batch size limit", "max_batch_size"),
+    ("max_queue", G, "queue length limit", "max_queue"),
+    ("prefix_cache_tasks", G, "task prefixes cached", "cache.tasks"),
+    ("prefix_cache_bytes", G, "bytes of cached task prefixes", "cache.bytes"),
+    ("mean_batch_rows", G, "mean rows per step so far", "mean_batch_rows"),
+    # over the latest 1024 loads (NaN before the first); loads run beside the decode loop
+    ("prefix_load_p50_ms", G, "task prefix load time, p50 (ms)", "cache.load_ms_p50"),
+    ("prefix_load_p99_ms", G, "task prefix load time, p99 (ms)", "cache.load_ms_p99"),
+]
+
 
 class _EngineCollector:
     def __init__(self, engine):
@@ -12,47 +40,13 @@ class _EngineCollector:
 
     def collect(self):
         st = self.engine.status()
+        st["mean_batch_rows"] = st["batch_rows_sum"] / max(1, st["steps"])
         cache = st["prefix_cache"]
-        counters = {
-            "requests": ("requests accepted into the queue", st["requests"]),
-            "requests_completed": ("requests finished normally", st["completed"]),
-            "requests_failed": ("requests finished with an error", st["errors"]),
-            "requests_cancelled": ("requests cancelled (client gone or asked)", st["cancelled"]),
-            "requests_refused_queue_full": ("requests refused because the queue was full", st["refused_queue_full"]),
-            "generated_tokens": ("tokens generated", st["generated_tokens"]),
-            "prompt_tokens": ("prompt tokens prefilled", st["prompt_tokens"]),
-            "decode_steps": ("engine steps with running rows", st["steps"]),
-            "batch_rows": ("sum over steps of the rows in the batch", st["batch_rows_sum"]),
-            "engine_faults": ("engine steps that failed with no row to blame (their rows ended)", st.get("faults", 0)),
-            "engine_restarts": ("times the engine loop died and was restarted", st.get("restarts", 0)),
-            "prefix_cache_hits": ("task prefix cache hits", cache["hits"]),
-            "prefix_cache_misses": ("task prefix cache misses (loads)", cache["misses"]),
-            "prefix_cache_evictions": ("task prefixes evicted", cache["evictions"]),
-        }
-        for name, (doc, value) in counters.items():
-            c = CounterMetricFamily(f"softprompt_{name}", doc)
-            c.add_metric([], value)
-            yield c
-        gauges = {
-            "running_rows": ("rows in the running batch", st["running_rows"]),
-            "queue_length": ("requests waiting", st["waiting"]),
-            "max_batch_size": ("batch size limit", st["max_batch_size"]),
-            "max_queue": ("queue length limit", st["max_queue"]),
-            "prefix_cache_tasks": ("task prefixes cached", cache["tasks"]),
-            "prefix_cache_bytes": ("bytes of cached task prefixes", cache["bytes"]),
-            "mean_batch_rows": ("mean rows per step so far", st["batch_rows_sum"] / max(1, st["steps"])),
-            # over the latest 1024 loads (NaN before the first); loads run beside the decode loop
-            "prefix_load_p50_ms": ("task prefix load time, p50 (ms)", _or_nan(cache.get("load_ms_p50"))),
-            "prefix_load_p99_ms": ("task prefix load time, p99 (ms)", _or_nan(cache.get("load_ms_p99"))),
-        }
-        for name, (doc, value) in gauges.items():
-            g = GaugeMetricFamily(f"softprompt_{name}", doc)
-            g.add_metric([], value)
-            yield g
-
-
-def _or_nan(x) -> float:
-    return float("nan") if x is None else float(x)
+        for name, kind, doc, where in METRICS:
+            value = cache.get(where[6:]) if where.startswith("cache.") else st.get(where, 0)
+            m = kind(f"softprompt_{name}", doc)
+            m.add_metric([], float("nan") if value is None else value)
+            yield m
 
 
 def render(engine) -> str:

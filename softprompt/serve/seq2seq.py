@@ -105,6 +105,7 @@ class Seq2SeqEngine(BaseEngine):
 
     def _prepare(self, handle: Handle, req: Request) -> _Row:
         params, prefix, ids = self._prepare_common(req, add_special_tokens=True)
+        prefix = None if prefix is None else prefix.kv()  # the parts the batch reads
         if prefix is not None and not isinstance(prefix, Seq2SeqPrefix):  # compile_task checks; a backstop
             raise TaskRefused(f"task {req.task!r} is not a prompt for an encoder-decoder model")
         if self.max_positions:

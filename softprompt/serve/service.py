@@ -11,22 +11,9 @@ from pathlib import Path
 from fastapi import Request as HTTPRequest
 
 from softprompt.io.card_schema import card_file_path
+from softprompt.serve.config import ServerConfig
 from softprompt.serve.errors import STATUS, APIError
-from softprompt.serve.tasks import QueueFull, RequestError, UnknownTask
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Every limit has a default."""
-
-    base_model_id: str = "base"
-    api_keys: frozenset[str] = frozenset()
-    max_body_bytes: int = 1 << 20
-    max_upload_bytes: int = 64 << 20  # a task artifact uploaded over HTTP (routers/admin_tasks.py)
-    body_timeout_s: float = 30.0  # a body not fully sent by then gets 408
-    request_timeout_s: float = 120.0
-    max_n: int = 8
-    default_max_tokens: int = 16
+from softprompt.serve.tasks import QueueFull, RequestError, Task, UnknownTask
 
 
 @dataclass
@@ -37,19 +24,19 @@ class Service:
     classifier: object = None
 
     # --- tasks --------------------------------------------------------------------------------
-    def task_of(self, model: str) -> str | None:
-        """The task a request's `model` names (None: the base model), or a 404/400 APIError."""
+    def task_of(self, model: str) -> Task | None:
+        """The task a request's `model` names, resolved once (None: the base model): requests carry it
+        to the engine, which does not resolve it again. Or a 404/400 APIError."""
         if model == self.config.base_model_id:
             return None
         try:
-            self.engine.tasks.resolve(model)
+            return self.engine.tasks.task(model)
         except UnknownTask:
             raise APIError(404, f"the model {model!r} does not exist: it is neither the base model "
                                 f"{self.config.base_model_id!r} nor a task in the store", code="model_not_found",
                            param="model") from None
         except RequestError as e:  # a task the store refuses (e.g. its file is gone)
             raise APIError(STATUS.get(e.code, 400), str(e), code=e.code, param="model") from None
-        return model
 
     def task_row(self, ref: str) -> dict:
         """store.show(ref), or what the engine's registry knows of a task registered in memory."""

@@ -1,9 +1,9 @@
-"""Tasks for the engine: where a task name's artifact is, and an LRU cache of compiled KV prefixes.
+"""Tasks for the engine: where a task name's artifact is, and an LRU cache of compiled prefixes.
 
-A task resolves to a KV prefix `(L, 2, H_kv, P, D)` once, when first used. A store task reads the
-serving form the store keeps compiled for this base (softprompt/store/compiled.py: one
-read of one file); an artifact path or an in-memory prompt is compiled here (prompt tuning and P-tuning by one
-pass of the frozen model). The cache holds recently used prefixes under a byte budget; loading a
+A task resolves to its `Prefix` (a decoder's: the KV prefix `(L, 2, H_kv, P, D)`) once, when first
+used. A store task reads the serving form the store keeps compiled for this base
+(softprompt/store/compiled.py: one read of one file); an artifact path or an in-memory prompt is
+compiled here (prompt tuning and P-tuning by one pass of the frozen model). The cache holds recently used prefixes under a byte budget; loading a
 task never copies or reloads the model. The engine loads beside its loop (serve/loader.py).
 """
 
@@ -14,14 +14,16 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from softprompt.families import family_of
+from softprompt.families import family_of, prompt_family
 from softprompt.io.artifact import ArtifactError, load_artifact
 from softprompt.io.peft import PeftFormatError
 from softprompt.methods import PromptMethod
+from softprompt.methods.base import Prefix
 
 
 class RequestError(ValueError):
@@ -75,15 +77,16 @@ class TaskRegistry:
         with self._lock:
             self._tasks[name] = source
 
-    def remove(self, name: str) -> None:
-        with self._lock:
-            self._tasks.pop(name, None)
-
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._tasks)
 
+    def task(self, name: str) -> "Task":
+        """`name` resolved (see `resolve`), as the engine takes it."""
+        return Task(name, self.resolve(name))
+
     def resolve(self, name: str):
+        """What `name` stands for now (a path, a PromptMethod, a store entry), or UnknownTask."""
         with self._lock:
             source = self._tasks.get(name)
         if source is None and self._fallback is not None:
@@ -93,14 +96,29 @@ class TaskRegistry:
         return source
 
 
+@dataclass(frozen=True)
+class Task:
+    """A task name resolved once (Service.task_of, or the engine for a request that came without
+    one): what it stands for, and the key its compiled prefix is cached under. The key names what
+    the name resolves to now, so a new version in the store is served at once."""
+
+    name: str
+    source: object
+
+    @property
+    def key(self) -> str:
+        src = self.source
+        return f"{self.name}:{id(src)}" if isinstance(src, torch.nn.Module) else f"{self.name}:{src}"
+
+
 class PrefixCache:
-    """LRU of task name -> KV prefix on the model's device, bounded by `budget_bytes`."""
+    """LRU of task key -> `Prefix` on the model's device, bounded by `budget_bytes`."""
 
     def __init__(self, budget_bytes: int = 256 * 2**20):
         if budget_bytes <= 0:
             raise ValueError("the prefix cache budget must be positive")
         self.budget_bytes = budget_bytes
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[str, Prefix] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
         self.load_ms: deque[float] = deque(maxlen=1024)  # the latest loads' times, for stats: bounded
@@ -112,7 +130,7 @@ class PrefixCache:
     def __contains__(self, name):
         return name in self._items
 
-    def lookup(self, name: str) -> torch.Tensor | None:
+    def lookup(self, name: str) -> Prefix | None:
         """The cached prefix (counted as a hit) or None (not counted: a `get` that loads counts the miss)."""
         with self._lock:
             kv = self._items.get(name)
@@ -121,7 +139,7 @@ class PrefixCache:
                 self.hits += 1
             return kv
 
-    def get(self, name: str, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get(self, name: str, load: Callable[[], Prefix]) -> Prefix:
         kv = self.lookup(name)
         if kv is not None:
             return kv
@@ -133,33 +151,18 @@ class PrefixCache:
         self.put(name, kv)
         return kv
 
-    def put(self, name: str, kv: torch.Tensor) -> None:
-        size = self._nbytes(kv)
+    def put(self, name: str, kv: Prefix) -> None:
+        size = kv.nbytes
         with self._lock:
             if name in self._items:
-                self.bytes -= self._nbytes(self._items.pop(name))
+                self.bytes -= self._items.pop(name).nbytes
             while self._items and self.bytes + size > self.budget_bytes:
                 _, old = self._items.popitem(last=False)
-                self.bytes -= self._nbytes(old)
+                self.bytes -= old.nbytes
                 self.evictions += 1
             if size <= self.budget_bytes:  # a prefix larger than the budget is used but not kept
                 self._items[name] = kv
                 self.bytes += size
-
-    def invalidate(self, name: str | None = None) -> None:
-        with self._lock:
-            if name is None:
-                self._items.clear()
-                self.bytes = 0
-            elif name in self._items:
-                self.bytes -= self._nbytes(self._items.pop(name))
-
-    @staticmethod
-    def _nbytes(t) -> int:
-        """Bytes of a KV tensor, or of the tensors of an object holding several (a Seq2SeqPrefix)."""
-        if isinstance(t, torch.Tensor):
-            return t.numel() * t.element_size()
-        return sum(x.numel() * x.element_size() for x in vars(t).values() if isinstance(x, torch.Tensor))
 
     def stats(self) -> dict:
         ms = sorted(self.load_ms)
@@ -169,30 +172,27 @@ class PrefixCache:
                 "load_ms_p50": pct(0.5), "load_ms_p99": pct(0.99)}
 
 
-def compile_task(name: str, source, model) -> torch.Tensor:
-    """The KV prefix of a task's source, refusing what does not fit. A source is a PromptMethod, an
-    artifact path, or an object with `open(model) -> PromptMethod` (a store entry, which also checks
-    the file against the store's index, and whose `kv_prefix(model)` reads its compiled form)."""
-    p = next(model.parameters())
-    fam = family_of(model)
+def compile_task(task: Task, model) -> Prefix:
+    """The prefix of a resolved task, on the model's device and in its dtype, refusing what does not
+    fit. A source is a PromptMethod, an artifact path (`load_artifact` checks its card against the
+    base), an object with `open(model) -> PromptMethod`, or a store entry: its `kv_prefix(model)`
+    reads its compiled form (compiling it through `load_artifact` when there is none)."""
+    p, source = next(model.parameters()), task.source
     try:
-        if hasattr(source, "kv_prefix") and fam.flat_prefix:  # no forward pass, no module
-            return source.kv_prefix(model).to(device=p.device, dtype=p.dtype)
-        if isinstance(source, PromptMethod):
-            prompt = source
-        elif isinstance(source, (str, os.PathLike)):
-            prompt = load_artifact(Path(source), model)
+        if hasattr(source, "kv_prefix"):  # no forward pass, no module
+            prefix = source.kv_prefix(model)
         else:
-            prompt = source.open(model)
+            if isinstance(source, PromptMethod):  # in memory: no card was checked on the way here
+                fam, family = family_of(model), prompt_family(source)
+                if not fam.accepts_card_family(family):
+                    raise TaskRefused(f"task {task.name!r} cannot be served: it is a prompt for a {family} model, "
+                                      f"but this server's base model is {fam.name}")
+                prompt = source
+            elif isinstance(source, (str, os.PathLike)):
+                prompt = load_artifact(Path(source), model)
+            else:  # an object whose `open(model)` loads the prompt (checking its card as load_artifact does)
+                prompt = source.open(model)
+            prefix = prompt.to_kv_prefix(model)
     except (ArtifactError, PeftFormatError) as e:
-        raise TaskRefused(f"task {name!r} cannot be served: {e}") from e
-    family = getattr(prompt, "family", "causal_lm")  # artifacts are checked on load; in-memory prompts here
-    base_family = fam.name
-    if not fam.accepts_card_family(family):
-        raise TaskRefused(f"task {name!r} cannot be served: it is a prompt for a {family} model, but this server's "
-                          f"base model is {base_family}")
-    kv = prompt.to_kv_prefix(model)
-    if not isinstance(kv, torch.Tensor):  # a Seq2SeqPrefix (encoder-decoder bases): its own .to
-        with torch.no_grad():
-            return kv.to(device=p.device, dtype=p.dtype)
-    return kv.detach().to(device=p.device, dtype=p.dtype).contiguous()
+        raise TaskRefused(f"task {task.name!r} cannot be served: {e}") from e
+    return prefix.to(device=p.device, dtype=p.dtype)

@@ -1,6 +1,7 @@
-"""A task's serving form, kept in the store: its KV prefix compiled once per (artifact, base model).
+"""A task's serving form, kept in the store: its prefix compiled once per (artifact, base model).
 
-    ROOT/compiled/<base fp>/ab/<artifact sha256>.<dtype>.safetensors   one tensor "kv" (L, 2, H_kv, P, D)
+    ROOT/compiled/<base fp>/ab/<artifact sha256>.<dtype>.safetensors   the prefix's `tensors()`: for a
+                                                                        decoder one tensor "kv" (L, 2, H_kv, P, D)
     index table `compiled`: (artifact sha256, base fingerprint, dtype) -> sha256 of that file, shape, size
 
 Why: serving a cold task used to mean reading and hashing the artifact, building the method module
@@ -38,7 +39,9 @@ import torch
 from safetensors.torch import save as st_save
 
 from softprompt.core.geometry import model_fingerprint
+from softprompt.families import family_of
 from softprompt.io.artifact import ArtifactError
+from softprompt.methods.base import Prefix
 
 META_KEY = "softprompt_kv"
 # safetensors dtype names of the dtypes a frozen model is served in
@@ -111,10 +114,11 @@ def _row(store, sha: str, fp: str, dtype: torch.dtype) -> str | None:
 
 # --- reading: one read, no copy ------------------------------------------------------------------------
 
-def read_kv(path: Path, want_sha: str) -> torch.Tensor:
-    """The KV prefix in a compiled file, hashed against `want_sha` unless this file version already was.
+def read_tensors(path: Path, want_sha: str) -> dict[str, torch.Tensor]:
+    """The tensors of a compiled file (a decoder's: "kv" (L, 2, H_kv, P, D); another family's prefix
+    has its parts), hashed against `want_sha` unless this file version already was.
 
-    The header is read, then the tensor's bytes straight into an uninitialized tensor of its shape
+    The header is read, then each tensor's bytes straight into an uninitialized tensor of its shape
     (no zero-fill, no copy, no buffer left behind it), hashed there with the rest of the file if
     need be: every page of it is touched once by the read and once by the hash. (A memory map and a
     copy touched each page three times: map fault, hash, copy; on a machine where cold pages are
@@ -123,6 +127,7 @@ def read_kv(path: Path, want_sha: str) -> torch.Tensor:
         f = open(path, "rb", buffering=0)
     except FileNotFoundError:
         raise CompiledDamaged(f"compiled file {path} is missing") from None
+    chunks, out = [], {}
     with f:
         st = os.fstat(f.fileno())  # of the file we read, not of whatever the path names a moment later
         version, size = _version(st), st.st_size
@@ -133,36 +138,55 @@ def read_kv(path: Path, want_sha: str) -> torch.Tensor:
         if n > size - 8:
             raise CompiledDamaged(f"compiled file {path} is truncated")
         header = f.read(n)
+        chunks += [head, header]
         try:
-            info = json.loads(header)["kv"]
-            dtype, shape, (start, end) = ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-            kv = torch.empty(shape, dtype=dtype)  # (L, 2, H_kv, P, D)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise CompiledDamaged(f"compiled file {path} has no readable 'kv' tensor ({e})") from e
-        nbytes = kv.numel() * kv.element_size()
-        if not 0 <= start <= end or end - start != nbytes or 8 + n + end > size:
-            raise CompiledDamaged(f"compiled file {path}: the 'kv' tensor's offsets do not fit the file")
-        before = f.read(start)  # nothing in files we write; read (and hashed) all the same
-        mv = memoryview(kv.view(-1).view(torch.uint8).numpy())  # (nbytes,) the tensor's own memory
-        got = 0
-        while got < nbytes:  # one read for a regular file; a loop in case the kernel returns less
-            k = f.readinto(mv[got:])
-            if not k:
-                break
-            got += k
-        after = f.read()
-    if got != nbytes or len(before) != start:
-        raise CompiledDamaged(f"compiled file {path} is truncated")
+            entries = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+            layout = sorted(((v["data_offsets"][0], v["data_offsets"][1], k, ST_DTYPES[v["dtype"]], v["shape"])
+                             for k, v in entries.items()), key=lambda e: e[:2])
+            if not layout:
+                raise KeyError("no tensor")
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise CompiledDamaged(f"compiled file {path} has no readable tensors ({e})") from e
+        at = 0  # bytes of the data section read so far
+        for start, end, name, dtype, shape in layout:
+            try:
+                t = torch.empty(shape, dtype=dtype)
+            except (TypeError, RuntimeError) as e:
+                raise CompiledDamaged(f"compiled file {path}: tensor {name!r} has no readable shape ({e})") from e
+            nbytes = t.numel() * t.element_size()
+            if not at <= start <= end or end - start != nbytes or 8 + n + end > size:
+                raise CompiledDamaged(f"compiled file {path}: the {name!r} tensor's offsets do not fit the file")
+            gap = f.read(start - at)  # nothing in files we write; read (and hashed) all the same
+            mv = memoryview(t.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+            got = 0
+            while got < nbytes:  # one read for a regular file; a loop in case the kernel returns less
+                k = f.readinto(mv[got:])
+                if not k:
+                    break
+                got += k
+            if got != nbytes or len(gap) != start - at:
+                raise CompiledDamaged(f"compiled file {path} is truncated")
+            chunks += [gap, mv]
+            out[name], at = t, end
+        chunks.append(f.read())
     if not _seen(path, version, want_sha):
-        h = hashlib.sha256(head)
-        for part in (header, before, mv, after):
+        h = hashlib.sha256()
+        for part in chunks:
             h.update(part)
         digest = h.hexdigest()
         if digest != want_sha:
             raise CompiledDamaged(f"compiled file {path} changed behind the index's back "
                                   f"(sha256 {digest[:12]}... != indexed {want_sha[:12]}...)")
         _remember(path, version, want_sha)
-    return kv
+    return out
+
+
+def read_kv(path: Path, want_sha: str) -> torch.Tensor:
+    """The one KV tensor of a decoder's compiled file (see `read_tensors`)."""
+    tensors = read_tensors(path, want_sha)
+    if "kv" not in tensors:
+        raise CompiledDamaged(f"compiled file {path} has no 'kv' tensor")
+    return tensors["kv"]
 
 
 # --- writing ------------------------------------------------------------------------------------------
@@ -176,14 +200,18 @@ def _ensure_table(store) -> None:
         store._compiled_table = True
 
 
-def publish(store, sha: str, fp: str, kv: torch.Tensor) -> Path:
-    """Write `kv` as the compiled form of artifact `sha` for base `fp`, atomically with its index row
-    (file and row under the store's write lock, so concurrent compilers never leave them disagreeing)."""
-    kv = kv.detach().cpu().contiguous()
-    meta = {"format": "softprompt-kv", "artifact_sha256": sha, "base_fingerprint": fp, "dtype": _dtype_name(kv.dtype),
-            "shape": list(kv.shape)}
-    blob = st_save({"kv": kv}, metadata={META_KEY: json.dumps(meta)})
-    path = compiled_path(store, sha, fp, kv.dtype)
+def publish(store, sha: str, fp: str, prefix: Prefix) -> Path:
+    """Write `prefix` (its `tensors()`) as the compiled form of artifact `sha` for base `fp`, atomically
+    with its index row (file and row under the store's write lock, so concurrent compilers never
+    leave them disagreeing)."""
+    tensors = {k: t.detach().cpu().contiguous() for k, t in prefix.tensors().items()}
+    dtype = next(iter(tensors.values())).dtype
+    shapes = {k: list(t.shape) for k, t in tensors.items()}
+    shape = shapes["kv"] if list(shapes) == ["kv"] else shapes  # a decoder's: its one shape, as ever
+    meta = {"format": "softprompt-kv", "artifact_sha256": sha, "base_fingerprint": fp, "dtype": _dtype_name(dtype),
+            "shape": shape}
+    blob = st_save(tensors, metadata={META_KEY: json.dumps(meta)})
+    path = compiled_path(store, sha, fp, dtype)
     _ensure_table(store)
     path.parent.mkdir(parents=True, exist_ok=True)
     with store._write() as db:
@@ -191,23 +219,20 @@ def publish(store, sha: str, fp: str, kv: torch.Tensor) -> Path:
         db.execute("INSERT INTO compiled VALUES (?,?,?,?,?,?,?) ON CONFLICT (sha256, base_fingerprint, dtype) DO "
                    "UPDATE SET kv_sha256 = excluded.kv_sha256, shape = excluded.shape, size = excluded.size, "
                    "created = excluded.created",
-                   (sha, fp, _dtype_name(kv.dtype), hashlib.sha256(blob).hexdigest(), json.dumps(list(kv.shape)),
+                   (sha, fp, _dtype_name(dtype), hashlib.sha256(blob).hexdigest(), json.dumps(shape),
                     len(blob), time.time()))
     return path
 
 
-def compile_entry(entry, model, *, allow_other_base: bool = False) -> torch.Tensor:
+def compile_entry(entry, model, *, allow_other_base: bool = False) -> Prefix:
     """Compile a store entry's prompt for `model` (the artifact checked against the index), on CPU."""
     prompt = entry.open(model, allow_other_base=allow_other_base)
-    kv = prompt.to_kv_prefix(model)
-    if not isinstance(kv, torch.Tensor):  # a prompt of several parts (an encoder-decoder's): no flat form
-        raise ArtifactError(f"task {entry.name}@{entry.version}: only prompts of one KV prefix have a compiled form")
-    return kv.detach().to(device="cpu", dtype=serving_dtype(model)).contiguous()
+    return prompt.to_kv_prefix(model).to(device="cpu", dtype=serving_dtype(model))
 
 
-def load_or_compile(entry, model, *, allow_other_base: bool = False) -> torch.Tensor:
-    """The KV prefix `(L, 2, H_kv, P, D)` of a store entry for `model`, on CPU in the model's dtype:
-    read from the store's compiled form, or compiled now and written there for next time."""
+def load_or_compile(entry, model, *, allow_other_base: bool = False) -> Prefix:
+    """The prefix of a store entry for `model`, on CPU in the model's dtype: read from the store's
+    compiled form, or compiled now and written there for next time."""
     store, fp, dtype = entry.store, model_fingerprint(model), serving_dtype(model)
     want = _row(store, entry.sha256, fp, dtype)
     if want is not None:
@@ -220,15 +245,19 @@ def load_or_compile(entry, model, *, allow_other_base: bool = False) -> torch.Te
                 fetched = False
             if not fetched:
                 raise CompiledDamaged(f"compiled file {path} is missing or altered in the store")
-            return read_kv(path, want)
+            tensors = read_tensors(path, want)
+            try:
+                return family_of(model).load_prefix(tensors)
+            except (KeyError, TypeError, ValueError) as e:
+                raise CompiledDamaged(f"compiled file {path} does not hold this family's prefix ({e})") from e
         except CompiledDamaged:
             store.compiled_repairs += 1  # never served; recompiled from the checked artifact below
-    kv = compile_entry(entry, model, allow_other_base=allow_other_base)
+    prefix = compile_entry(entry, model, allow_other_base=allow_other_base)
     try:
-        publish(store, entry.sha256, fp, kv)
+        publish(store, entry.sha256, fp, prefix)
     except (OSError, *store.db_errors):  # a read-only store: serve this compile, recompile after a restart
         store.compiled_write_errors += 1
-    return kv
+    return prefix
 
 
 # --- keeping the store tidy -----------------------------------------------------------------------------

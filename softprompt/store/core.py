@@ -108,8 +108,9 @@ class StoreEntry:
         return self.store._load(self, model, allow_other_base)
 
     def kv_prefix(self, model, *, allow_other_base: bool = False):
-        """The task's KV prefix `(L, 2, H_kv, P, D)` for `model`, on CPU in the model's dtype, from the
-        store's compiled form (one read of one file), compiled and stored first if there is none."""
+        """The task's `Prefix` for `model` (a decoder's: the KV prefix `(L, 2, H_kv, P, D)`), on CPU in
+        the model's dtype, from the store's compiled form (one read of one file), compiled and stored
+        first if there is none."""
         from softprompt.store.compiled import load_or_compile
 
         return load_or_compile(self, model, allow_other_base=allow_other_base)
@@ -121,6 +122,22 @@ class StoreEntry:
 
     def __str__(self):
         return str(self.path)
+
+
+def _checked(e: StoreEntry, read, where: str, changed: str) -> bytes:
+    """The bytes `read()` gives for entry `e`'s file (named `where` in messages), refused with the
+    store's message when they are missing or not what the index holds."""
+    try:
+        blob = read()
+    except FileNotFoundError:
+        raise StoreError(f"task {e.name}@{e.version}: its file {where} is missing (removed behind the "
+                         "index's back, or by a concurrent rm); re-add the task") from None
+    digest = _sha(blob)
+    if digest != e.sha256:
+        raise StoreError(f"task {e.name}@{e.version}: the store file {where} {changed} behind the index's back "
+                         f"(sha256 {digest[:12]}... != indexed {e.sha256[:12]}...); refusing it: restore the file "
+                         "or `softprompt store rm` and re-add the task")
+    return blob
 
 
 def default_root() -> Path:
@@ -327,14 +344,13 @@ class Store:
         return TaskRef(name, version)
 
     def _compile_if_fits(self, ref: TaskRef, card: dict, model) -> None:
-        from softprompt.families import family_of
+        from softprompt.families import card_family, family_of
 
-        # only a flat prompt (one KV tensor) made for this very base has a compiled form for it;
-        # others compile on first serve by the base that serves them (or are refused there)
-        family = family_of(model)
-        if card.get("base_model", {}).get("fingerprint") == model_fingerprint(model) and family.flat_prefix \
-                and card.get("model_family", "causal_lm") == family.name \
-                and card.get("method") != "head_only" and not card.get("classifier"):
+        # only a prompt made for this very base has a compiled form for it (a classifier has none: it is
+        # not served by the generation engine); others compile on first serve by the base that serves
+        # them (or are refused there)
+        if card.get("base_model", {}).get("fingerprint") == model_fingerprint(model) and not card.get("classifier") \
+                and family_of(model).accepts_card_family(card_family(card)):
             self.compile(str(ref), model)
 
     def compile(self, ref: str, model, *, allow_other_base: bool = False) -> Path:
@@ -497,16 +513,7 @@ class Store:
     def _check_file(self, e: StoreEntry) -> None:
         if self._blobs.remote:
             self._check_remote(e)
-        try:
-            blob = e.path.read_bytes()
-        except FileNotFoundError:
-            raise StoreError(f"task {e.name}@{e.version}: its file {e.path} is missing (removed behind the "
-                             "index's back, or by a concurrent rm); re-add the task") from None
-        digest = _sha(blob)
-        if digest != e.sha256:
-            raise StoreError(f"task {e.name}@{e.version}: the store file {e.path} changed on disk behind "
-                             f"the index's back (sha256 {digest[:12]}... != indexed {e.sha256[:12]}...); "
-                             "refusing it: restore the file or `softprompt store rm` and re-add the task")
+        _checked(e, e.path.read_bytes, str(e.path), "changed on disk")
 
     def _check_remote(self, e: StoreEntry) -> None:
         """The local copy of a remote artifact, fetched and checked if absent or not what the index says
@@ -515,16 +522,10 @@ class Store:
             if e.path.exists() and _sha(e.path.read_bytes()) == e.sha256:
                 return
             e.path.unlink(missing_ok=True)
-            blob = self._blobs.read(self._key(e.path))
         except FileNotFoundError:
-            raise StoreError(f"task {e.name}@{e.version}: its file {self._blobs.url(self._key(e.path))} is missing "
-                             "(removed behind the index's back, or by a concurrent rm); re-add the task") from None
-        digest = _sha(blob)
-        if digest != e.sha256:
-            raise StoreError(f"task {e.name}@{e.version}: the store file {self._blobs.url(self._key(e.path))} "
-                             f"changed behind the index's back (sha256 {digest[:12]}... != indexed "
-                             f"{e.sha256[:12]}...); refusing it: restore the file or `softprompt store rm` and "
-                             "re-add the task")
+            pass
+        key = self._key(e.path)
+        blob = _checked(e, lambda: self._blobs.read(key), self._blobs.url(key), "changed")
         write_atomic(e.path, blob, self.root / "tmp", durable=False)
 
     def ls(self, tag: str | None = None, base_fingerprint: str | None = None, all_versions: bool = False) -> list[dict]:

@@ -12,6 +12,11 @@ class Seq2SeqFamily(Family):
     description = "encoder-decoder"
     padding_side = "right"  # encoder inputs: real tokens keep positions 0, 1, ...
     peft_task_types = ("SEQ_2_SEQ_LM",)
+    steps = {step: f"softprompt.families.seq2seq.{where}" for step, where in (
+        ("geometry", "core:seq2seq_geometry"), ("methods", "methods:METHODS"), ("create", "methods:create"),
+        ("tokenize", "train:tokenize_seq2seq"), ("objective", "train:Seq2SeqObjective"),
+        ("generate", "generate:generate"), ("evaluate_groups", "generate:evaluate_groups"),
+        ("import_peft", "peft_io:import_peft"))}
 
     @staticmethod
     def matches(config) -> bool:
@@ -22,56 +27,10 @@ class Seq2SeqFamily(Family):
 
         return AutoModelForSeq2SeqLM
 
-    def geometry(self, model):
-        from softprompt.families.seq2seq.core import seq2seq_geometry
-
-        return seq2seq_geometry(model)
-
-    def methods(self) -> dict:
-        from softprompt.families.seq2seq.methods import METHODS
-
-        return METHODS
-
     def shape_options(self, card: dict) -> dict:
         return {"config": card.get("config")}  # which of the four parts a prefix has
 
-    def create(self, method, model, tokenizer=None, **options):
-        from softprompt.families.seq2seq.methods import create
+    def load_prefix(self, tensors: dict):
+        from softprompt.families.seq2seq.core import Seq2SeqPrefix
 
-        return create(method, model, tokenizer, **options)
-
-    def prefix_to(self, prefix, device, dtype):
-        import torch
-
-        with torch.no_grad():
-            return prefix.to(device=device, dtype=dtype)  # a Seq2SeqPrefix: each part moved
-
-    def tokenize(self, examples, tokenizer, cfg, bad=None):
-        from softprompt.families.seq2seq.train import tokenize_seq2seq
-
-        return tokenize_seq2seq(examples, tokenizer, cfg, bad)
-
-    def objective(self):
-        from softprompt.families.seq2seq.train import Seq2SeqObjective
-
-        return Seq2SeqObjective()
-
-    def generate(self, model, tokenizer, prompts, prefix, params):
-        from softprompt.families.seq2seq.generate import generate
-
-        return generate(model, tokenizer, prompts, prefix, params)
-
-    def evaluate_groups(self, model, tokenizer, groups, prefix, **options) -> dict:
-        from softprompt.families.seq2seq.generate import evaluate_groups
-
-        return evaluate_groups(model, tokenizer, groups, prefix, **options)
-
-
-    def import_peft(self, path, config, embeddings, model):
-        from softprompt.families.seq2seq.peft_io import import_peft
-
-        prompt = import_peft(path, config, embeddings, model)
-        prompt.card = {"method": prompt.method, "num_virtual_tokens": prompt.num_virtual_tokens, "source": "peft",
-                       "path": str(path), "model_family": self.name,
-                       "base_model": {"name": config.get("base_model_name_or_path")}, "peft_config": config}
-        return prompt
+        return Seq2SeqPrefix.from_tensors(tensors)

@@ -36,6 +36,7 @@ import torch
 
 from softprompt import hf
 from softprompt.hf.prefix import stack_prefixes
+from softprompt.methods.base import Prefix
 
 PARTS = ("encoder", "decoder", "cross")
 
@@ -102,17 +103,32 @@ def seq2seq_geometry(model_or_config) -> Seq2SeqGeometry:
 
 
 @dataclass
-class Seq2SeqPrefix:
-    """What a seq2seq prompt stands for at inference (see the module docstring for shapes)."""
+class Seq2SeqPrefix(Prefix):
+    """What a seq2seq prompt stands for at inference (see the module docstring for shapes): the
+    family's `Prefix`, whose `kv()` is itself (the engine reads each part)."""
 
     embeds: torch.Tensor | None = None
     encoder: torch.Tensor | None = None
     decoder: torch.Tensor | None = None
     cross: torch.Tensor | None = None
 
+    def kv(self) -> "Seq2SeqPrefix":
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
     def to(self, device=None, dtype=None) -> "Seq2SeqPrefix":
-        return Seq2SeqPrefix(*(None if t is None else t.to(device=device, dtype=dtype)
-                               for t in (self.embeds, self.encoder, self.decoder, self.cross)))
+        with torch.no_grad():
+            return Seq2SeqPrefix(**{k: t.detach().to(device=device, dtype=dtype) for k, t in self.tensors().items()})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: t for k in ("embeds", *PARTS) if (t := getattr(self, k)) is not None}
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> "Seq2SeqPrefix":
+        return Seq2SeqPrefix(**tensors)
 
 
 def cross_kv(model, hidden: torch.Tensor, bp: "Seq2SeqBatchPrefix") -> list[tuple[torch.Tensor, torch.Tensor]]:

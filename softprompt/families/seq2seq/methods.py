@@ -13,7 +13,7 @@ Prompt tuning (Lester et al. 2021, who used T5): P embeddings before the encoder
 initializations are the decoder-only ones (random / vocab / text / tokens).
 
 Both implement the `PromptMethod` protocol with a seq2seq `forward` (encoder ids + decoder ids)
-and `to_kv_prefix(model)` returning a `Seq2SeqPrefix` instead of one KV tensor.
+and `to_kv_prefix(model)` returning the family's `Prefix`, a `Seq2SeqPrefix` (up to four parts).
 """
 
 from __future__ import annotations

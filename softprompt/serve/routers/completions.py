@@ -54,7 +54,7 @@ async def run(svc, request: HTTPRequest, body, prompts: list, shape: Shape):
     if body.n > cfg.max_n:
         raise APIError(422, f"n is over this server's limit of {cfg.max_n}", code="invalid_parameter", param="n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    common = dict(task=task, max_new_tokens=body.max_tokens or cfg.default_max_tokens, temperature=body.temperature,
+    common = dict(task=task and task.name, resolved=task, max_new_tokens=body.max_tokens or cfg.default_max_tokens, temperature=body.temperature,
                   top_p=body.top_p, top_k=max(0, body.top_k or 0), stop=stop, logprobs=shape.logprobs,
                   prompt_logprobs=shape.echo is not None and shape.logprobs is not None,
                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
