@@ -10,6 +10,15 @@ The public API, in PEFT's idiom (softprompt/runs/api.py):
     prompt.save_pretrained("out/e2e")
     prompt = sp.load("out/e2e", model)
 
+As one model, in PEFT's idiom (softprompt/runs/model.py): `generate` and `forward` honour the prompt.
+
+    pm = sp.get_model(model, prompt, tok)                        # or a config, as get_peft_model takes
+    pm.print_trainable_parameters()
+    ids = pm.generate(**tok(["name[Aromi] ||"], return_tensors="pt"), max_new_tokens=20)
+    pm.save_pretrained("out/e2e-pm")
+    pm = sp.PromptModel.from_pretrained(model, "out/e2e-pm", tok)   # or a Hub repo id; push_to_hub too
+    sp.export_peft(pm.prompt, "out/e2e-peft", model)             # a PEFT adapter directory
+
 Names load on first use, so `import softprompt` (and `softprompt --help`) stays light.
 """
 
@@ -21,6 +30,9 @@ _EXPORTS = {
     "train": "softprompt.runs.api",
     "generate": "softprompt.runs.api",
     "load": "softprompt.runs.api",
+    "get_model": "softprompt.runs.model",
+    "PromptModel": "softprompt.runs.model",
+    "export_peft": "softprompt.io.peft",
     "PrefixTuningConfig": "softprompt.methods",
     "PromptTuningConfig": "softprompt.methods",
     "PTuningConfig": "softprompt.methods",

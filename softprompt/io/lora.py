@@ -40,8 +40,9 @@ def apply_lora(model, adapter_dir: str | os.PathLike, merge: bool = True):
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         raise BaseModelError(f"{path} is a {cfg.get('peft_type')} adapter, not LoRA; --lora takes a LoRA adapter "
                              "(prompt/prefix adapters go in --adapter)")
-    from peft import PeftModel
+    from softprompt.core.extras import require
 
+    PeftModel = require("peft", "lora", "a LoRA adapter (--lora)").PeftModel
     base_name = getattr(model, "name_or_path", "") or ""
     try:
         peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
@@ -64,6 +65,9 @@ def load_base_with_lora(base=None, lora: str | os.PathLike | None = None, merge:
 
     if lora is None:
         return load_base(base, dtype=dtype, device=device, quantize=quantize)
+    from softprompt.core.extras import require
+
+    require("peft", "lora", "a LoRA adapter (--lora)")  # before the base loads: the refusal comes at once
     where = resolve(device, dtype, quantize)
     model, tok = load_base(base, dtype="float32", device="cpu", quantize="none")
     model = apply_lora(model, lora, merge=merge)

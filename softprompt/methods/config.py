@@ -6,13 +6,25 @@ the tables in softprompt/core/defaults.py. No caller asks which method it holds 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 
 from softprompt.core import defaults
 
+# PEFT's task types that a prompt can serve here (PEFT's `TaskType` values, or the plain strings).
+TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS")
 PROMPT_TUNING_INITS = ("random", "vocab", "text", "tokens")
 PREFIX_TUNING_INITS = ("random", "text")
 P_TUNING_ENCODERS = ("mlp", "lstm")
+
+
+def check_task_type(config, task_type) -> None:
+    """PEFT's `task_type=` on a config: None (the model decides), or one of TASK_TYPES, kept as a plain
+    string on `config.task_type`. It is not a dataclass field (an InitVar): a run's flags, cards and
+    run.json, built from the fields, stay as they were; `sp.create` checks it against the model."""
+    value = getattr(task_type, "value", task_type)  # PEFT's TaskType enum
+    if value is not None and (not isinstance(value, str) or value.upper() not in TASK_TYPES):
+        raise ValueError(f"task_type must be one of {', '.join(TASK_TYPES)} (PEFT's names), got {task_type!r}")
+    object.__setattr__(config, "task_type", None if value is None else value.upper())
 
 
 def check_num_virtual_tokens(n) -> None:
@@ -29,9 +41,13 @@ class PromptTuningConfig:
     init_tokens: tuple[int, ...] | None = None
     seed: int = 0
 
+    # PEFT's task type (TASK_TYPES; None: the model's); an InitVar, read back as `config.task_type`
+    task_type: InitVar[str | None] = None
+
     method = "prompt_tuning"
 
-    def __post_init__(self):
+    def __post_init__(self, task_type=None):
+        check_task_type(self, task_type)
         check_num_virtual_tokens(self.num_virtual_tokens)
         if self.init is not None and self.init not in PROMPT_TUNING_INITS:
             raise ValueError(f"prompt tuning init must be one of {PROMPT_TUNING_INITS}, got {self.init!r}")
@@ -57,9 +73,13 @@ class PrefixTuningConfig:
     init_text: str | None = None  # None: defaults.INIT_TEXT
     seed: int = 0
 
+    # PEFT's task type (TASK_TYPES; None: the model's); an InitVar, read back as `config.task_type`
+    task_type: InitVar[str | None] = None
+
     method = "prefix_tuning"
 
-    def __post_init__(self):
+    def __post_init__(self, task_type=None):
+        check_task_type(self, task_type)
         check_num_virtual_tokens(self.num_virtual_tokens)
         if self.init is not None and self.init not in PREFIX_TUNING_INITS:
             raise ValueError(f"prefix tuning init must be one of {PREFIX_TUNING_INITS}, got {self.init!r}")
@@ -88,9 +108,13 @@ class PTuningConfig:
     encoder_hidden_size: int | None = None  # default: the model's hidden size
     seed: int = 0
 
+    # PEFT's task type (TASK_TYPES; None: the model's); an InitVar, read back as `config.task_type`
+    task_type: InitVar[str | None] = None
+
     method = "p_tuning"
 
-    def __post_init__(self):
+    def __post_init__(self, task_type=None):
+        check_task_type(self, task_type)
         check_num_virtual_tokens(self.num_virtual_tokens)
         if self.encoder not in P_TUNING_ENCODERS:
             raise ValueError(f"P-tuning encoder must be one of {P_TUNING_ENCODERS}, got {self.encoder!r}")

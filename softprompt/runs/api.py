@@ -16,14 +16,33 @@ from softprompt.methods import CONFIGS, PromptMethod
 
 def create(model, config, tokenizer=None) -> PromptMethod:
     """A new prompt for `model` from a method config (`PrefixTuningConfig`, `PromptTuningConfig`,
-    `PTuningConfig`). With a tokenizer, prefix and prompt tuning start from text (config.py)."""
+    `PTuningConfig`). With a tokenizer, prefix and prompt tuning start from text (config.py). A
+    config's `task_type` (PEFT's, e.g. "CAUSAL_LM") is checked against the model (ValueError)."""
     method = next((name for name, cls in CONFIGS.items() if isinstance(config, cls)), None)
     if method is None:
         raise TypeError(f"expected a PrefixTuningConfig, PromptTuningConfig or PTuningConfig, got {type(config).__name__}")
+    family = family_of(model)
+    check_task_type(getattr(config, "task_type", None), family)
     options = {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) is not None}
-    prompt = family_of(model).create(method, model, tokenizer, **options)
+    prompt = family.create(method, model, tokenizer, **options)
     prompt.attach_base(model, save_artifact)
     return prompt
+
+
+# Classification prompts (softprompt/runs/classify.py) are trained on any family.
+ANY_FAMILY_TASK_TYPES = ("SEQ_CLS",)
+
+
+def task_types(family) -> tuple[str, ...]:
+    """PEFT's task types a prompt for a model of `family` may declare."""
+    return tuple(family.peft_task_types) + ANY_FAMILY_TASK_TYPES
+
+
+def check_task_type(task_type: str | None, family) -> None:
+    """A config's `task_type` (None: the model's own) must fit the model: one line otherwise."""
+    if task_type is not None and task_type not in task_types(family):
+        raise ValueError(f"task_type {task_type!r} does not fit this {family.description} model: use "
+                         f"{' or '.join(map(repr, task_types(family)))}, or leave task_type out")
 
 
 def train(prompt: PromptMethod, model, tokenizer, data, *, eval_data=None, out: str | os.PathLike | None = None,
