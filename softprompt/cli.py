@@ -20,12 +20,14 @@ import sys
 import types
 import typing
 
-from softprompt.runs.config import ModelConfig
+from softprompt.core.defaults import ModelConfig
 
 # How this file works: a `{name: function}` map; flags come from each function's typed signature
 # and its docstring's `Args:` section; a parameter without a default is positional; a
-# `{name: function}` dict in the map is a command group (`softprompt store add ...`). Nothing heavy
-# is imported before a command runs, so `--help` answers at once.
+# `{name: function}` dict in the map is a command group (`softprompt store add ...`). A string in
+# the map names a command whose flags come from a config dataclass instead (train, compare: the run's
+# configs; serve, eval, generate: FLAT below), built with jsonargparse when that command runs. Nothing
+# heavy is imported before a command runs, so `--help` answers at once.
 
 # Options whose values are a fixed set: listed in --help and checked by argparse. The library's own
 # constants are the source; tests/test_cli_help.py checks that these agree with them.
@@ -133,40 +135,20 @@ def init(out: str, method: str = "prompt_tuning", num_virtual_tokens: int | None
     print(f"saved {name} (P={num_virtual_tokens}, {sizes['artifact_bytes']:,} bytes) to {path}", file=sys.stderr)
 
 
-def generate(prompt: str, adapter: str | None = None, base: str | None = None, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             stop: list[str] | None = None, chat: bool = False, allow_other_base: bool = False,
-             lora: str | None = None, merge_lora: bool = True):
-    """Continue a prompt with an adapter (ours or a PEFT adapter directory) and print the continuation.
-
-    Greedy by default, so the same input gives the same output. The prompt is used as given.
-
-    Args:
-        prompt: the text to continue
-        adapter: artifact path (directory or .safetensors) or PEFT adapter directory; none: the bare model
-        base: a local HuggingFace model directory (default: the embedded model)
-        max_new_tokens: at most this many new tokens
-        temperature: 0 is greedy; above 0 samples
-        top_k: sample only among the k most likely tokens (0: all)
-        top_p: sample only within this much probability mass (1: all)
-        seed: seed for sampling
-        stop: stop when the continuation contains this string (repeatable)
-        chat: wrap the prompt in the base model's chat template as a user turn
-        allow_other_base: load an artifact even if it was made for other base weights
-        lora: a PEFT LoRA adapter directory (safetensors) applied to the base model first
-        merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
-    """
+def _generate(cfg) -> None:
+    """`softprompt generate`, from its GenerateConfig (runs/config.py): print the continuation."""
     from softprompt.families import family_of
     from softprompt.io.lora import load_prompt
     from softprompt.loops.generate import SamplingParams
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, stop=tuple(stop or ()))
-    model, tok = _load(base, lora, merge_lora)
+    m, prompt = cfg.model, cfg.prompt
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, seed=cfg.seed, stop=tuple(cfg.stop))
+    model, tok = _load(m.base, m.lora, m.merge_lora)
     kv = None
-    if adapter is not None:  # load_prompt: a refusal for the base also names the --lora flag that fits
-        kv = load_prompt(adapter, model, lora, merge_lora, allow_other_base).to_kv_prefix(model)
-    if chat:
+    if cfg.adapter is not None:  # load_prompt: a refusal for the base also names the --lora flag that fits
+        kv = load_prompt(cfg.adapter, model, m.lora, m.merge_lora, cfg.allow_other_base).to_kv_prefix(model)
+    if cfg.chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     print(family_of(model).generate(model, tok, [prompt], kv, params)[0])
@@ -198,45 +180,18 @@ def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool
     print(f"wrote PEFT adapter to {path}", file=sys.stderr)
 
 
-def eval(adapter: str | None = None, data: str | None = None, base: str | None = None, template: str | None = None,
-         target: str | None = None, chat_template: bool = False, max_new_tokens: int = 64, num_beams: int = 1,
-         batch_size: int = 16, max_inputs: int = 0, skip_bad_rows: bool = False, predictions: str | None = None,
-         allow_other_base: bool = False, json: bool = False, lora: str | None = None, merge_lora: bool = True):
-    """Score an adapter on a dataset: BLEU, ROUGE-L, exact match, accuracy (references grouped per input).
-
-    Args:
-        adapter: artifact path or PEFT adapter directory (omit: the bare model)
-        data: evaluation data (required; same formats as train)
-        base: a local HuggingFace model directory (default: the embedded model)
-        template: prompt template over a row's fields, e.g. "{mr} ||"
-        target: the reference field
-        chat_template: wrap each prompt in the base model's chat template
-        max_new_tokens: at most this many new tokens per output
-        num_beams: 1: greedy; more: beam search
-        batch_size: inputs per generation batch (greedy)
-        max_inputs: score only the first N distinct inputs (0: all)
-        skip_bad_rows: skip and count bad rows instead of stopping
-        predictions: write one JSON line per input (prompt, output, references) here
-        allow_other_base: load an artifact even if it was made for other base weights
-        json: print the metrics as JSON
-        lora: a PEFT LoRA adapter directory (safetensors) applied to the base first, for prompts trained with --lora
-        merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
-    """
-    if adapter and adapter != "none":
+def _eval(cfg) -> None:
+    """`softprompt eval`, from its EvalConfig (runs/config.py): a classifier artifact is scored by
+    accuracy and macro-F1, anything else by generating."""
+    if cfg.adapter and cfg.adapter != "none":
         from softprompt.runs.classify import is_classifier_path, run_eval_classify
 
-        if is_classifier_path(adapter):  # a classifier: accuracy and macro-F1 instead of generation scores
-            if not data:
-                raise ValueError("--data PATH is required")
-            return run_eval_classify(adapter, data, base=base, template=template, label_field=target,
-                                     batch_size=batch_size, max_rows=max_inputs, skip_bad_rows=skip_bad_rows,
-                                     predictions=predictions, allow_other_base=allow_other_base, json=json)
+        if is_classifier_path(cfg.adapter):
+            run_eval_classify(cfg)
+            return
     from softprompt.runs.train import run_eval
 
-    run_eval(adapter=adapter, data=data, base=base, template=template, target=target, chat_template=chat_template,
-             max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size, max_inputs=max_inputs,
-             skip_bad_rows=skip_bad_rows, predictions=predictions, allow_other_base=allow_other_base, json=json,
-             lora=lora, merge_lora=merge_lora)
+    run_eval(cfg)
 
 
 def demo(out: str = "out/demo", steps: int = 30, base: str | None = None, method: str = "prefix_tuning",
@@ -422,9 +377,6 @@ def store_compile(task: list[str] | None = None, base: str | None = None, store:
         print(f"compiled {row['name']}@{row['version']}")
 
 
-from softprompt.serve.main import serve  # noqa: E402  (its flags come from its signature, like every command)
-
-
 def store_migrate(src: str, dst: str, objects: str | None = None):
     """Copy a store into another, every version with its number, dates, tags and sha256, and the
     compiled forms (e.g. a SQLite store into PostgreSQL: DST postgresql://USER@HOST/DB?objects=s3://B/P).
@@ -448,8 +400,8 @@ STORE_COMMANDS = {"add": store_add, "ls": store_ls, "show": store_show, "rm": st
                   "import": store_import, "gc": store_gc, "verify": store_verify, "compile": store_compile,
                   "migrate": store_migrate}
 
-COMMANDS = {"info": info, "init": init, "generate": generate, "export-peft": export_peft, "train": "train",
-            "eval": eval, "demo": demo, "store": STORE_COMMANDS, "serve": serve}
+COMMANDS = {"info": info, "init": init, "generate": "generate", "export-peft": export_peft, "train": "train",
+            "eval": "eval", "demo": demo, "store": STORE_COMMANDS, "serve": "serve"}
 
 
 # -------------------------------------------------------------------------------------------
@@ -584,6 +536,20 @@ HELP = {
     "tasks": "rows (and distinct tasks, when mixed) in the tokens/s measurement",
     "eval_inputs": "distinct held-out inputs scored (eval_loss over all their references; BLEU and ROUGE-L of greedy "
                    "outputs); 0: all",
+    "methods": "the methods compared, comma-separated, any of prefix_tuning, prompt_tuning, p_tuning, lora, full "
+               "(full fine-tuning: every weight of a copy of the base)",
+    "full_lr": "full fine-tuning's learning rate",
+    "num_beams": "beam search with this many beams, scored beside greedy (5: the papers' decoding; 1: greedy only)",
+    "length_penalty": "beam search: a hypothesis scores logprob / length**length_penalty",
+    "bootstrap_samples": "paired bootstrap resamples (sacrebleu) for BLEU's 95%% interval and the p-value against "
+                         "prefix tuning",
+    "train_sizes": "data-efficiency curve: train every method on subsets of this many distinct training inputs "
+                   "(comma-separated, e.g. 50,100,200,500; drawn per seed, each with all its rows, smaller inside "
+                   "larger); writes the curve as OUT/compare.png",
+    "seeds": "with --train-sizes: one subset draw and training run per seed, comma-separated (default: --seed)",
+    "epochs": "with --train-sizes: steps per run = ceil(epochs x rows / batch size), at least --steps, at most "
+              "--max-steps",
+    "max_steps": "with --train-sizes: the most steps per run (0: no cap)",
 }
 SUMMARY = {
     "train": "Train a prompt on a dataset; writes OUT/best and OUT/last (artifacts), metrics.jsonl, plot.png, "
@@ -591,13 +557,22 @@ SUMMARY = {
              "softprompt.cli train ...` (or `accelerate launch`); --batch-size is the global batch. Options are the "
              "run's config (RunConfig): --config FILE reads one (YAML or JSON, e.g. an earlier run's run.json), flags "
              "override it.",
-    "compare": "Train prefix tuning, prompt tuning and LoRA (PEFT) on the same data and budget; report them side by "
-               "side.\n\nWrites OUT/compare.json, OUT/compare.md (a markdown table) and OUT/compare.png, and prints "
-               "the table.",
+    "compare": "Train prefix tuning, prompt tuning and LoRA (PEFT) on the same data and budget (--methods adds "
+               "P-tuning and full fine-tuning); report them side by side, BLEU with a 95% interval and the p-value "
+               "against prefix tuning (paired bootstrap).\n\nWrites OUT/compare.json, OUT/compare.md (a markdown "
+               "table) and OUT/compare.png, and prints the table. --train-sizes 50,200 --seeds 0,1 draws a "
+               "data-efficiency curve instead: every method per training size and seed, mean and spread per "
+               "point.",
 }
 # compare takes these of the run's options, under their short names (as it always has)
 COMPARE_RUN_OPTIONS = ("base", "device", "dtype", "quantize", "threads", "template", "target", "eval_data",
                        "eval_fraction", "steps", "batch_size", "num_virtual_tokens", "seed", "progress")
+# serve, eval, generate: one flat flag per option of their config (softprompt/serve/config.py's
+# ServeConfig, softprompt/runs/config.py's EvalConfig and GenerateConfig), in the order and with the
+# names of the config's OPTIONS (a field, or a section's field such as model.base -> --base); the
+# config's docstring gives the summary and each flag's help.
+FLAT = {"serve": ("softprompt.serve.config", "ServeConfig"), "eval": ("softprompt.runs.config", "EvalConfig"),
+        "generate": ("softprompt.runs.config", "GenerateConfig")}
 RENAMED = {}  # flags that no longer exist: old -> the new one (each named in a one-line error)
 
 
@@ -659,8 +634,51 @@ def _add_option(p, dest: str, flags: list[str], tp, default, help_text: str) -> 
                        help=help_text, **extra)
 
 
+def _flat_class(command: str):
+    import importlib
+
+    module, name = FLAT[command]
+    return getattr(importlib.import_module(module), name)
+
+
+def _summary(command: str) -> str:
+    return _doc_args(_flat_class(command))[0] if command in FLAT else SUMMARY[command]
+
+
+def _flat_options(cls):
+    """(dest, flag name, type, default) for each of a flat command's options (cls.OPTIONS)."""
+    from dataclasses import fields
+
+    own = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for dest in cls.OPTIONS:
+        section, _, name = dest.rpartition(".")
+        if section:
+            part = own[section].default
+            tp, default = typing.get_type_hints(type(part))[name], getattr(part, name)
+        else:
+            tp, default = hints[name], own[name].default
+        yield dest, cls.FLAG_NAMES.get(dest, name), tp, default
+
+
+def _add_flat_options(p, cls) -> None:
+    helps = _doc_args(cls)[1]
+    for name in cls.POSITIONAL:
+        p.add_argument(name, help=helps.get(name, ""))
+    for dest, flag, tp, default in _flat_options(cls):
+        text = helps.get(flag) or HELP.get(flag, "")
+        if typing.get_origin(_base_type(tp)[0]) is tuple:  # repeatable, each value whole (a stop string may hold ",")
+            p.add_argument(f"--{flag.replace('_', '-')}", dest=dest, action="append", default=None, help=text,
+                           metavar=flag.upper())
+        else:
+            _add_option(p, dest, [f"--{flag.replace('_', '-')}"], tp, default, text)
+            if p._actions[-1].metavar:  # the flag's name, not the field's (--data DATA, not EVAL_DATA)
+                p._actions[-1].metavar = flag.upper()
+
+
 def config_parser(command: str):
-    """The parser of `train` or `compare`, built from the run's configs (jsonargparse)."""
+    """The parser of `train` or `compare`, built from the run's configs, or of a FLAT command (serve,
+    eval, generate), built from its config (jsonargparse)."""
     from jsonargparse import ArgumentParser, DefaultHelpFormatter
 
     class Formatter(DefaultHelpFormatter, _HelpFormatter):
@@ -671,8 +689,14 @@ def config_parser(command: str):
         def error(self, message, *args, **kwargs):
             _Parser.error(self, str(message))
 
-    p = Parser(prog=f"softprompt {command}", description=SUMMARY[command], formatter_class=Formatter,
+    p = Parser(prog=f"softprompt {command}", description=_summary(command), formatter_class=Formatter,
                exit_on_error=False)
+    if command in FLAT:
+        p.add_argument("--config", dest="_config", metavar="FILE",
+                       help="a YAML or JSON file of this command's options (names as in Python, e.g. "
+                            "max_new_tokens); flags given on the command line override it")
+        _add_flat_options(p, _flat_class(command))
+        return p
     p.add_argument("--config", dest="_config", metavar="FILE",
                    help="a YAML or JSON file of this command's options (a run's run.json, or flat names such as "
                         "num_virtual_tokens); flags given on the command line override it")
@@ -700,8 +724,11 @@ def config_parser(command: str):
             _add_option(p, short, [f"--{short.replace('_', '-')}"], tp, RUN_DEFAULTS.get(short, default), HELP[short])
     hints = typing.get_type_hints(CompareConfig)
     for f in fields(CompareConfig):
-        if f.name != "run":
-            _add_option(p, f.name, [f"--{f.name.replace('_', '-')}"], hints[f.name], f.default, HELP[f.name])
+        if f.name != "run":  # a list flag replaces its default (the default is in its help)
+            listed = isinstance(f.default, tuple)
+            _add_option(p, f.name, [f"--{f.name.replace('_', '-')}"], hints[f.name], () if listed else f.default,
+                        HELP[f.name] + (f" (default: {','.join(map(str, f.default))})" if listed and f.default
+                                        else ""))
     return p
 
 
@@ -710,23 +737,12 @@ def _file_flags(parser, command: str, path: str) -> list[str]:
     the positionals DATA and OUT become the parser's defaults."""
     from softprompt.runs.config import nest
 
-    try:
-        text = open(path, encoding="utf-8").read()
-    except OSError as e:
-        raise ValueError(f"--config {path}: {e.strerror or e}") from None
-    try:
-        if path.endswith(".json"):
-            values = jsonlib.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text)
-    except Exception as e:  # a parse error names the line
-        raise ValueError(f"--config {path} does not parse: {' '.join(str(e).split())}") from None
-    values = values or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path} must hold a mapping of option names to values")
-    if command == "compare":  # compare's options are flat, as its flags
+    values = _read_config(path)
+    if command in FLAT:  # the flags' own names (max_batch_size for --max-batch-size -> server.max_batch_size)
+        cls = _flat_class(command)
+        dest_of = {flag: dest for dest, flag, _, _ in _flat_options(cls)} | {n: n for n in cls.POSITIONAL}
+        flat = {dest_of.get(k, k): v for k, v in values.items()}
+    elif command == "compare":  # compare's options are flat, as its flags
         flat = {("train_data" if k == "data" else k): v for k, v in values.items()}
     else:
         try:
@@ -749,6 +765,9 @@ def _file_flags(parser, command: str, path: str) -> list[str]:
             raise ValueError(f"--config {path}: no option {dest!r} for `softprompt {command}`")
         if not action.option_strings or dest in ("output.out", "train_data"):
             defaults[dest] = value
+        elif value is not None and isinstance(action, argparse._AppendAction):
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                flags += [action.option_strings[0], str(v)]
         elif value is None:
             continue
         elif isinstance(action, argparse.BooleanOptionalAction):
@@ -763,6 +782,27 @@ def _file_flags(parser, command: str, path: str) -> list[str]:
     if defaults:
         parser.set_defaults(defaults)
     return flags
+
+
+def _read_config(path: str) -> dict:
+    """The options of `--config FILE` (YAML, or JSON for .json): a mapping, else a one-line ValueError."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror or e}") from None
+    try:
+        if path.endswith(".json"):
+            values = jsonlib.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as e:  # a parse error names the line
+        raise ValueError(f"--config {path} does not parse: {' '.join(str(e).split())}") from None
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a mapping of option names to values")
+    return values
 
 
 def _config_argv(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -781,7 +821,8 @@ def _config_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def parse_config_command(command: str, argv: list[str]):
-    """`softprompt train|compare ...` -> a RunConfig (train) or a CompareConfig (compare)."""
+    """`softprompt train|compare|serve|eval|generate ...` -> its config: a RunConfig (train), a
+    CompareConfig (compare), a ServeConfig, EvalConfig or GenerateConfig (FLAT)."""
     parser = config_parser(command)
     path, rest = _config_argv(argv)
     for word in rest:
@@ -795,12 +836,17 @@ def parse_config_command(command: str, argv: list[str]):
 
 
 def build_config(command: str, d: dict):
+    if command in FLAT:
+        from softprompt.core.defaults import config_of
+
+        return config_of(_flat_class(command), {k: v for k, v in d.items() if v is not None and v != {}})
     from softprompt.runs.config import RunConfig
 
     if command == "compare":
         from softprompt.runs.config import CompareConfig
 
         own = {k: d.pop(k) for k in list(d) if k in CompareConfig.__dataclass_fields__}
+        own = {k: v for k, v in own.items() if v is not None}  # a list flag not given: the config's default
         return CompareConfig(run=RunConfig.from_dict({k: v for k, v in d.items() if v is not None}), **own)
     if d.get("train_data") is None or (d.get("output") or {}).get("out") is None:
         raise ValueError("DATA and OUT are required (or --config FILE naming them, e.g. a run's run.json)")
@@ -811,6 +857,17 @@ def build_config(command: str, d: dict):
 
 
 def run_config_command(command: str, cfg) -> None:
+    if command in FLAT:
+        from softprompt.runs.train import apply_model_config
+
+        apply_model_config(cfg.model)  # where the base runs, for every loader below the command
+        if command == "serve":
+            from softprompt.serve.main import serve
+
+            serve(cfg)
+        else:
+            (_eval if command == "eval" else _generate)(cfg)
+        return
     if command == "train":
         from softprompt.runs.train import run_train
 
@@ -821,7 +878,9 @@ def run_config_command(command: str, cfg) -> None:
     out = cfg.run.output.out
     report = run_compare(cfg)
     print(open(os.path.join(out, "compare.md")).read(), end="")
-    print(f"wrote {out}/compare.json, compare.md and compare.png ({len(report['rows'])} methods)", file=sys.stderr)
+    what = f"{len(cfg.methods)} methods" + (f" x {len(report['train_sizes'])} sizes x {len(report['seeds'])} seeds"
+                                             if report.get("mode") == "curve" else "")
+    print(f"wrote {out}/compare.json, compare.md and compare.png ({what})", file=sys.stderr)
 
 
 # Where and how a command's model runs: every command that loads a model takes these flags; `main`
@@ -908,8 +967,9 @@ def build_parser() -> argparse.ArgumentParser:
                 dest="_sub", required=True)
             for subname, subfn in fn.items():
                 _add_command(group, subname, subfn, f"{name} {subname}")
-        elif isinstance(fn, str):  # built from the run's configs when the command runs (config_parser)
-            p = sub.add_parser(name, help=SUMMARY[name].splitlines()[0], add_help=False, prefix_chars="\0")
+        elif isinstance(fn, str):  # built from a config when the command runs (config_parser)
+            summary = _summary(name).splitlines()[0].replace("%", "%%")  # argparse %-formats help
+            p = sub.add_parser(name, help=summary, add_help=False, prefix_chars="\0")
             p.add_argument("_argv", nargs=argparse.REMAINDER)
             p.set_defaults(_fn=fn, _name=name)
         else:
@@ -957,7 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args["_name"], str(e))
     args.pop("_config", None)
     fn, name = args.pop("_fn"), args.pop("_name")
-    if isinstance(fn, str):  # train, compare: their options are a RunConfig's, parsed before anything heavy
+    if isinstance(fn, str):  # train, compare, serve, eval, generate: a config's options, parsed before anything heavy
         try:
             cfg = parse_config_command(name, args["_argv"])
         except SystemExit as e:  # --help (0) or a usage error (2), already printed
@@ -1007,23 +1067,7 @@ def _with_config(argv, args: dict) -> argparse.Namespace:
     """Parse `argv` again with the options of `--config FILE` (YAML or JSON) as defaults: the same
     names and types as the flags (checked by the same parser), the command line overriding."""
     path, fn = args["_config"], args["_fn"]
-    try:
-        text = open(path, encoding="utf-8").read()
-    except OSError as e:
-        raise ValueError(f"--config {path}: {e.strerror or e}") from None
-    try:
-        if path.endswith(".json"):
-            values = jsonlib.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text)
-    except Exception as e:  # a parse error names the line
-        raise ValueError(f"--config {path} does not parse: {' '.join(str(e).split())}") from None
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path} must hold a mapping of option names to values")
+    values = _read_config(path)
     known = inspect.signature(fn).parameters
     unknown = sorted(set(values) - set(known))
     if unknown:

@@ -35,11 +35,13 @@ def setup(tmp_path_factory):
 
 
 def app_for(setup, monkeypatch, keys=("sk-admin",), **options):
+    from softprompt.serve.config import ServeConfig
     from softprompt.serve.main import build_app
 
     d, base, *_ = setup
     monkeypatch.setenv("SOFTPROMPT_API_KEYS", ",".join(keys))
-    app, _ = build_app(str(d / f"store-{len(keys)}-{len(options)}"), base=str(base), **options)
+    app, _ = build_app(ServeConfig.of(store=str(d / f"store-{len(keys)}-{len(options)}"), base=str(base),
+                                         **options))
     return app
 
 

@@ -26,7 +26,8 @@ def test_version():
 
 def test_help_loads_nothing_heavy():
     code = ("import sys; from softprompt.cli import main\n"
-            "assert main(['train', '--help']) == 0 and main(['compare', '--help']) == 0\n"
+            "assert all(main([c, '--help']) == 0 for c in ('train', 'compare', 'serve', 'eval', 'generate'))\n"
+            "assert main(['--help']) == 0\n"
             "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'peft') if m in sys.modules]\n"
             "assert not heavy, heavy")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -37,7 +38,7 @@ def _helps():
     parser = cli.build_parser()
     for action in parser._subparsers._group_actions:
         for name, sub in action.choices.items():
-            if name in ("train", "compare"):  # built from the run's configs
+            if isinstance(cli.COMMANDS[name], str):  # built from a config (train, compare, serve, eval, generate)
                 yield name, cli.config_parser(name).format_help()
             elif name == "store":
                 for sname, ssub in sub._subparsers._group_actions[0].choices.items():
@@ -87,11 +88,22 @@ def test_config_file_sets_options_and_flags_override_it(tmp_path):
     cfg = parse_config_command("train", ["d", "o", "--config", str(nested), "--train.steps", "9", "--projection-dim", "0"])
     assert (cfg.train.steps, cfg.train.lr, cfg.prompt.num_virtual_tokens, cfg.prompt.projection_dim,
             cfg.data.template) == (9, 0.5, 4, 0, "{mr} ||")
-    # the other commands still read flat files through their signatures
+    # serve, eval and generate read flat files: their flags' names (a section's field too: base, max_batch_size)
     other = tmp_path / "g.yaml"
-    other.write_text("max_new_tokens: 3\n")
-    argv = ["generate", "hi", "--config", str(other)]
-    assert vars(_with_config(argv, vars(build_parser().parse_args(argv))))["max_new_tokens"] == 3
+    other.write_text("max_new_tokens: 3\nbase: b\nstop: [\"a,b\", c]\n")
+    cfg = parse_config_command("generate", ["hi", "--config", str(other), "--stop", "d"])
+    assert (cfg.prompt, cfg.max_new_tokens, cfg.model.base, cfg.stop) == ("hi", 3, "b", ("a,b", "c", "d"))
+    other.write_text("max_batch_size: 4\nlora: l\nmerge_lora: false\nport: 0\n")
+    cfg = parse_config_command("serve", ["--config", str(other), "--max-queue", "2"])
+    assert (cfg.server.max_batch_size, cfg.server.max_queue, cfg.model.lora, cfg.model.merge_lora, cfg.port) == \
+        (4, 2, "l", False, 0)
+    other.write_text("data: d.csv\ntemplate: '{mr} ||'\nnum_beams: 2\n")
+    cfg = parse_config_command("eval", ["--config", str(other)])
+    assert (cfg.eval_data, cfg.rows.template, cfg.num_beams) == ("d.csv", "{mr} ||", 2)
+    # the signature-built commands still read flat files through their signatures
+    other.write_text("examples: 3\n")
+    argv = ["inspect", "a", "--config", str(other)]
+    assert vars(_with_config(argv, vars(build_parser().parse_args(argv))))["examples"] == 3
     bad = tmp_path / "bad.yaml"
     bad.write_text("stepz: 3\n")
     out = run("train", "d.jsonl", str(tmp_path / "o"), "--config", str(bad))

@@ -125,10 +125,10 @@ def test_every_model_command_takes_the_device_flags(capsys):
     parser = build_parser()
     for name in sorted(LOADS_MODEL):
         words = name.split()
-        if name in ("train", "compare"):  # a RunConfig's model part
+        if name in ("train", "compare", "serve", "eval", "generate"):  # a config's model part (a ModelConfig)
             cfg = parse_config_command(name, _positionals(name) + ["--device", "cpu", "--dtype", "bfloat16",
                                                                    "--quantize", "none", "--threads", "1"])
-            m = (cfg if name == "train" else cfg.run).model
+            m = (cfg.run if name == "compare" else cfg).model
             assert (m.device, m.dtype, m.quantize, m.threads) == ("cpu", "bfloat16", "none", 1), name
             continue
         args = vars(parser.parse_args([*words, *["x"] * 3][:len(words)] + _positionals(name) +

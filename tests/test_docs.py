@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.cli import build_parser
+from softprompt.cli import COMMANDS, build_parser, config_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -47,8 +47,8 @@ def _options(parser) -> dict[str, set[str]]:
     out = {}
     for action in parser._subparsers._group_actions:
         for name, sub in action.choices.items():
-            if name in ("train", "compare"):  # built from the run's configs
-                sub = __import__("softprompt.cli", fromlist=["config_parser"]).config_parser(name)
+            if isinstance(COMMANDS.get(name), str):  # built from a config (train, compare, serve, eval, generate)
+                sub = config_parser(name)
             if name == "store":
                 for sname, ssub in sub._subparsers._group_actions[0].choices.items():
                     out[f"store {sname}"] = {o for a in ssub._actions for o in a.option_strings}

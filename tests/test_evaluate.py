@@ -88,6 +88,7 @@ def test_beam_search_equals_transformers(num_beams):
 
 def test_eval_job(setup, tmp_path, capsys):
     from softprompt.io.artifact import save_artifact
+    from softprompt.runs.config import EvalConfig
     from softprompt.runs.train import run_eval
 
     model, tok, _ = setup
@@ -95,8 +96,9 @@ def test_eval_job(setup, tmp_path, capsys):
     save_artifact(prompt, tmp_path / "a", model)
     f = tmp_path / "d.csv"
     f.write_text("mr,ref\nba be,bi\nco,cu\nba be,bo\n")
-    res = run_eval(str(tmp_path / "a"), str(f), template="{mr} ||", target="ref", max_new_tokens=3,
-                   predictions=str(tmp_path / "p.jsonl"), model=model, tokenizer=tok)
+    cfg = EvalConfig.of(adapter=str(tmp_path / "a"), eval_data=str(f), template="{mr} ||", target="ref",
+                        max_new_tokens=3, predictions=str(tmp_path / "p.jsonl"))
+    res = run_eval(cfg, model, tok)
     assert res["n"] == 2 and res["references"] == 3
     lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert lines[0]["references"] == ["bi", "bo"] and lines[0]["prompt"] == "ba be ||"

@@ -56,6 +56,7 @@ def base_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def live(base_dir, tmp_path_factory):
     """`softprompt serve`'s app over a store holding task `pfx` and an API key file."""
+    from softprompt.serve.config import ServeConfig
     from softprompt.serve.main import build_app
 
     root = tmp_path_factory.mktemp("live")
@@ -63,8 +64,8 @@ def live(base_dir, tmp_path_factory):
     store = Store(root / "store")
     store.add("pfx", methods.create("prefix_tuning", model, num_virtual_tokens=3, projection_dim=0, seed=1), model)
     (root / "keys").write_text(f"# keys\n  # an indented comment is no key\n{KEY}\n")
-    app, config = build_app(str(root / "store"), base=str(base_dir), api_keys_file=str(root / "keys"),
-                            max_body_bytes=4096)
+    app, config = build_app(ServeConfig.of(store=str(root / "store"), base=str(base_dir),
+                                            api_keys_file=str(root / "keys"), max_body_bytes=4096))
     with Live(app) as url:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
             yield c, app, store, root

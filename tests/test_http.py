@@ -299,6 +299,7 @@ def test_schemathesis_finds_no_server_errors_and_the_engine_lives_through_every_
 def test_serves_a_store_and_picks_up_new_tasks_without_restart(tmp_path, monkeypatch):
     from softprompt.io.artifact import save_artifact
     from softprompt.io.load import load_base
+    from softprompt.serve.config import ServeConfig
     from softprompt.serve.main import build_app
     from softprompt.store.core import Store
 
@@ -313,7 +314,8 @@ def test_serves_a_store_and_picks_up_new_tasks_without_restart(tmp_path, monkeyp
     store.add("alpha", save_artifact(first, tmp_path / "a1.safetensors", model))
     (tmp_path / "keys").write_text("# bearer tokens\nsk-1\n")
     monkeypatch.setenv("SOFTPROMPT_API_KEYS", "sk-2")
-    app, config = build_app(str(tmp_path / "store"), base=str(base_dir), api_keys_file=str(tmp_path / "keys"))
+    app, config = build_app(ServeConfig.of(store=str(tmp_path / "store"), base=str(base_dir),
+                                            api_keys_file=str(tmp_path / "keys")))
     assert config.api_keys == {"sk-1", "sk-2"} and config.base_model_id == "tiny-base"
     with Server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="sk-2", max_retries=0)

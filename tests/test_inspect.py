@@ -171,6 +171,18 @@ def test_card_of_a_training_run(tmp_path):
     assert "# run/best" in md and "## Training hyperparameters" in md and "| lr |" in md and "d.jsonl" in md
 
 
+def test_card_names_the_runs_training_data_from_run_json(tmp_path):
+    """A card without its own dataset line takes it from run.json: `train_data` (what runs write),
+    or `data_path` for runs written before that name."""
+    model = tiny_model("llama")
+    save_artifact(methods.create("prompt_tuning", model, None, num_virtual_tokens=2), tmp_path / "run" / "best", model)
+    for run in ({"train_data": "new.jsonl"}, {"data_path": "old.jsonl"},
+                {"train_data": None, "data_path": "old.jsonl"}):
+        (tmp_path / "run" / "run.json").write_text(json.dumps(run))
+        want = run.get("train_data") or run["data_path"]
+        assert f"- dataset: `{want}`" in model_card(tmp_path / "run" / "best"), run
+
+
 @pytest.mark.embedded
 def test_embedded_positive_is_its_own_nearest_token():
     from softprompt.io.load import load_base

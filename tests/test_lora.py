@@ -185,6 +185,7 @@ def test_serve_with_lora_serves_prompts_trained_on_it_and_refuses_bare_base_ones
 
     from softprompt.io.load import load_base
     from softprompt.serve import Engine, Request
+    from softprompt.serve.config import ServeConfig
     from softprompt.serve.main import build_app
     from softprompt.store.core import Store
 
@@ -199,7 +200,8 @@ def test_serve_with_lora_serves_prompts_trained_on_it_and_refuses_bare_base_ones
     on_lora = _prompt_on(adapted, 1)
     store.add("on-lora", save_artifact(on_lora, tmp_path / "a.safetensors", adapted))
     store.add("on-bare", save_artifact(_prompt_on(bare, 2), tmp_path / "b.safetensors", bare))
-    app, config = build_app(str(tmp_path / "store"), base=str(base_dir), lora=str(lora), merge_lora=merge)
+    app, config = build_app(ServeConfig.of(store=str(tmp_path / "store"), base=str(base_dir), lora=str(lora),
+                                            merge_lora=merge))
     assert config.base_model_id == "tiny-base+lora:lora"
     assert app.state.engine.model is not bare and fingerprint(app.state.engine.model) == fingerprint(adapted)
     ask = dict(prompt="ba be bi", max_tokens=5, temperature=0)

@@ -196,12 +196,14 @@ def test_the_openai_client_end_to_end(parts):
 
 
 def test_served_model_name(tmp_path):
+    from softprompt.serve.config import ServeConfig
     from softprompt.serve.main import build_app
 
     base = tmp_path / "tiny-base"
     tiny_model("llama").save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
-    app, config = build_app(str(tmp_path / "store"), base=str(base), served_model_name="acme/tiny")
+    app, config = build_app(ServeConfig.of(store=str(tmp_path / "store"), base=str(base),
+                                            served_model_name="acme/tiny"))
     assert config.base_model_id == "acme/tiny"
     with TestClient(app) as client:
         assert client.get("/v1/models").json()["data"][0]["id"] == "acme/tiny"

@@ -58,9 +58,10 @@ def plain(cluster):
     """The plain server (one process, no Ray) over the same store: the reference answers."""
     from fastapi.testclient import TestClient
 
+    from softprompt.serve.config import ServeConfig
     from softprompt.serve.main import build_app
 
-    app, _ = build_app(cluster["dsn"], cluster["base"])
+    app, _ = build_app(ServeConfig.of(store=cluster["dsn"], base=cluster["base"]))
     return TestClient(app)
 
 

@@ -186,6 +186,7 @@ def test_http_completions_streaming_and_errors(stack):
 
 def test_build_app_serves_a_store_on_a_t5_base(stack, tmp_path):
     from softprompt.io.load import load_base
+    from softprompt.serve.config import ServeConfig
     from softprompt.serve.main import build_app
     from softprompt.store.core import Store
 
@@ -201,7 +202,7 @@ def test_build_app_serves_a_store_on_a_t5_base(stack, tmp_path):
     store = Store(tmp_path / "store")
     store.add("summ", save_artifact(task, tmp_path / "summ", model))
     store.add("causal", tasks["causal"])
-    app, config = build_app(str(tmp_path / "store"), base=str(base))
+    app, config = build_app(ServeConfig.of(store=str(tmp_path / "store"), base=str(base)))
     assert isinstance(app.state.engine, Seq2SeqEngine) and config.base_model_id == "t5"
     with TestClient(app) as client:
         r = client.post("/v1/completions", json={"model": "summ", "prompt": PROMPTS[0], "max_tokens": 5,

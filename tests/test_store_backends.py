@@ -176,6 +176,7 @@ def test_database_outage_keeps_held_tasks_serving_and_health_says_degraded(pg, t
     from tiny_tokenizer import tiny_tokenizer
 
     from softprompt.io.load import load_base
+    from softprompt.serve.config import ServeConfig
     from softprompt.serve.main import build_app
 
     base = tmp_path / "tiny-base"
@@ -186,7 +187,7 @@ def test_database_outage_keeps_held_tasks_serving_and_health_says_degraded(pg, t
     store = Store(dsn, str(tmp_path / "shared"))
     for i, name in enumerate(("held", "cold")):
         store.add(name, methods.create("prefix_tuning", model, num_virtual_tokens=3, projection_dim=0, seed=i), model)
-    app, _ = build_app(dsn, str(base))
+    app, _ = build_app(ServeConfig.of(store=dsn, base=str(base)))
     ask = {"prompt": "ba be bi", "max_tokens": 5, "temperature": 0}
     with TestClient(app) as client:
         want = client.post("/v1/completions", json={"model": "held", **ask}).json()["choices"][0]["text"]

@@ -10,7 +10,6 @@ with `skip_bad_rows`, as for generation data.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from softprompt.loops.data import (
     BadRows,
@@ -19,9 +18,7 @@ from softprompt.loops.data import (
     Example,
     TokenRows,
     bad_row,
-    csv_rows,
-    hf_rows,
-    jsonl_rows,
+    data_rows,
     read_examples,
 )
 
@@ -56,15 +53,7 @@ def label_index(value: str, labels: list[str]) -> int:
 
 def default_text_field(path, delimiter: str | None = None) -> str:
     """The text column of a file: the first of TEXT_FIELDS that its first row has."""
-    spec = str(path)
-    if spec.startswith("hf:"):
-        rows = hf_rows(spec)
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"data file {p} does not exist")
-        rows = jsonl_rows(p) if p.suffix.lower() in (".jsonl", ".json", ".ndjson") else csv_rows(p, delimiter)
-    for _, row in rows:
+    for _, row in data_rows(path, delimiter):
         if isinstance(row, dict):
             for f in TEXT_FIELDS:
                 if f in row:

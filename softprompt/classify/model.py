@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softprompt.core.defaults import POOLING
 from softprompt.families.encoder import encode, pool
 from softprompt.methods import InputPromptMethod, PromptMethod
 
@@ -89,7 +90,7 @@ class EncoderClassifier(Classifier):
     kind = "head"
     padding_side = "right"
 
-    def __init__(self, prompt: PromptMethod | None, hidden_size: int, labels: list[str], pooling: str = "mean",
+    def __init__(self, prompt: PromptMethod | None, hidden_size: int, labels: list[str], pooling: str = POOLING,
                  template: str = "{text}", head: dict[str, torch.Tensor] | None = None, seed: int = 0,
                  shift_positions: bool = False):
         super().__init__(prompt, labels, template)

@@ -87,7 +87,8 @@ def model_card(path: str | os.PathLike) -> str:
     lines += _table(rows) + [""]
     lines += ["## Configuration", ""] + _table(card.get("config") or {}, ("option", "value")) + [""]
     run, last = _run_info(path)
-    lines += ["## Data", "", f"- dataset: {_fmt(card.get('dataset') or (run or {}).get('data_path'))}"]
+    run_data = (run or {}).get("train_data") or (run or {}).get("data_path")  # data_path: runs before train_data
+    lines += ["## Data", "", f"- dataset: {_fmt(card.get('dataset') or run_data)}"]
     if run:
         lines += [f"- held-out data: {_fmt(run.get('eval_data'))}", f"- bad rows: {_fmt(run.get('bad_rows'))}"]
         data = {k: v for k, v in (run.get("data") or {}).items() if v not in (None, False, 0)}

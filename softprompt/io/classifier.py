@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from softprompt.classify.model import HEAD_ONLY, Classifier, EncoderClassifier, VerbalizerClassifier
+from softprompt.core.defaults import POOLING
 from softprompt.core.geometry import geometry
 from softprompt.io.artifact import ArtifactError, read_artifact, verified_tensors
+from softprompt.loops.config import DataConfig
 from softprompt.methods import METHODS
 
 
@@ -63,7 +65,7 @@ def load_classifier(path: str | os.PathLike, model, *, allow_other_base: bool = 
         if {k: tuple(v.shape) for k, v in head.items()} != want:
             raise ArtifactError(f"{path}: the head's shapes do not fit {len(labels)} labels on hidden size "
                                 f"{geo.hidden_size}")
-        clf: Classifier = EncoderClassifier(prompt, geo.hidden_size, labels, spec.get("pooling", "mean"), template, head,
+        clf: Classifier = EncoderClassifier(prompt, geo.hidden_size, labels, spec.get("pooling", POOLING), template, head,
                                             shift_positions=bool(spec.get("shift_positions", False)))
     elif kind == "verbalizer":
         clf = VerbalizerClassifier(prompt, labels, spec["label_words"], spec["label_token_ids"], template)
@@ -92,7 +94,7 @@ def render(template: str, text: str) -> str:
 
 @torch.no_grad()
 def classify_texts(classifier: Classifier, model, tokenizer, texts: list[str], batch_size: int = 32,
-                   max_length: int = 512) -> torch.Tensor:
+                   max_length: int = DataConfig.max_length) -> torch.Tensor:
     """Class probabilities (N, C) for raw texts (rendered through the classifier's template)."""
     from softprompt.classify.data import ClassificationData
     from softprompt.classify.objective import predict

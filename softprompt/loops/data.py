@@ -152,7 +152,7 @@ def hf_rows(spec: str):
     try:
         import datasets
     except ImportError as e:
-        raise DataError(f"{spec}: reading HuggingFace datasets needs `pip install datasets`") from e
+        raise DataError(f"{spec}: reading HuggingFace datasets needs the [hf] extra: pip install 'softprompt[hf]'") from e
     name, _, split = spec.removeprefix("hf:").partition(":")
     ds = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name, split=split or "train")
     if isinstance(ds, datasets.DatasetDict):
@@ -161,22 +161,27 @@ def hf_rows(spec: str):
         yield f"{spec}[{n}]", row
 
 
+def data_rows(path: str | os.PathLike, delimiter: str | None = None):
+    """(where, row) for each row of a file (by extension: .jsonl/.json/.ndjson, .csv/.tsv/.tab/.txt)
+    or of `hf:NAME[:SPLIT]`."""
+    spec = str(path)
+    if spec.startswith("hf:"):
+        return hf_rows(spec)
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {p} does not exist")
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return jsonl_rows(p)
+    if suffix in (".csv", ".tsv", ".tab", ".txt"):
+        return csv_rows(p, delimiter)
+    raise DataError(f"{p}: unknown data format {suffix!r}; use .jsonl, .csv, .tsv or hf:NAME")
+
+
 def read_examples(path: str | os.PathLike, cfg: DataConfig = DataConfig(), bad: BadRows | None = None) -> list[Example]:
     """Examples from a file (by extension: .jsonl/.json, .csv, .tsv) or `hf:NAME[:SPLIT]`."""
     spec = str(path)
-    if spec.startswith("hf:"):
-        rows = hf_rows(spec)
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"data file {p} does not exist")
-        suffix = p.suffix.lower()
-        if suffix in (".jsonl", ".json", ".ndjson"):
-            rows = jsonl_rows(p)
-        elif suffix in (".csv", ".tsv", ".tab", ".txt"):
-            rows = csv_rows(p, cfg.delimiter)
-        else:
-            raise DataError(f"{p}: unknown data format {suffix!r}; use .jsonl, .csv, .tsv or hf:NAME")
+    rows = data_rows(path, cfg.delimiter)
     out = []
     for where, row in rows:
         try:
@@ -260,14 +265,13 @@ def bad_row(where: str, reason: str, skip_bad_rows: bool, bad: BadRows | None) -
     bad.add(where, reason)
 
 
-def tokenize(examples: list[Example], tokenizer, cfg: DataConfig = DataConfig(), bad: BadRows | None = None) -> TokenizedData:
-    eos = tokenizer.eos_token_id
+def keep_fitting(examples: list[Example], encode, cfg: DataConfig, bad: BadRows | None) -> TokenizedData:
+    """The rows whose `encode(example)` -> (prompt ids, target ids) fit `cfg.max_length` together; an
+    over-long or empty one is a bad row (stopped at, or counted with --skip-bad-rows). Every family's
+    tokenization ends here."""
     ids, n_target, kept = [], [], []
     for ex in examples:
-        prompt = render_prompt(ex.prompt, tokenizer, cfg.chat_template)
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        t = tokenizer(join_target(prompt, ex.target), add_special_tokens=False)["input_ids"]
-        t = t + ([eos] if eos is not None else [])
+        p, t = encode(ex)
         if len(p) + len(t) > cfg.max_length or not p:
             reason = (f"longer than the limit: {len(p) + len(t)} tokens > max_length {cfg.max_length}"
                       if p else "empty text: the prompt has no tokens")
@@ -279,6 +283,18 @@ def tokenize(examples: list[Example], tokenizer, cfg: DataConfig = DataConfig(),
     if not ids:
         raise DataError("no usable rows after tokenization")
     return TokenizedData(ids, n_target, kept)
+
+
+def tokenize(examples: list[Example], tokenizer, cfg: DataConfig = DataConfig(), bad: BadRows | None = None) -> TokenizedData:
+    eos = tokenizer.eos_token_id
+
+    def encode(ex):
+        prompt = render_prompt(ex.prompt, tokenizer, cfg.chat_template)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(join_target(prompt, ex.target), add_special_tokens=False)["input_ids"]
+        return p, t + ([eos] if eos is not None else [])
+
+    return keep_fitting(examples, encode, cfg, bad)
 
 
 def collate(rows: list[list[int]], n_target: list[int], pad_id: int):
@@ -331,3 +347,16 @@ def split_heldout(examples: list[Example], fraction: float, seed: int) -> tuple[
     n = max(1, round(len(prompts) * fraction))
     held = set(prompts[:n])
     return [e for e in examples if e.prompt not in held], [e for e in examples if e.prompt in held]
+
+
+def subset_inputs(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """The rows of `n` distinct inputs drawn at random (fixed by `seed`), each with all its rows
+    (E2E: an MR with all its references), in the rows' own order. The draw is the first `n` of one
+    permutation of the distinct inputs per seed, so for one seed a smaller subset lies inside every
+    larger one (50 inside 200); `n` at or above the number of inputs: every row."""
+    if n < 1:
+        raise ValueError(f"a subset needs at least one input, got {n}")
+    prompts = list(dict.fromkeys(ex.prompt for ex in examples))
+    random.Random(seed).shuffle(prompts)
+    keep = set(prompts[:n])
+    return [e for e in examples if e.prompt in keep]

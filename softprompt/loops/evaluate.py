@@ -148,13 +148,15 @@ def beam_search(model, tokenizer, prompt: str, prefix: torch.Tensor | None, num_
 
 
 def predict(model, tokenizer, prompts: Sequence[str], prefix: torch.Tensor | None, *, max_new_tokens: int = 64,
-            num_beams: int = 1, batch_size: int = 16, stop: Sequence[str] = ("\n",)) -> list[str]:
+            num_beams: int = 1, batch_size: int = 16, stop: Sequence[str] = ("\n",),
+            length_penalty: float = 1.0) -> list[str]:
     """Outputs for rendered prompts under one KV prefix: greedy in batches, or beam search."""
     dev = next(model.parameters()).device
     outs: list[str] = [""] * len(prompts)
     if num_beams > 1:
         for i, p in enumerate(prompts):
-            outs[i] = _cut(tokenizer.decode(beam_search(model, tokenizer, p, prefix, num_beams, max_new_tokens),
+            outs[i] = _cut(tokenizer.decode(beam_search(model, tokenizer, p, prefix, num_beams, max_new_tokens,
+                                                        length_penalty),
                                             skip_special_tokens=True), stop)
         return outs
     params = SamplingParams(max_new_tokens=max_new_tokens, stop=tuple(stop))
@@ -175,13 +177,13 @@ def _cut(text: str, stop: Sequence[str]) -> str:
 
 
 def evaluate_groups(model, tokenizer, groups, prefix, *, chat_template: bool = False, max_new_tokens: int = 64,
-                    num_beams: int = 1, batch_size: int = 16) -> dict:
+                    num_beams: int = 1, batch_size: int = 16, length_penalty: float = 1.0) -> dict:
     """Score `groups` = [(prompt, [references])] (see `data.group_references`); adds `predictions`."""
     from softprompt.loops.data import render_prompt
 
     prompts = [render_prompt(p, tokenizer, chat_template) for p, _ in groups]
     hyps = predict(model, tokenizer, prompts, prefix, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                   batch_size=batch_size)
+                   batch_size=batch_size, length_penalty=length_penalty)
     result = score(hyps, [refs for _, refs in groups])
     result["predictions"] = hyps
     return result

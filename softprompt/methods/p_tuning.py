@@ -27,7 +27,7 @@ class PTuning(InputPromptMethod):
         self,
         geometry: Geometry,
         num_virtual_tokens: int,
-        encoder: str | None = "mlp",
+        encoder: str | None = PTuningConfig.encoder,
         encoder_hidden_size: int | None = None,
         prompt_embeddings: torch.Tensor | None = None,
         config: dict | None = None,

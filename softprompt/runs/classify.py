@@ -8,16 +8,11 @@ p_tuning, and head_only (encoder: the linear probe).
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 DECODER_ALIASES = ("smollm2", "SmolLM2-135M-Instruct")
 DEFAULT_DECODER_SUFFIX = "\nAnswer:"
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def load_classification_base(base: str | None, device=None):
@@ -191,61 +186,54 @@ class ClassifyTask:
         return cfg.train.metric if prepared.eval is not None else "eval_loss"
 
 
-def run_eval_classify(adapter, data, base=None, template=None, label_field=None, batch_size=32, max_rows=0,
-                      skip_bad_rows=False, predictions=None, allow_other_base=False, json=False, max_length=None,
-                      model=None, tokenizer=None):
-    """Accuracy and macro-F1 of a classifier artifact on labelled data; returns the metrics dict."""
-    import json as jsonlib
-
+def run_eval_classify(cfg, model=None, tokenizer=None):
+    """Accuracy and macro-F1 of a classifier artifact (`cfg.adapter`) on labelled data, per `cfg` (an
+    EvalConfig: its data's target is the label column, max_inputs the rows read); returns the metrics."""
     from softprompt.classify.data import read_classification, tokenize_classification
     from softprompt.classify.objective import accuracy_f1, predict
     from softprompt.io.classifier import load_classifier, read_classifier_card
     from softprompt.loops.data import BadRows
+    from softprompt.runs.train import report_eval
 
-    card = read_classifier_card(adapter)
+    if not cfg.eval_data:
+        raise ValueError("--data PATH is required")
+    card = read_classifier_card(cfg.adapter)
     spec = card.get("classifier") or {}
+    d, base = cfg.rows, cfg.model.base
     if model is None:
         name = (card.get("base_model") or {}).get("name") or ""
         if base is None:  # the base the card names: an embedded model, or a directory that still exists
             base = ("minilm" if spec.get("kind") == "head" else "smollm2") if not Path(name).is_dir() else name
         model, tokenizer, _ = load_classification_base(base)
-    clf = load_classifier(adapter, model, allow_other_base=allow_other_base)
+    clf = load_classifier(cfg.adapter, model, allow_other_base=cfg.allow_other_base)
     bad = BadRows()
     # The card's template names the training file's text column; other data may name it otherwise.
-    tmpl = template or clf.template
+    tmpl = d.template or clf.template
+    read = lambda t: read_classification(cfg.eval_data, clf.labels, t, d.target, cfg.max_inputs,  # noqa: E731
+                                         d.skip_bad_rows, bad)[0]
     try:
-        exs, _ = read_classification(data, clf.labels, tmpl, label_field, max_rows, skip_bad_rows, bad)
+        exs = read(tmpl)
     except ValueError:
-        if template is not None:
+        if d.template is not None:
             raise
         from softprompt.classify.data import default_text_field
 
-        field = default_text_field(data)
+        field = default_text_field(cfg.eval_data)
         import string
 
         old = next(f for _, f, _, _ in string.Formatter().parse(tmpl) if f)
-        exs, _ = read_classification(data, clf.labels, tmpl.replace("{" + old + "}", "{" + field + "}"), label_field,
-                                     max_rows, skip_bad_rows, bad)
-    tok = tokenize_classification(exs, tokenizer, clf.kind == "head", max_length, skip_bad_rows, bad)
+        exs = read(tmpl.replace("{" + old + "}", "{" + field + "}"))
+    tok = tokenize_classification(exs, tokenizer, clf.kind == "head", None, d.skip_bad_rows, bad)
     t0 = time.perf_counter()
-    probs = predict(clf, model, tok, batch_size, tokenizer.pad_token_id or 0)
+    probs = predict(clf, model, tok, cfg.batch_size, tokenizer.pad_token_id or 0)
     preds = probs.argmax(-1).tolist()
     res = accuracy_f1(preds, tok.labels, len(clf.labels))
     res["seconds"] = time.perf_counter() - t0
-    if predictions:
-        with open(predictions, "w") as f:
-            for ex, p, pr in zip(tok.examples, preds, probs.tolist()):
-                f.write(jsonlib.dumps({"text": ex.prompt, "label": clf.labels[int(ex.target)],
-                                       "prediction": clf.labels[p],
-                                       "probabilities": dict(zip(clf.labels, pr))}) + "\n")
-    if bad.count:
-        _say(bad.report())
-    if json:
-        print(jsonlib.dumps(res, indent=2))
-    else:
-        print(f"{res['n']} rows, {len(clf.labels)} classes ({', '.join(clf.labels)}): accuracy {res['accuracy']:.2f}%  "
-              f"macro-F1 {res['f1']:.2f}  ({res['seconds']:.0f} s)")
-    return res
+    rows = ({"text": ex.prompt, "label": clf.labels[int(ex.target)], "prediction": clf.labels[p],
+             "probabilities": dict(zip(clf.labels, pr))} for ex, p, pr in zip(tok.examples, preds, probs.tolist()))
+    return report_eval(cfg, res, rows, bad,
+                       f"{res['n']} rows, {len(clf.labels)} classes ({', '.join(clf.labels)}): accuracy "
+                       f"{res['accuracy']:.2f}%  macro-F1 {res['f1']:.2f}  ({res['seconds']:.0f} s)")
 
 
 def is_classifier_path(adapter) -> bool:
@@ -256,11 +244,3 @@ def is_classifier_path(adapter) -> bool:
         return is_classifier_card(read_classifier_card(adapter))
     except (ArtifactError, OSError):
         return False  # not ours (a PEFT directory) or damaged: the generation path reports it
-
-
-def eval_from_cli(a: dict):
-    if not a.get("data"):
-        raise ValueError("--data PATH is required")
-    return run_eval_classify(a["adapter"], a["data"], base=a["base"], template=a["template"], label_field=a["target"],
-                             batch_size=a["batch_size"], max_rows=a["max_inputs"], skip_bad_rows=a["skip_bad_rows"],
-                             predictions=a["predictions"], allow_other_base=a["allow_other_base"], json=a["json"])

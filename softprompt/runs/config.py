@@ -20,6 +20,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, fields, is_dataclass, replace
 
+from softprompt.core.defaults import POOLING, ModelConfig, config_of
 from softprompt.loops.config import DataConfig, TrainConfig
 from softprompt.methods.config import CONFIGS, canonical
 
@@ -27,19 +28,6 @@ TASKS = ("generate", "classify")
 HEAD_ONLY = "head_only"  # classification on an encoder with a head and no prompt (the linear probe)
 HEAD_ONLY_ALIASES = (HEAD_ONLY, "head-only", "head", "linear_probe")
 RUN_FACTS = ("data_path", "world", "bad_rows", "classify_template")  # written to run.json by the run, not options
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The frozen base and where it runs."""
-
-    base: str | None = None  # a local HuggingFace model directory; None: the embedded model
-    device: str = "auto"
-    dtype: str = "float32"
-    quantize: str = "none"
-    threads: int = 0
-    lora: str | None = None  # a PEFT LoRA adapter applied to the base first
-    merge_lora: bool = True
 
 
 @dataclass(frozen=True)
@@ -57,7 +45,101 @@ class OutputConfig:
 class ClassifyConfig:
     labels: tuple[str, ...] = ()
     label_words: tuple[str, ...] | None = None
-    pooling: str = "mean"
+    pooling: str = POOLING
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Score an adapter on a dataset: BLEU, ROUGE-L, exact match, accuracy (references grouped per input).
+
+    A classifier artifact is scored by accuracy and macro-F1 instead (runs/classify.py).
+
+    Args:
+        adapter: artifact path or PEFT adapter directory (omit: the bare model)
+        data: evaluation data (required; same formats as train)
+        base: a local HuggingFace model directory (default: the embedded model)
+        template: prompt template over a row's fields, e.g. "{mr} ||"
+        target: the reference field (a classifier: the label column)
+        chat_template: wrap each prompt in the base model's chat template
+        max_new_tokens: at most this many new tokens per output
+        num_beams: 1: greedy; more: beam search
+        batch_size: inputs per generation batch (greedy)
+        max_inputs: score only the first N distinct inputs (0: all)
+        skip_bad_rows: skip and count bad rows instead of stopping
+        predictions: write one JSON line per input (prompt, output, references) here
+        allow_other_base: load an artifact even if it was made for other base weights
+        json: print the metrics as JSON
+        lora: a PEFT LoRA adapter directory (safetensors) applied to the base first, for prompts trained with --lora
+        merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
+    """
+
+    eval_data: str | None = None  # the flag --data
+    adapter: str | None = None  # None or "none": the bare model
+    model: ModelConfig = ModelConfig()
+    rows: DataConfig = DataConfig()  # how rows become examples: template, target, chat template, skip_bad_rows
+    max_new_tokens: int = TrainConfig.eval_max_new_tokens
+    num_beams: int = 1
+    batch_size: int = 16
+    max_inputs: int = 0  # 0: every distinct input
+    predictions: str | None = None  # a JSONL file of the outputs
+    allow_other_base: bool = False
+    json: bool = False  # print the metrics as JSON
+    # `softprompt eval`'s flags, in --help's order: a field, or a section's field (cli.py builds them)
+    OPTIONS: typing.ClassVar = ("adapter", "eval_data", "model.base", "rows.template", "rows.target",
+                                "rows.chat_template", "max_new_tokens", "num_beams", "batch_size", "max_inputs",
+                                "rows.skip_bad_rows", "predictions", "allow_other_base", "json", "model.lora",
+                                "model.merge_lora", "model.device", "model.dtype", "model.quantize", "model.threads")
+    FLAG_NAMES: typing.ClassVar = {"eval_data": "data"}
+    POSITIONAL: typing.ClassVar = ()
+
+    @classmethod
+    def of(cls, **options) -> "EvalConfig":
+        """From flat names: `EvalConfig.of(adapter="a", eval_data="d.csv", template="{mr} ||", base=...)`."""
+        return config_of(cls, options)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Continue a prompt with an adapter (ours or a PEFT adapter directory) and print the continuation.
+
+    Greedy by default, so the same input gives the same output. The prompt is used as given.
+
+    Args:
+        prompt: the text to continue
+        adapter: artifact path (directory or .safetensors) or PEFT adapter directory; none: the bare model
+        base: a local HuggingFace model directory (default: the embedded model)
+        max_new_tokens: at most this many new tokens
+        temperature: 0 is greedy; above 0 samples
+        top_k: sample only among the k most likely tokens (0: all)
+        top_p: sample only within this much probability mass (1: all)
+        seed: seed for sampling
+        stop: stop when the continuation contains this string (repeatable)
+        chat: wrap the prompt in the base model's chat template as a user turn
+        allow_other_base: load an artifact even if it was made for other base weights
+        lora: a PEFT LoRA adapter directory (safetensors) applied to the base model first
+        merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
+    """
+
+    prompt: str
+    adapter: str | None = None
+    model: ModelConfig = ModelConfig()
+    max_new_tokens: int = TrainConfig.eval_max_new_tokens
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    chat: bool = False
+    allow_other_base: bool = False
+    OPTIONS: typing.ClassVar = ("adapter", "model.base", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                                "stop", "chat", "allow_other_base", "model.lora", "model.merge_lora", "model.device",
+                                "model.dtype", "model.quantize", "model.threads")
+    FLAG_NAMES: typing.ClassVar = {}
+    POSITIONAL: typing.ClassVar = ("prompt",)
+
+    @classmethod
+    def of(cls, **options) -> "GenerateConfig":
+        return config_of(cls, options)
 
 
 def _tuple(value):
@@ -250,6 +332,19 @@ def _section(cls, values: dict, name: str, what: str = ""):
 # always holds data out); the command line's `compare` flags start from these (cli.py).
 RUN_DEFAULTS = {"steps": 50, "eval_fraction": 0.2, "out": "out/compare"}
 
+COMPARE_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning", "lora", "full")
+DEFAULT_COMPARE_METHODS = ("prefix_tuning", "prompt_tuning", "lora")
+_COMPARE_ALIASES = {"prefix": "prefix_tuning", "prompt": "prompt_tuning", "ptuning": "p_tuning",
+                    "full_finetuning": "full", "fine_tuning": "full", "finetune": "full", "ft": "full"}
+
+
+def canonical_compare_method(name: str) -> str:
+    key = str(name).strip().lower().replace("-", "_")
+    key = _COMPARE_ALIASES.get(key, key)
+    if key not in COMPARE_METHODS:
+        raise ValueError(f"unknown method {name!r} for compare (choose from {', '.join(COMPARE_METHODS)})")
+    return key
+
 
 @dataclass(frozen=True)
 class CompareConfig:
@@ -263,6 +358,40 @@ class CompareConfig:
     tasks: int = 16  # rows (and distinct tasks, when mixed) in the tokens/s measurement
     eval_inputs: int = 50  # distinct held-out inputs scored (0: all)
     eval_max_new_tokens: int = TrainConfig.eval_max_new_tokens
+    methods: tuple[str, ...] = DEFAULT_COMPARE_METHODS  # any of COMPARE_METHODS, in the order given
+    full_lr: float = 5e-5  # full fine-tuning's learning rate (every weight of a copy of the base)
+    num_beams: int = 1  # > 1: beam search scored beside greedy (beam 5: the papers' decoding)
+    length_penalty: float = 1.0  # beam search: a hypothesis scores logprob / length**length_penalty
+    bootstrap_samples: int = 1000  # paired bootstrap resamples (sacrebleu) for intervals and p-values
+    # data-efficiency curves: every method trained on subsets of this many distinct training inputs
+    # (drawn per seed, nested), one run per size and seed; steps per run: at least --steps, else
+    # ceil(epochs x rows / batch_size), capped at max_steps (0: no cap)
+    train_sizes: tuple[int, ...] = ()
+    seeds: tuple[int, ...] = ()  # (): the run's --seed
+    epochs: float = 2.0
+    max_steps: int = 0
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: resolved once, here)
+        methods = tuple(canonical_compare_method(m) for m in (_tuple(self.methods) or ()))
+        if not methods:
+            raise ValueError(f"--methods needs at least one of {', '.join(COMPARE_METHODS)}")
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"--methods names a method twice: {', '.join(methods)}")
+        set_("methods", methods)
+        try:
+            set_("train_sizes", tuple(int(v) for v in (_tuple(self.train_sizes) or ())))
+            set_("seeds", tuple(int(v) for v in (_tuple(self.seeds) or ())))
+        except ValueError:
+            raise ValueError("--train-sizes and --seeds take whole numbers, e.g. --train-sizes 50,200 --seeds 0,1") \
+                from None
+        if any(n < 1 for n in self.train_sizes) or len(set(self.train_sizes)) != len(self.train_sizes):
+            raise ValueError(f"--train-sizes must be distinct positive numbers, got {self.train_sizes}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds names a seed twice: {self.seeds}")
+        if self.num_beams < 1 or self.bootstrap_samples < 1 or self.epochs < 0 or self.max_steps < 0:
+            raise ValueError("--num-beams and --bootstrap-samples must be positive, --epochs and --max-steps "
+                             "not negative")
 
 
 def _classify_on_encoder(base) -> bool:

@@ -207,57 +207,60 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run_eval(adapter=None, data=None, base=None, template=None, target=None, chat_template=False, max_new_tokens=64,
-             num_beams=1, batch_size=16, max_inputs=0, skip_bad_rows=False, predictions=None,
-             allow_other_base=False, json=False, lora=None, merge_lora=True, model=None, tokenizer=None):
-    """Generate for every distinct input and score it against all its references.
+def run_eval(cfg, model=None, tokenizer=None):
+    """Generate for every distinct input and score it against all its references, per `cfg` (an
+    EvalConfig, runs/config.py); returns the metrics.
 
-    `lora`: a PEFT LoRA adapter applied to the base first (merged unless `merge_lora` is False), for
-    prompts trained on that adapted model; a prompt trained on the bare base is then refused by its
-    fingerprint (and one trained with LoRA is refused without it), with a hint naming the flag.
-    `model`/`tokenizer` skip loading (tests); `lora` is applied to a given model too, in place.
+    `cfg.model.lora`: a PEFT LoRA adapter applied to the base first (merged unless `merge_lora` is
+    False), for prompts trained on that adapted model; a prompt trained on the bare base is then
+    refused by its fingerprint (and one trained with LoRA is refused without it), with a hint naming
+    the flag. `model`/`tokenizer` skip loading (tests); the LoRA adapter is applied to a given model
+    too, in place.
     """
-    import json as jsonlib
-
     from softprompt.families import family_of
-    from softprompt.loops.data import BadRows, DataConfig, group_references, read_examples
-
-    if not data:
-        raise ValueError("--data PATH is required")
-    bad = BadRows()
-    dcfg = DataConfig(template=template, target=target, chat_template=chat_template, skip_bad_rows=skip_bad_rows,
-                      max_length=10**9)
-    groups = group_references(read_examples(data, dcfg, bad))
-    if max_inputs:
-        groups = groups[:max_inputs]
     from softprompt.io.lora import apply_lora, load_base_with_lora, load_prompt
+    from softprompt.loops.data import BadRows, group_references, read_examples
 
+    if not cfg.eval_data:
+        raise ValueError("--data PATH is required")
+    m, bad = cfg.model, BadRows()
+    dcfg = replace(cfg.rows, max_length=10**9)  # every row is scored, whatever its length
+    groups = group_references(read_examples(cfg.eval_data, dcfg, bad))
+    if cfg.max_inputs:
+        groups = groups[:cfg.max_inputs]
     if model is None:
-        if base is None:
+        if m.base is None:
             _say("loading the embedded SmolLM2-135M-Instruct ...")
-        model, tokenizer = load_base_with_lora(base, lora, merge=merge_lora)
-    elif lora is not None:
-        model = apply_lora(model, lora, merge=merge_lora)
+        model, tokenizer = load_base_with_lora(m.base, m.lora, merge=m.merge_lora)
+    elif m.lora is not None:
+        model = apply_lora(model, m.lora, merge=m.merge_lora)
     kv = None
-    if adapter and adapter != "none":
-        kv = load_prompt(adapter, model, lora, merge_lora, allow_other_base).to_kv_prefix(model)
+    if cfg.adapter and cfg.adapter != "none":
+        kv = load_prompt(cfg.adapter, model, m.lora, m.merge_lora, cfg.allow_other_base).to_kv_prefix(model)
     t0 = time.perf_counter()
-    res = family_of(model).evaluate_groups(model, tokenizer, groups, kv, chat_template=chat_template, max_new_tokens=max_new_tokens,
-                          num_beams=num_beams, batch_size=batch_size)
+    res = family_of(model).evaluate_groups(model, tokenizer, groups, kv, chat_template=dcfg.chat_template,
+                                           max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                                           batch_size=cfg.batch_size)
     preds = res.pop("predictions")
     res["seconds"] = time.perf_counter() - t0
     res["references"] = sum(len(r) for _, r in groups)
-    if predictions:
-        with open(predictions, "w") as f:
-            for (p, refs), h in zip(groups, preds):
-                f.write(jsonlib.dumps({"prompt": p if isinstance(p, str) else p[1], "output": h,
-                                       "references": refs}) + "\n")
+    rows = ({"prompt": p if isinstance(p, str) else p[1], "output": h, "references": refs}
+            for (p, refs), h in zip(groups, preds))
+    decoding = "greedy" if cfg.num_beams == 1 else f"beam {cfg.num_beams}"
+    return report_eval(cfg, res, rows, bad,
+                       f"{res['n']} inputs ({res['references']} references), {decoding}: BLEU {res['bleu']:.2f}  "
+                       f"ROUGE-L {res['rouge_l']:.2f}  exact match {res['exact_match']:.1f}%  "
+                       f"accuracy {res['accuracy']:.1f}%  ({res['seconds']:.0f} s)")
+
+
+def report_eval(cfg, res: dict, rows, bad, line: str) -> dict:
+    """How an eval job ends (generation here, classification in runs/classify.py): one JSON line per
+    input in `cfg.predictions`, the bad rows counted, the metrics printed (JSON with `cfg.json`, else `line`)."""
+    if cfg.predictions:
+        with open(cfg.predictions, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
     if bad.count:
         _say(bad.report())
-    if json:
-        print(jsonlib.dumps(res, indent=2))
-    else:
-        print(f"{res['n']} inputs ({res['references']} references), {'greedy' if num_beams == 1 else f'beam {num_beams}'}: "
-              f"BLEU {res['bleu']:.2f}  ROUGE-L {res['rouge_l']:.2f}  exact match {res['exact_match']:.1f}%  "
-              f"accuracy {res['accuracy']:.1f}%  ({res['seconds']:.0f} s)")
+    print(json.dumps(res, indent=2) if cfg.json else line)
     return res

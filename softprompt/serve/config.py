@@ -1,9 +1,14 @@
 """The server's limits, each with its one default: `ServerConfig` (the HTTP layer's, serve/service.py)
-and the engine's as `softprompt serve` sets them; serve/main.py takes its defaults from here."""
+and the engine's as `softprompt serve` sets them; and `ServeConfig`, all of `softprompt serve`'s
+options (where to listen, the store, the base as a `ModelConfig`, the limits as a `ServerConfig`):
+what serve/main.py's `serve` and `build_app` take, and what the command line builds its flags from."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields
+
+from softprompt.core.defaults import ModelConfig, config_of
 
 
 @dataclass(frozen=True)
@@ -22,3 +27,78 @@ class ServerConfig:
     max_batch_size: int = 32  # rows decoded together
     max_queue: int = 256  # requests waiting beyond the batch; more get 429
     prefix_cache_mb: int = 256  # memory for cached task prefixes
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Serve every task in a prompt store over an OpenAI-compatible HTTP API (and the base model).
+
+    Args:
+        store: the prompt store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+        host: address to bind; 127.0.0.1 keeps the server local (use 0.0.0.0 to expose it, with API keys)
+        port: TCP port
+        base: a local HuggingFace model directory (default: the embedded model)
+        api_keys_file: file of bearer tokens, one per line; $SOFTPROMPT_API_KEYS (comma-separated) adds more
+        max_batch_size: rows decoded together
+        max_queue: requests waiting beyond the batch; more get 429
+        max_body_bytes: request bodies over this get 413
+        request_timeout_s: a request running longer gets 504
+        prefix_cache_mb: memory for cached task prefixes
+        lora: a PEFT LoRA adapter directory (safetensors) applied to the base first: serves prompts trained with --lora
+        merge_lora: merge the LoRA weights into the base (--no-merge-lora keeps LoRA layers)
+        threads: torch CPU threads (0: the cores not busy with other processes, see docs/devices.md)
+        body_timeout_s: a request body not fully received within this many seconds gets 408
+        ray: serve on Ray Serve (replicas over one shared store, e.g. --store postgresql://...; docs/distributed.md)
+        replicas: with --ray: engine replicas (each holds the model once)
+        ray_address: with --ray: join this Ray cluster (e.g. auto) instead of starting a local one
+        served_model_name: the base model's id in the API (default: the base directory's name, or SmolLM2-135M-Instruct)
+        max_upload_bytes: a task uploaded over HTTP (POST /v1/tasks/NAME) over this gets 413
+    """
+
+    store: str | None = None  # a directory or a postgresql:// DSN; None: $SOFTPROMPT_STORE or the default
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys_file: str | None = None
+    served_model_name: str | None = None  # None: the base directory's name (+lora:NAME)
+    ray: bool = False
+    replicas: int = 1
+    ray_address: str | None = None
+    model: ModelConfig = ModelConfig()
+    server: ServerConfig = ServerConfig()  # the limits; its base_model_id and api_keys are set by build_app
+    # `softprompt serve`'s flags, in --help's order: a field, or a section's field (cli.py builds them)
+    OPTIONS: typing.ClassVar = ("store", "host", "port", "model.base", "api_keys_file", "server.max_batch_size",
+                                "server.max_queue", "server.max_body_bytes", "server.request_timeout_s",
+                                "server.prefix_cache_mb", "model.lora", "model.merge_lora", "model.threads",
+                                "server.body_timeout_s", "ray", "replicas", "ray_address", "served_model_name",
+                                "server.max_upload_bytes", "model.device", "model.dtype", "model.quantize")
+    FLAG_NAMES: typing.ClassVar = {}
+    POSITIONAL: typing.ClassVar = ()
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        for name in ("max_batch_size", "max_body_bytes", "prefix_cache_mb", "request_timeout_s", "body_timeout_s",
+                     "max_upload_bytes"):
+            if getattr(self.server, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self.server, name)}")
+        if self.server.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.server.max_queue}")
+        if self.served_model_name is not None and not 0 < len(self.served_model_name) <= 256:
+            raise ValueError("served_model_name must be 1 to 256 characters")
+
+    @classmethod
+    def of(cls, **options) -> "ServeConfig":
+        """From flat names, as the flags: `ServeConfig.of(store="s", base="b", max_batch_size=8, lora="l")`."""
+        return config_of(cls, options)
+
+    def options(self) -> dict:
+        """The flat options that differ from their defaults (what `of` takes back): Ray's replicas get these."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("model", "server"):
+                out.update({g.name: getattr(value, g.name) for g in fields(value)
+                            if getattr(value, g.name) != g.default})
+            elif value != f.default:
+                out[f.name] = value
+        return out

@@ -81,16 +81,18 @@ async def call_asgi(app, method: str, path: str, query: bytes, headers: list, bo
 
 @serve.deployment(max_ongoing_requests=512, health_check_period_s=2, health_check_timeout_s=10)
 class TaskServer:
-    """One replica: `build_app(store, base, **options)` (serve/main.py) with its engine running."""
+    """One replica: `build_app` (serve/main.py) over `ServeConfig.of(store=store, base=base, **options)`,
+    with its engine running."""
 
     def __init__(self, store: str | None, base: str | None, threads: int = 1, options: dict | None = None):
         import torch
 
         if threads:
             torch.set_num_threads(threads)  # replicas share a node's cores: one thread each unless told
+        from softprompt.serve.config import ServeConfig
         from softprompt.serve.main import build_app
 
-        self.app, self.config = build_app(store, base, **(options or {}))
+        self.app, self.config = build_app(ServeConfig.of(store=store, base=base, **(options or {})))
         self.engine = self.app.state.engine
         self.engine.start()  # what the app's lifespan does under uvicorn
         self.replica_id = serve.get_replica_context().replica_id.unique_id

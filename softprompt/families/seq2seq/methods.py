@@ -32,13 +32,14 @@ from softprompt.families.seq2seq.core import (
     seq2seq_geometry,
 )
 from softprompt.methods.base import PromptMethod, check_num_virtual_tokens
+from softprompt.methods.config import PrefixTuningConfig
 from softprompt.methods.prompt_tuning import PromptTuning
 
 
 @dataclass(frozen=True)
 class Seq2SeqPrefixConfig:
-    num_virtual_tokens: int = 20
-    projection_dim: int = 512  # 0: the prefix tensors themselves are the parameters
+    num_virtual_tokens: int = PrefixTuningConfig.num_virtual_tokens  # the decoder's prefix tuning's defaults
+    projection_dim: int = PrefixTuningConfig.projection_dim  # 0: the prefix tensors themselves are the parameters
     parts: tuple[str, ...] = PARTS
     init: str = "random"
     seed: int = 0

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from softprompt.families.seq2seq.generate import decoder_start_id
-from softprompt.loops.data import BadRows, DataConfig, DataError, Example, TokenizedData, bad_row
+from softprompt.loops.data import BadRows, DataConfig, Example, TokenizedData, keep_fitting
 from softprompt.loops.train import CausalLMObjective
 
 
@@ -23,20 +23,12 @@ def tokenize_seq2seq(examples: list[Example], tokenizer, cfg: DataConfig = DataC
                      bad: BadRows | None = None) -> TokenizedData:
     """Source with the tokenizer's special tokens (T5 and BART expect them), target + eos."""
     eos = tokenizer.eos_token_id
-    ids, n_target, kept = [], [], []
-    for ex in examples:
+
+    def encode(ex):
         src = tokenizer(ex.prompt if isinstance(ex.prompt, str) else ex.prompt[1])["input_ids"]
-        tgt = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        if len(src) + len(tgt) > cfg.max_length or not src:
-            reason = f"longer than the limit: {len(src) + len(tgt)} tokens > max_length {cfg.max_length}"
-            bad_row(ex.where, reason, cfg.skip_bad_rows, bad)
-            continue
-        ids.append(src + tgt)
-        n_target.append(len(tgt))
-        kept.append(ex)
-    if not ids:
-        raise DataError("no usable rows after tokenization")
-    return TokenizedData(ids, n_target, kept)
+        return src, tokenizer(ex.target, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+
+    return keep_fitting(examples, encode, cfg, bad)
 
 
 def seq2seq_batch(rows: list[list[int]], n_target: list[int], pad_id: int, start_id: int):
