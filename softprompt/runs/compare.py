@@ -620,6 +620,12 @@ def _p(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
+
+def _decoding(report: dict, beams: bool) -> str:
+    """How the table's outputs were decoded, for the line under it."""
+    return "greedy" + (f", and beam search ({report['num_beams']} beams, length penalty "
+                       f"{report['length_penalty']:g})" if beams else "")
+
 def curve_markdown(report: dict) -> str:
     base, beams = report["baseline"], report["num_beams"] > 1
     head = ("| method | train inputs | rows | steps | BLEU mean ± sd | BLEU pooled [95% interval] | p vs "
@@ -644,8 +650,7 @@ def curve_markdown(report: dict) -> str:
                  f"{p['peak_memory_bytes'] / 2**20:.0f} | {p['artifact_bytes']:,} |")
         lines.append(line)
     lines.append("")
-    decoding = "greedy" + (f", and beam search ({report['num_beams']} beams, length penalty "
-                           f"{report['length_penalty']:g})" if beams else "")
+    decoding = _decoding(report, beams)
     lines.append(f"Data-efficiency curve on {report['data']}: per seed ({', '.join(map(str, report['seeds']))}) a "
                  f"subset of each size of distinct training inputs (each with all its rows; the smaller inside the "
                  f"larger) is drawn and every method trained on it, batch {report['batch_size']}, "
@@ -720,8 +725,7 @@ def markdown(report: dict) -> str:
                      f"{_p(r.get('p_value_beam'))} |")
         lines.append(line)
     lines.append("")
-    decoding = "greedy" + (f"; beam search ({report['num_beams']} beams, length penalty "
-                           f"{report['length_penalty']:g}) beside it" if beams else "")
+    decoding = _decoding(report, beams)
     lines.append(f"{report['steps']} steps x batch {report['batch_size']} each, P = {report['num_virtual_tokens']}, "
                  f"LoRA r = {report['lora_r']} (q_proj, v_proj), full fine-tuning at lr {report.get('full_lr', 0):g}; "
                  f"{report['max_new_tokens']} new tokens per row, {n} rows; device {report['device']}. Inference: "
