@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ROWS, tiny_model
 from test_engine import WordTok, text
-from test_peft_oracle import paired
+from test_peft_oracle import paired, peft_greedy
 
 from softprompt.loops.evaluate import beam_search
 
@@ -36,6 +36,7 @@ def test_bare_model_beam_equals_transformers(arch):
 def test_prompted_beam_equals_peft(case):
     model = tiny_model("llama")
     ours, peft = paired(model, case)
+    peft_greedy(peft, ROWS[0], NEW)  # skips, naming the versions, where PEFT's own generation is broken
     tok = WordTok()
     with torch.no_grad():
         kv = ours.to_kv_prefix(model)
