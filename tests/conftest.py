@@ -106,3 +106,13 @@ def embedded_stand_in(tmp_path, monkeypatch):
     monkeypatch.setattr(sp, "load_base", lambda path=None, **kw: real(d if path is None else path, **kw))
     return d
 
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved as a base model directory (for the CLI's --base)."""
+    from tiny_tokenizer import tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("base")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d

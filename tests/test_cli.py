@@ -3,20 +3,11 @@ errors with exit status 2."""
 
 import json
 
-import pytest
 from conftest import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 from softprompt.cli import main
 from softprompt.io.load import load_base
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def test_info_json_reports_geometry_and_sizes(base_dir, capsys):

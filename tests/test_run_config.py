@@ -5,20 +5,11 @@ trains the same run again."""
 import json
 
 import pytest
-from conftest import tiny_model
-from tiny_tokenizer import WORDS, tiny_tokenizer
+from tiny_tokenizer import WORDS
 
 from softprompt import methods
 from softprompt.cli import main, parse_config_command
 from softprompt.runs.config import RunConfig
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def test_nested_and_short_flags_are_the_same_option():
