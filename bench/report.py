@@ -22,6 +22,8 @@ RESULTS, README = HERE / "results", HERE / "README.md"
 
 # name: (what it measures, how its figures were read before results carried a headline)
 BENCHES = {
+    "structured": ("structured-output libraries on the embedded tokenizer: compile, per-token mask and per-request time",
+                   lambda d: {}),
     "serve_mixed": ("many tasks in mixed batches against PEFT and the bare model; cold and warm task loads; "
                     "decode steps while tasks load",
                     lambda d: {k: d[k] for k in ("ratio_vs_base", "speedup_vs_peft", "task_load_p99_ms",

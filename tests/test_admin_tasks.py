@@ -98,6 +98,11 @@ def test_uploads_are_checked_like_store_add_and_bounded(setup, monkeypatch):
         assert err(c.post("/v1/tasks/x", content=too_big, headers=KEY), 413)["code"] == "body_too_large"
         assert c.get("/v1/tasks/x/versions", headers=KEY).status_code == 404  # nothing was added
         assert c.post("/v1/tasks/x", content=blob, headers=KEY).status_code == 201
+        # the same bytes again: a conflict naming the version that holds them, unless asked for
+        e = err(c.post("/v1/tasks/x", content=blob, headers=KEY), 409)
+        assert e["code"] == "duplicate_artifact" and "x@1" in e["message"] and "allow_duplicate" in e["message"], e
+        r = c.post("/v1/tasks/x?allow_duplicate=true", content=blob, headers=KEY)
+        assert r.status_code == 201 and r.json()["version"] == 2
 
 
 def test_writes_need_a_server_with_api_keys(setup, monkeypatch):

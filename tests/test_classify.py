@@ -281,11 +281,11 @@ def test_classify_route_returns_labels_and_probabilities(client):
 @pytest.mark.parametrize("body,status,code", [
     ({"model": "nope", "input": "ba"}, 404, "model_not_found"),
     ({"model": "gen", "input": "ba"}, 400, "task_refused"),
-    ({"model": "sentiment", "input": []}, 422, "invalid_parameter"),
-    ({"model": "sentiment", "input": ["ba", "  "]}, 422, "invalid_parameter"),
-    ({"model": "sentiment", "input": ["ba"] * 65}, 422, "invalid_parameter"),
-    ({"model": "sentiment", "input": 3}, 422, "invalid_parameter"),
-    ({"model": "sentiment"}, 422, "invalid_parameter"),
+    ({"model": "sentiment", "input": []}, 400, "invalid_parameter"),
+    ({"model": "sentiment", "input": ["ba", "  "]}, 400, "invalid_parameter"),
+    ({"model": "sentiment", "input": ["ba"] * 65}, 400, "invalid_parameter"),
+    ({"model": "sentiment", "input": 3}, 400, "invalid_parameter"),
+    ({"model": "sentiment"}, 400, "invalid_parameter"),
 ])
 def test_classify_route_rejects_bad_requests_in_openai_shape(client, body, status, code):
     r = client.post("/v1/classify", json=body)

@@ -122,7 +122,7 @@ def test_errors_have_openai_shape_and_status(stack):
         r = c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
         r = c.post("/v1/completions", json={"model": "task0", "prompt": "ba", "temperature": 9})
-        assert r.status_code == 422 and r.json()["error"]["param"] == "temperature"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
         r = c.post("/v1/completions", json={"model": "task0", "prompt": "ba " * 3000})
         assert r.status_code == 413 and "over the limit" in r.json()["error"]["message"]
         r = c.post("/v1/completions", json={"model": "task0", "prompt": "ba " * 300, "max_tokens": 100})
@@ -246,7 +246,7 @@ def names_the_real_models(raw: dict, models: list[str], refs: list[str]) -> dict
     for ops in raw["paths"].values():
         for op in ops.values():
             for param in op.get("parameters", []):
-                if param["name"] == "ref":
+                if param["name"] in ("ref", "model"):  # /v1/tasks/{ref}/..., /v1/models/{model}
                     param["schema"] = {"type": "string", "enum": refs}
     return raw
 

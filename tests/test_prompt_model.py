@@ -69,8 +69,8 @@ def test_generate_follows_transformers_conventions(base):
     torch.manual_seed(3)
     b = pm.generate(**enc, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=0, num_return_sequences=2)
     assert torch.equal(a, b) and a.shape[0] == 4
-    with pytest.raises(ValueError, match="repetition_penalty"):
-        pm.generate(**enc, repetition_penalty=1.2)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        pm.generate(**enc, no_repeat_ngram_size=2)
     with pytest.raises(ValueError, match="beam"):
         pm.generate(**enc, num_beams=3)
     right = {"input_ids": enc["input_ids"].flip(1), "attention_mask": enc["attention_mask"].flip(1)}
@@ -249,3 +249,26 @@ def test_get_model_refuses_what_it_cannot_wrap(base):
         sp.get_model(model, "prefix")
     with pytest.raises(ValueError, match="no artifact at runs/nothere"):
         sp.PromptModel.from_pretrained(model, "runs/nothere")
+
+
+def test_repetition_penalty_and_min_new_tokens_as_transformers_applies_them(base):
+    """With a prompt tuning prompt of the text's own embeddings, generation under the prompt is the
+    base's generation over [prompt text + input]: transformers' own generate (its repetition-penalty
+    and min-new-tokens processors) is the oracle, except that its penalty also counts the prompt's
+    tokens, which ours cannot see (virtual tokens have no ids): so the prompt is one token whose id
+    never comes up in either output."""
+    model, tok = base
+    lead = tok(WORDS[40], add_special_tokens=False)["input_ids"]
+    prompt = sp.create(model, sp.PromptTuningConfig(num_virtual_tokens=len(lead), init="tokens",
+                                                    init_tokens=tuple(lead)), tok)
+    pm = sp.get_model(model, prompt, tok)
+    enc = tok(TEXTS[:1], return_tensors="pt", add_special_tokens=False)
+    ids = enc["input_ids"]
+    full = torch.cat([torch.tensor([lead]), ids], 1)
+    eos = int(model.generate(full, max_new_tokens=1, do_sample=False)[0, -1])  # the greedy first token as "EOS"
+    for kw in (dict(repetition_penalty=1.8), dict(min_new_tokens=3, eos_token_id=eos), dict(repetition_penalty=0.6)):
+        want = model.generate(full, attention_mask=torch.ones_like(full), max_new_tokens=8, do_sample=False,
+                              pad_token_id=0, **kw)[0, full.shape[1]:]
+        got = pm.generate(**enc, max_new_tokens=8, pad_token_id=0, **kw)[0, ids.shape[1]:]
+        assert lead[0] not in want.tolist()
+        assert got.tolist() == want.tolist()[:len(got)] and len(got) == len(want), kw

@@ -173,7 +173,7 @@ def test_http_completions_streaming_and_errors(stack):
         error(client.post("/v1/completions", json={"model": "nope", **ask}), 404, "model_not_found")
         err = error(client.post("/v1/completions", json={"model": "causal", **ask}), 400, "task_refused")
         assert "causal_lm" in err["message"] and "seq2seq" in err["message"]
-        error(client.post("/v1/completions", json={"model": "pre", "prompt": "ba", "temperature": -1}), 422)
+        error(client.post("/v1/completions", json={"model": "pre", "prompt": "ba", "temperature": -1}), 400)
         error(client.post("/v1/completions", json={"model": "pre", "prompt": "ba", "max_tokens": 99}), 400,
               "bad_request")
         error(client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)

@@ -102,7 +102,8 @@ def _writer(root, paths, stage, k, run):
         SQLiteIndex.conn = lambda self: Conn(conn(self))
     store = Store(root)
     for i in range(10**6):
-        store.add(f"t{i % 3}", paths[i % len(paths)], metrics={"i": i, "run": run})  # new bytes every add
+        # new bytes every add (the metric); the tensors repeat, on purpose
+        store.add(f"t{i % 3}", paths[i % len(paths)], metrics={"i": i, "run": run}, allow_duplicate=True)
 
 
 def test_writer_killed_mid_add_leaves_index_and_files_consistent(llama, tmp_path):
@@ -270,6 +271,29 @@ def test_ls_show_export_import_round_trips(llama, tmp_path):
     assert store.entry("missing") is None
 
 
+def test_adding_the_latest_versions_tensors_again_is_refused_unless_allowed(llama, tmp_path):
+    store = Store(tmp_path / "s")
+    a, prompt = make(llama, tmp_path, "a", seed=1)
+    b, _ = make(llama, tmp_path, "b", seed=2)
+    assert store.add("t", a) == TaskRef("t", 1)
+    refused = r"^task t@1 already holds these tensors \(tensor sha256 [0-9a-f]{12}\.\.\.\); not adding them again"
+    with pytest.raises(StoreError, match=refused):
+        store.add("t", a, metrics={"bleu": 1.0})  # new metrics, the same tensors: no new model
+    with pytest.raises(StoreError, match=refused):
+        store.add("t", prompt, llama)  # the same tensors, in memory
+    with pytest.raises(StoreError, match=refused):
+        store.import_(a, name="t")
+    assert len(store.ls(all_versions=True)) == 1  # nothing of the refused adds is there
+    assert store.add("t", b) == TaskRef("t", 2)
+    assert store.add("t", a) == TaskRef("t", 3)  # only the latest version counts: a's tensors after b's
+    assert store.add("t", a, allow_duplicate=True) == TaskRef("t", 4)
+    assert store.import_(a, name="t", allow_duplicate=True) == TaskRef("t", 5)
+    assert store.add("u", a) == TaskRef("u", 1)  # another task may hold the same tensors
+    # The latest file damaged behind the index's back is no duplicate: adding again repairs the task.
+    store.resolve("u").write_bytes(b"damaged")
+    assert store.add("u", a) == TaskRef("u", 2) and store.verify() == []
+
+
 def test_import_peft_adapter(tmp_path):
     from test_peft_oracle import paired
 
@@ -288,8 +312,13 @@ def test_cli_store_commands(llama, tmp_path, capsys, monkeypatch):
     path, _ = make(llama, tmp_path, "a")
     s = ["--store", str(tmp_path / "s")]
     assert main(["store", "add", "demo", str(path), "--tag", "t1", "--tag", "t2", "--metric", "bleu=3.5"] + s) == 0
-    assert main(["store", "add", "demo", str(path)] + s) == 0
-    assert capsys.readouterr().out.split() == ["demo@1", "demo@2"]
+    assert main(["store", "add", "demo", str(path)] + s) == 2  # the same artifact again: no silent demo@2
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
+    assert out.split() == ["demo@1"] and len(err) == 1 and "--allow-duplicate" in err[0]
+    assert err[0].startswith("softprompt store add: error: task demo@1 already holds these tensors")
+    assert main(["store", "add", "demo", str(path), "--allow-duplicate"] + s) == 0
+    assert capsys.readouterr().out.split() == ["demo@2"]
     assert main(["store", "ls", "--json", "--all-versions"] + s) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["version"], r["tags"]) for r in rows] == [("demo", 1, ["t1", "t2"]), ("demo", 2, [])]

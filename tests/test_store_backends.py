@@ -104,7 +104,7 @@ def test_same_semantics_on_every_backend(spec, llama, tmp_path):
 
 def _adder(root, path, n, out):
     store = Store(root)  # a process of its own: its own connection
-    out.put([store.add("shared", path).version for _ in range(n)])
+    out.put([store.add("shared", path, allow_duplicate=True).version for _ in range(n)])
 
 
 def test_concurrent_writers_get_distinct_dense_versions(pg, llama, tmp_path):

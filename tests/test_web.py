@@ -154,7 +154,7 @@ def test_playground_side_by_side_and_errors(server, tmp_path):
             drv.set_window_size(1400, 1500)
             drv.save_screenshot(os.environ["SOFTPROMPT_WEB_SCREENSHOT"])
 
-        # API errors show as readable messages: a bad parameter (422) and a task removed meanwhile (404).
+        # API errors show as readable messages: a bad parameter (400) and a task removed meanwhile (404).
         mt.clear()
         mt.send_keys("99999")
         store.rm("task2")
@@ -162,7 +162,7 @@ def test_playground_side_by_side_and_errors(server, tmp_path):
         wait(lambda: len(drv.find_elements(By.CSS_SELECTOR, ".panel[data-done]")) == 2, what="the error panels")
         errs = {p.get_attribute("data-model"): p.find_element(By.CLASS_NAME, "err").text
                 for p in drv.find_elements(By.CSS_SELECTOR, ".panel")}
-        assert errs["task0"].startswith("422") and "max_tokens" in errs["task0"], errs
+        assert errs["task0"].startswith("400") and "max_tokens" in errs["task0"], errs
         mt.clear()
         mt.send_keys("4")
         drv.find_element(By.ID, "send").click()

@@ -29,6 +29,19 @@ def _table(rows: dict, head=("field", "value")) -> list[str]:
     return out
 
 
+def _prompt_format(fmt) -> str:
+    """How training formatted the inputs, in words (a server gives requests the same: docs/serving.md)."""
+    if not isinstance(fmt, dict):
+        return "not recorded (a server sends chat through the base's chat template, completions as given)"
+    words = ("the base's chat template, as a user turn" if fmt.get("chat_template")
+             else "plain prompts (no chat template: chat requests must be one user message)")
+    if fmt.get("template"):
+        words += f"; rows rendered by the template {_fmt(fmt['template'])}"
+    if fmt.get("system_prompt"):
+        words += f"; system prompt {_fmt(fmt['system_prompt'])}"
+    return words
+
+
 def _run_info(path: Path) -> tuple[dict | None, dict | None]:
     """(run.json, last metrics row) of the training run that wrote `path`, if it is RUN/best|last."""
     run_dir = path.parent if path.name in ("best", "last") else None
@@ -88,7 +101,8 @@ def model_card(path: str | os.PathLike) -> str:
     lines += ["## Configuration", ""] + _table(card.get("config") or {}, ("option", "value")) + [""]
     run, last = _run_info(path)
     run_data = (run or {}).get("train_data") or (run or {}).get("data_path")  # data_path: runs before train_data
-    lines += ["## Data", "", f"- dataset: {_fmt(card.get('dataset') or run_data)}"]
+    lines += ["## Data", "", f"- dataset: {_fmt(card.get('dataset') or run_data)}",
+              f"- prompt format: {_prompt_format(card.get('prompt_format'))}"]
     if run:
         lines += [f"- held-out data: {_fmt(run.get('eval_data'))}", f"- bad rows: {_fmt(run.get('bad_rows'))}"]
         data = {k: v for k, v in (run.get("data") or {}).items() if v not in (None, False, 0)}

@@ -5,6 +5,11 @@ pass `store add` and then raise deep in a loader on the first request. `check_ca
 such a card with one line naming the field. Unknown fields are allowed (families and tasks add
 their own: `classifier`, `task`, `store`); known fields must have their type.
 
+`prompt_format` says how training formatted the inputs (`chat_template`: wrapped in the base's chat
+template as a user turn; `template`: the row-field template; `system_prompt`: the system turn every
+chat row began with), so a server can give a request the text the task learned on
+(serve/prompt_format.py). A card without it is from before it was recorded: its format is unknown.
+
 Paths: a card may name a `plot` (.png) and an `inspection` (.json, or the summary inline). They are
 never trusted as places to read: the server reads them only inside the store or the artifact's
 folder (serve/http.py `confined`), and `store add` copies them into the store.
@@ -20,6 +25,7 @@ from softprompt.families import FAMILIES
 # Longer than any context we know of (P must also fit the model's context: see methods.check_size).
 MAX_VIRTUAL_TOKENS = 1 << 20
 MAX_PATH_CHARS = 4096
+MAX_FORMAT_CHARS = 1 << 16  # a prompt_format's template or system prompt (a long system prompt fits)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -37,6 +43,17 @@ def _str_or_none(v) -> bool:
 
 def _path(v, suffix: str) -> bool:
     return isinstance(v, str) and 0 < len(v) <= MAX_PATH_CHARS and "\0" not in v and v.lower().endswith(suffix)
+
+
+def _text(v) -> bool:
+    return v is None or (isinstance(v, str) and len(v) <= MAX_FORMAT_CHARS)
+
+
+def _prompt_format(v) -> bool:
+    """{"chat_template": bool, "template": str|None, "system_prompt": str|None}; a system prompt only
+    with the chat template (a plain prompt has no system turn, so the server could not place one)."""
+    return (isinstance(v, dict) and isinstance(v.get("chat_template"), bool) and _text(v.get("template"))
+            and _text(v.get("system_prompt")) and (v["chat_template"] or v.get("system_prompt") is None))
 
 
 # field -> (check, what it must be); each applies when the field is present
@@ -64,6 +81,9 @@ FIELDS = {
     "classifier": (lambda v: isinstance(v, dict), "an object"),
     "task": (lambda v: isinstance(v, str), "a string"),
     "store": (lambda v: isinstance(v, dict), "an object"),
+    "prompt_format": (lambda v: v is None or _prompt_format(v),
+                      f"an object {{chat_template: bool, template: string or null, system_prompt: string or null "
+                      f"(only with chat_template true)}}, strings of at most {MAX_FORMAT_CHARS} characters"),
 }
 
 

@@ -32,7 +32,8 @@ from softprompt.methods.config import CONFIGS
 
 # transformers' generate() arguments honoured here; any other is refused, naming it (never ignored)
 GENERATE_ARGS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-                 "pad_token_id", "num_return_sequences", "num_beams", "use_cache", "return_dict_in_generate")
+                 "pad_token_id", "num_return_sequences", "num_beams", "use_cache", "return_dict_in_generate",
+                 "repetition_penalty", "min_new_tokens")
 WRAPPED_TASK_TYPE = "CAUSAL_LM"
 
 
@@ -113,9 +114,10 @@ class PromptModel(nn.Module):
                  generation_config=None, **kwargs) -> torch.Tensor:
         """transformers' `generate` under the prompt: greedy unless `do_sample=True` (then
         `temperature`, `top_k`, `top_p`, drawn from torch's global generator as transformers does).
-        `max_new_tokens` (or `max_length`), `eos_token_id`, `pad_token_id` and the rest default to
-        `generation_config`, else the base's; its other fields (repetition_penalty, ...) are not
-        applied, and given as arguments they are refused. The batch must be left-padded.
+        `repetition_penalty` (over the row's prompt and new tokens, as transformers' processor) and
+        `min_new_tokens` (no EOS before) too. `max_new_tokens` (or `max_length`), `eos_token_id`,
+        `pad_token_id` and the rest default to `generation_config`, else the base's; its other fields
+        are not applied, and given as arguments they are refused. The batch must be left-padded.
         Returns (B * num_return_sequences, T + new) token ids, like transformers."""
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
@@ -180,12 +182,14 @@ class PromptModel(nn.Module):
     def _sampling(max_new_tokens: int, arg):
         from softprompt.loops.generate import SamplingParams
 
+        shared = dict(max_new_tokens=max_new_tokens, repetition_penalty=float(arg("repetition_penalty", 1.0)),
+                      min_tokens=min(int(arg("min_new_tokens", 0)), max_new_tokens))
         if not arg("do_sample", False):
-            return SamplingParams(max_new_tokens=max_new_tokens)
+            return SamplingParams(**shared)
         temperature = float(arg("temperature", 1.0))
         if temperature <= 0:
             raise ValueError(f"do_sample=True needs a temperature > 0, got {temperature} (do_sample=False is greedy)")
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=int(arg("top_k", 50)),
+        return SamplingParams(**shared, temperature=temperature, top_k=int(arg("top_k", 50)),
                               top_p=float(arg("top_p", 1.0)))
 
     def _eos(self, given, gc) -> set[int]:

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 RUN_FILES = ("best", "last", "checkpoints", "metrics.jsonl", "run.json", "plot.png")
@@ -35,6 +36,7 @@ class Prepared:
     objective: object = None  # what the loop optimizes (None: the causal LM's target loss)
     facts: dict | None = None  # what the run learned, for run.json (bad rows, the template used, ...)
     note: str = ""  # the data line the run prints
+    card: dict | None = None  # fields every artifact's card carries (how the inputs were formatted)
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -98,7 +100,9 @@ class GenerateTask:
         groups = group_references(eval_tok.examples) if eval_tok else None
         note = (f"data: {len(train_tok)} training rows, {len(eval_tok) if eval_tok else 0} held-out rows"
                 f" ({len(groups) if groups else 0} distinct inputs); {bad.report()}")
-        return Prepared(train_tok, eval_tok, groups, family.objective(), {"bad_rows": bad.count}, note)
+        fmt = prompt_format(train_tok.examples, tokenizer, dcfg)
+        return Prepared(train_tok, eval_tok, groups, family.objective(), {"bad_rows": bad.count}, note,
+                        {"prompt_format": fmt} if fmt is not None else None)
 
     def prompt(self, cfg, model, tokenizer, prepared):
         from dataclasses import asdict
@@ -113,6 +117,27 @@ class GenerateTask:
 
     def metric(self, cfg, prepared) -> str:
         return cfg.train.metric
+
+
+def prompt_format(examples, tokenizer, dcfg) -> dict | None:
+    """How the training prompts were formatted, for the card (serve/prompt_format.py applies it to
+    requests): `chat_template` (wrapped in the base's chat template: --chat-template, or rows of chat
+    messages, which loops/data.render_prompt always renders with the template), the row-field
+    `template` (for people reading the card), and the `system_prompt` every chat row began with.
+
+    None (the card then records nothing, and the format is unknown, as for cards from before this
+    was recorded) where no rule could reproduce the text: chat rows on a tokenizer without a chat
+    template (rendered as `role: content` lines), or chat rows mixed with plain rows that were not
+    wrapped in the template."""
+    chats = [json.loads(ex.prompt[1]) for ex in examples if isinstance(ex.prompt, tuple)]
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chats and (not has_template or (len(chats) < len(examples) and not dcfg.chat_template)):
+        return None
+    systems = {m[0].get("content") if isinstance(m[0], dict) and m[0].get("role") == "system" else None
+               for m in chats}
+    system = systems.pop() if len(systems) == 1 and len(chats) == len(examples) else None
+    return {"chat_template": bool(chats) or (dcfg.chat_template and has_template), "template": dcfg.template,
+            "system_prompt": system if isinstance(system, str) else None}
 
 
 def examples(data, dcfg, bad=None):
@@ -172,8 +197,10 @@ def run_train(cfg, model=None, tokenizer=None, *, prompt=None, rows=None, eval_r
     run_json = json.loads(json.dumps(run_json, default=str))
     reporter = Reporters(list(cfg.output.report_to) or None, out, run_json) if dist.main and out is not None else None
     card = {"dataset": str(cfg.train_data)} if cfg.train_data else None
+    # the loop passes on only the dataset; the task's own card fields ride with the save call
+    save = partial(save_with, prepared.card) if prepared.card else save_artifact
     trainer = Trainer(model, tokenizer, prompt, prepared.train, train_cfg, prepared.eval, prepared.groups,
-                      prepared.objective, TrainerOutput(out, save_artifact, card, reporter or None,
+                      prepared.objective, TrainerOutput(out, save, card, reporter or None,
                                                         cfg.output.progress, dist))
     if cfg.output.resume and out is not None:
         if trainer.resume():
@@ -199,6 +226,13 @@ def run_train(cfg, model=None, tokenizer=None, *, prompt=None, rows=None, eval_r
              f"artifact: {out / 'best'} (last step: {out / 'last'}); metrics: {out / 'metrics.jsonl'}; "
              f"plot: {out / 'plot.png'}")
     return result
+
+
+def save_with(fields: dict, prompt, path, model, *, extra=None, **options):
+    """save_artifact with `fields` added to the card (what the run knows and the loop does not)."""
+    from softprompt.io.artifact import save_artifact
+
+    return save_artifact(prompt, path, model, extra={**fields, **(extra or {})}, **options)
 
 
 def _cuda() -> bool:

@@ -13,11 +13,13 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
+from dataclasses import replace
 
 import torch
 
 from softprompt.loops.generate import (
     SamplingParams,
+    bad_words_ids,
     cut_at_stop,
     eos_ids,
     greedy_ids,
@@ -27,6 +29,7 @@ from softprompt.loops.generate import (
 )
 from softprompt.serve.handle import Completion, Handle, Request, TokenLogprob
 from softprompt.serve.loader import TaskLoader, done_future
+from softprompt.serve.structured import Constraint, Grammars, Matcher
 from softprompt.serve.tasks import PrefixCache, QueueFull, RequestError, Task, TaskRegistry, compile_task
 
 log = logging.getLogger("softprompt.serve")
@@ -40,7 +43,8 @@ def fault(what: str, exc: BaseException) -> RequestError:
 def check_request(request: Request, vocab_size: int | None) -> None:
     """Refuse at the door what the tokenizer or the model cannot take (RequestError): text that is
     not encodable Unicode (a lone surrogate from a JSON "\\ud800" escape made the tokenizer raise
-    inside the loop), token ids outside the vocabulary."""
+    inside the loop), token ids outside the vocabulary (the prompt's, and those of stop_token_ids,
+    logit_bias and allowed_token_ids), bad words that are not text."""
     if request.prompt is not None:
         if not isinstance(request.prompt, str):
             raise RequestError(f"the prompt must be a string, got {type(request.prompt).__name__}")
@@ -54,16 +58,32 @@ def check_request(request: Request, vocab_size: int | None) -> None:
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 or (vocab_size and i >= vocab_size)
                for i in ids):
             raise RequestError(f"prompt_ids must be token ids in [0, {vocab_size})")
-    request.sampling()  # the sampling parameters' own checks
+    params = request.sampling()  # the sampling parameters' own checks
+    if vocab_size:
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
+                          ("logit_bias", [t for t, _ in params.logit_bias])):
+            if any(i >= vocab_size for i in ids or ()):
+                raise RequestError(f"{name} must be token ids in [0, {vocab_size}), got {max(ids)}")
+    words = request.bad_words or ()
+    if isinstance(words, str) or not all(isinstance(w, str) and w.strip() for w in words):
+        raise RequestError("bad_words must be a list of non-blank strings")
+    if request.structured is not None and not isinstance(request.structured, Constraint):
+        raise RequestError("structured must be a softprompt.serve.structured.Constraint")
 
 
 class Row:
-    """One request being decoded: its sampling state and what it has streamed."""
+    """One request being decoded: its sampling state and what it has streamed. `prompt_ids` are the
+    tokens the repetition penalty counts besides the generated ones (a decoder's prompt); `matcher`
+    its structured output's grammar state, or None."""
 
-    __slots__ = ("handle", "params", "gen", "ids", "text", "sent", "prompt_tokens", "logits", "logprobs")
+    __slots__ = ("handle", "params", "gen", "ids", "text", "sent", "prompt_tokens", "logits", "logprobs",
+                 "prompt_ids", "matcher", "stop_from")
 
-    def __init__(self, handle: Handle, params: SamplingParams, prompt_tokens: int):
+    def __init__(self, handle: Handle, params: SamplingParams, prompt_tokens: int, prompt_ids=(),
+                 matcher: Matcher | None = None):
         self.handle, self.params, self.prompt_tokens = handle, params, prompt_tokens
+        self.prompt_ids, self.matcher = prompt_ids, matcher
+        self.stop_from = 0  # stop strings are looked for from this character on (see min_tokens)
         self.gen = torch.Generator().manual_seed(params.seed if params.seed is not None
                                                  else int(torch.randint(0, 2**62, (1,))))
         self.ids: list[int] = []
@@ -107,6 +127,7 @@ class BaseEngine:
         self._wanted = False  # start() was called and stop() was not: a dead loop is to be restarted
         self._start_lock = threading.Lock()
         self.vocab_size = getattr(model.config, "vocab_size", None)
+        self.grammars = Grammars(tokenizer, self.vocab_size)  # structured outputs (serve/structured.py)
         self.stats = {"requests": 0, "completed": 0, "errors": 0, "cancelled": 0, "refused_queue_full": 0,
                       "generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "batch_rows_sum": 0,
                       "faults": 0, "restarts": 0}
@@ -221,8 +242,14 @@ class BaseEngine:
 
     # ---- requests in ----------------------------------------------------------------------
     def _prepare_common(self, req: Request, add_special_tokens: bool):
-        """(sampling params, the task's compiled prefix or None, prompt token ids), or RequestError."""
+        """(sampling params, the task's compiled prefix or None, prompt token ids), or RequestError.
+        `add_special_tokens`: the family's way of tokenizing a prompt, unless the request says."""
         params = req.sampling()
+        if req.bad_words:
+            try:
+                params = replace(params, bad_words_ids=bad_words_ids(self.tokenizer, req.bad_words))
+            except ValueError as e:
+                raise RequestError(str(e)) from None
         if req.prompt_logprobs and not self.prompt_logprobs:
             raise RequestError("echo with logprobs (the prompt tokens' logprobs) needs a decoder-only base; "
                                "this model's prompt is an encoder input, which has no logprobs", code="bad_request")
@@ -235,11 +262,17 @@ class BaseEngine:
             fut = slot[1] if slot is not None and slot[0] is req else self._load_task(req.resolved or req.task,
                                                                                          background=False)
             prefix = fut.result()  # loaded beside the loop (see _take_ready), or here; a failed load raises
+        if req.add_special_tokens is not None:
+            add_special_tokens = req.add_special_tokens
         ids = list(req.prompt_ids) if req.prompt_ids is not None else \
             self.tokenizer(req.prompt, add_special_tokens=add_special_tokens)["input_ids"]
         if not ids:
             raise RequestError("the prompt is empty")
         return params, prefix, ids
+
+    def _matcher(self, req: Request) -> Matcher | None:
+        """A fresh grammar matcher for the request's row, if it asks for a structured output."""
+        return None if req.structured is None else self.grammars.matcher(req.structured)
 
     # ---- task prefixes, loaded beside the loop --------------------------------------------
     def _load_task(self, task: str | Task, background: bool) -> Future:
@@ -306,6 +339,9 @@ class BaseEngine:
         for i, r in enumerate(rows):
             try:
                 picked.append(self._emit_row(r, logits, i, greedy[i]))
+            except RequestError as e:  # the request's own constraints cannot be met (a 400): it alone ends
+                self._fail(r.handle, e)
+                picked.append(greedy[i])
             except Exception as e:  # this row's sampling or decoding failed: it alone ends
                 log.exception("emitting a token failed")
                 self._fail(r.handle, fault("picking or decoding a token", e))
@@ -317,31 +353,38 @@ class BaseEngine:
         if r.logits is not None:
             r.logits.append(logits[i].detach().clone())
         row = logits[i:i + 1]
-        if r.params.penalized:  # they move the argmax too
-            row = penalize(row, r.ids, r.params)
+        allowed = r.matcher.allowed() if r.matcher is not None else None
+        if r.params.penalized or allowed is not None:  # they move the argmax too
+            row = penalize(row, r.ids, r.params, r.prompt_ids, self.eos, allowed)
             greedy = greedy_ids(row)[0]
         tok = greedy if r.params.greedy else int(pick_next(row, r.params, r.gen)[0])
+        if r.matcher is not None:
+            r.matcher.accept(tok)  # RequestError when the other constraints left no token the grammar allows
         lp = None
         if r.logprobs is not None:  # the model's own distribution: the logits before any penalty
             lp = TokenLogprob(tok, *token_logprobs(logits[i], tok, r.handle.request.logprobs))
             r.logprobs.append(lp)
         r.ids.append(tok)
         self.stats["generated_tokens"] += 1
-        reason = None
-        if not r.params.ignore_eos and tok in self.eos:
-            reason = "stop"
+        p, reason = r.params, None
+        grammar_done = r.matcher is not None and r.matcher.done
+        if (not p.ignore_eos and tok in self.eos) or tok in p.stop_token_ids or grammar_done:
+            reason = "stop"  # EOS, a stop token (kept, as vLLM keeps it), or a complete grammar
         text = self.tokenizer.decode(r.ids, skip_special_tokens=True)
-        if r.params.stop:
-            text, hit = cut_at_stop(text, r.params.stop)
-            reason = "stop" if hit else reason
-        if reason is None and len(r.ids) >= r.params.max_new_tokens:
+        longest = max(map(len, p.stop), default=0)
+        if p.stop and len(r.ids) < p.min_tokens:  # no stop string yet; the first look starts just before here
+            r.stop_from = max(0, len(text) - longest + 1)
+        elif p.stop:
+            cut, hit = cut_at_stop(text[r.stop_from:], p.stop, p.include_stop_str_in_output)
+            text, reason = text[:r.stop_from] + cut, "stop" if hit else reason
+        if reason is None and len(r.ids) >= p.max_new_tokens:
             reason = "length"
         if reason:
             ready = len(text)
-        else:  # hold back a split multi-byte character and what could begin a stop string
+        else:  # hold back a split multi-byte character and what could begin a stop string (unless kept)
             ready = len(text.rstrip("\ufffd"))
-            if r.params.stop:
-                ready = min(ready, len(text) - max(len(s) for s in r.params.stop) + 1)
+            if p.stop and not p.include_stop_str_in_output:
+                ready = min(ready, len(text) - longest + 1)
         ready = max(ready, r.sent)
         r.handle._push(tok, text[r.sent:ready], lp)
         r.sent, r.text = ready, text

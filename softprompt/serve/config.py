@@ -17,6 +17,7 @@ class ServerConfig:
 
     base_model_id: str = "base"
     api_keys: frozenset[str] = frozenset()
+    api_key_names: tuple[tuple[str, str], ...] = ()  # (access.key_id(key), name) for keys the keys file names
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 64 << 20  # a task artifact uploaded over HTTP (routers/admin_tasks.py)
     body_timeout_s: float = 30.0  # a body not fully sent by then gets 408
@@ -27,6 +28,8 @@ class ServerConfig:
     max_batch_size: int = 32  # rows decoded together
     max_queue: int = 256  # requests waiting beyond the batch; more get 429
     prefix_cache_mb: int = 256  # memory for cached task prefixes
+    # one line per request on the "softprompt.access" logger (serve/access.py); uvicorn's own is off
+    access_log: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class ServeConfig:
         ray_address: with --ray: join this Ray cluster (e.g. auto) instead of starting a local one
         served_model_name: the base model's id in the API (default: the base directory's name, or SmolLM2-135M-Instruct)
         max_upload_bytes: a task uploaded over HTTP (POST /v1/tasks/NAME) over this gets 413
+        access_log: a line per request on stderr (method, path, status, ms, request id, key name; no secret or prompt)
     """
 
     store: str | None = None  # a directory or a postgresql:// DSN; None: $SOFTPROMPT_STORE or the default
@@ -70,7 +74,8 @@ class ServeConfig:
                                 "server.max_queue", "server.max_body_bytes", "server.request_timeout_s",
                                 "server.prefix_cache_mb", "model.lora", "model.merge_lora", "model.threads",
                                 "server.body_timeout_s", "ray", "replicas", "ray_address", "served_model_name",
-                                "server.max_upload_bytes", "model.device", "model.dtype", "model.quantize")
+                                "server.max_upload_bytes", "model.device", "model.dtype", "model.quantize",
+                                "server.access_log")
     FLAG_NAMES: typing.ClassVar = {}
     POSITIONAL: typing.ClassVar = ()
 

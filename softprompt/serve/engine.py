@@ -31,8 +31,8 @@ from softprompt.serve.tasks import RequestError, TaskRegistry
 class _Row(Row):
     __slots__ = ("pos",)
 
-    def __init__(self, handle: Handle, params, prompt_tokens: int):
-        super().__init__(handle, params, prompt_tokens)
+    def __init__(self, handle: Handle, params, prompt_ids: list[int], matcher=None):
+        super().__init__(handle, params, len(prompt_ids), prompt_ids, matcher)  # repetition penalty: the prompt too
         self.pos = 0  # position of the last token fed to the model
 
 
@@ -136,7 +136,7 @@ class Engine(BaseEngine):
             raise RequestError(f"prompt of {len(ids)} tokens + prefix of {P} + max_new_tokens "
                                f"{params.max_new_tokens} exceeds the model's context of {self.max_positions}",
                                code="prompt_too_long")
-        row = _Row(handle, params, len(ids))
+        row = _Row(handle, params, ids, self._matcher(req))
         if self.keep_logits:
             row.logits = []
         self.stats["prompt_tokens"] += len(ids)

@@ -64,11 +64,19 @@ def install(app: FastAPI) -> None:
                                         refused["ctx"]["field"]), 400)
         bad_text = next((e for e in errs if e.get("type") == "string_unicode"), None)
         if bad_text is not None:  # a lone surrogate: text no tokenizer can encode, refused as the engine does
-            param = ".".join(str(x) for x in bad_text.get("loc", ())[1:]) or None
+            param = _param(bad_text)
             return ErrorJSON(error_body(f"{param} is not valid Unicode text (it holds a lone surrogate)",
                                         "invalid_request_error", "invalid_text", param), 400)
-        first = errs[0] if errs else {}
-        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:])}: {e.get('msg')}" for e in errs[:5])
+        # 400, as OpenAI and vLLM answer a bad parameter (FastAPI's default 422 makes the openai client
+        # raise UnprocessableEntityError where callers catch BadRequestError); pydantic's message
+        # names the limit ("Input should be less than or equal to 4096")
+        param = _param(errs[0]) if errs else None
+        msg = "; ".join(f"{_param(e) or 'the body'}: {e.get('msg')}" for e in errs[:5])
         return ErrorJSON(error_body(msg or "invalid request", "invalid_request_error", "invalid_parameter", param),
-                         422)
+                         400)
+
+
+def _param(error: dict) -> str | None:
+    """The field a validation error is about, dotted and without its place ("body", "query"):
+    `messages.0.content`; None when it is about the body as a whole."""
+    return ".".join(str(x) for x in error.get("loc", ())[1:]) or None

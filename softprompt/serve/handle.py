@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from softprompt.loops.generate import SamplingParams
+from softprompt.serve.structured import Constraint
 
 
 @dataclass
@@ -34,6 +35,17 @@ class Request:
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's sampling fields, with vLLM's meaning (see SamplingParams)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] | list[int] = ()
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> bias in [-100, 100]
+    allowed_token_ids: list[int] | None = None
+    bad_words: tuple[str, ...] | list[str] = ()  # words (tokenized by the engine, as vLLM does)
+    structured: Constraint | None = None  # what the output must match (serve/structured.py)
+    add_special_tokens: bool | None = None  # when tokenizing `prompt`; None: the engine's default
     logprobs: int | None = None  # report each new token's logprob and this many top alternatives (0: none)
     prompt_logprobs: bool = False  # also the prompt tokens' logprobs (OpenAI's echo with logprobs)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
@@ -41,15 +53,21 @@ class Request:
     resolved: object = field(default=None, repr=False, compare=False)
 
     def sampling(self) -> SamplingParams:
+        """The sampling parameters (bad words not yet tokenized: the engine does that)."""
         from softprompt.serve.tasks import RequestError
 
         if (self.prompt is None) == (self.prompt_ids is None):
             raise RequestError("a request needs exactly one of prompt or prompt_ids")
         try:
             return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                                  top_p=self.top_p, seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos,
-                                  presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
-        except ValueError as e:
+                                  top_p=self.top_p, min_p=self.min_p, seed=self.seed, stop=tuple(self.stop),
+                                  stop_token_ids=tuple(self.stop_token_ids),
+                                  include_stop_str_in_output=self.include_stop_str_in_output,
+                                  ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                                  presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                                  repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias or (),
+                                  allowed_token_ids=self.allowed_token_ids)
+        except (ValueError, TypeError) as e:
             raise RequestError(str(e)) from e
 
 

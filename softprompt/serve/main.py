@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -18,24 +19,49 @@ def _check_key(key: str, where: str) -> str:
     return key
 
 
+# a key's line may name it after a '#': `sk-... # alice`; the access log shows the name, never the key
+_NAMED = re.compile(r"(\S+)\s+#\s*(.*)")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+
+
+def read_key_file(api_keys_file: str) -> dict[str, str | None]:
+    """key -> its name (None: unnamed) from a keys file: one key per line, optionally followed by
+    `# NAME` (one word: letters, digits, `._@+-`); blank lines and lines starting with # after
+    leading spaces are skipped."""
+    try:
+        text = Path(api_keys_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the API keys file {api_keys_file}: {e}") from e
+    keys = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line, where = line.strip(), f"{api_keys_file} line {n}"
+        if not line or line.startswith("#"):
+            continue
+        named = _NAMED.fullmatch(line)
+        key, name = (named.group(1), named.group(2).strip()) if named else (line, None)
+        if name is not None and not _NAME.fullmatch(name):
+            raise ValueError(f"{where}: a key's name (after '#') must be one word of up to 64 letters, digits or "
+                             "._@+- (it is shown in the access log)")
+        keys[_check_key(key, where)] = name
+    if not keys:
+        raise ValueError(f"the API keys file {api_keys_file} holds no key")
+    return keys
+
+
 def read_api_keys(api_keys_file: str | None) -> frozenset[str]:
-    """Bearer tokens from a file (one per line; blank lines and lines starting with # after leading
-    spaces are skipped) and/or $SOFTPROMPT_API_KEYS (comma-separated)."""
-    keys = set()
-    if api_keys_file:
-        try:
-            text = Path(api_keys_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read the API keys file {api_keys_file}: {e}") from e
-        for n, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                keys.add(_check_key(line, f"{api_keys_file} line {n}"))
-        if not keys:
-            raise ValueError(f"the API keys file {api_keys_file} holds no key")
+    """Bearer tokens from a file (see `read_key_file`) and/or $SOFTPROMPT_API_KEYS (comma-separated)."""
+    keys = set(read_key_file(api_keys_file)) if api_keys_file else set()
     keys |= {_check_key(k.strip(), "$SOFTPROMPT_API_KEYS") for k in os.environ.get("SOFTPROMPT_API_KEYS", "").split(",")
              if k.strip()}
     return frozenset(keys)
+
+
+def key_names(api_keys_file: str | None) -> tuple[tuple[str, str], ...]:
+    """(fingerprint, name) of each key the file names (ServerConfig.api_key_names): no secret in it."""
+    from softprompt.serve.access import key_id
+
+    named = read_key_file(api_keys_file).items() if api_keys_file else ()
+    return tuple(sorted((key_id(k), name) for k, name in named if name))
 
 
 def build_app(cfg: ServeConfig | None = None, tasks: dict | None = None):
@@ -72,7 +98,7 @@ def build_app(cfg: ServeConfig | None = None, tasks: dict | None = None):
         base_id += f"+lora:{Path(m.lora).name}"
     if cfg.served_model_name is not None:  # the operator's name wins (a task of that name would be shadowed)
         base_id = cfg.served_model_name
-    config = replace(limits, base_model_id=base_id, api_keys=keys)
+    config = replace(limits, base_model_id=base_id, api_keys=keys, api_key_names=key_names(cfg.api_keys_file))
     app = create_app(engine, store, config)
     app.state.health_hooks.append(from_store.health)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
@@ -122,4 +148,8 @@ def serve(cfg: ServeConfig | None = None):
         auth = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
         print(f"softprompt serving {config.base_model_id} and the tasks of the store on http://{host}:{port} "
               f"({auth}); OpenAI base_url http://{host}:{port}/v1", file=sys.stderr)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        if config.access_log:  # ours (serve/access.py: request id, key name, ms) replaces uvicorn's
+            from softprompt.serve.access import to_stderr
+
+            to_stderr()
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])

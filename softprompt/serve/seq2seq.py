@@ -37,8 +37,11 @@ from softprompt.serve.tasks import RequestError, TaskRefused, TaskRegistry
 class _Row(Row):
     __slots__ = ("src", "prefix")
 
-    def __init__(self, handle: Handle, params: SamplingParams, src: list[int], prefix: Seq2SeqPrefix | None):
-        super().__init__(handle, params, len(src))
+    def __init__(self, handle: Handle, params: SamplingParams, src: list[int], prefix: Seq2SeqPrefix | None,
+                 matcher=None):
+        # the repetition penalty counts the generated tokens only: the prompt is the encoder's input, not
+        # tokens the decoder has seen
+        super().__init__(handle, params, len(src), (), matcher)
         self.src, self.prefix = src, prefix
 
 
@@ -116,7 +119,7 @@ class Seq2SeqEngine(BaseEngine):
                                    f"max_new_tokens {params.max_new_tokens} + decoder prefix of {P_dec}, exceeds the "
                                    f"model's {self.max_positions} positions", code="prompt_too_long")
         self.stats["prompt_tokens"] += len(ids)
-        return _Row(handle, params, ids, prefix)
+        return _Row(handle, params, ids, prefix, self._matcher(req))
 
     def _run(self, rows: list[_Row]):
         B, S = len(rows), max(len(r.src) for r in rows)

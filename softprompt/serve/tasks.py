@@ -5,6 +5,8 @@ used. A store task reads the serving form the store keeps compiled for this base
 (softprompt/store/compiled.py: one read of one file); an artifact path or an in-memory prompt is
 compiled here (prompt tuning and P-tuning by one pass of the frozen model). The cache holds recently used prefixes under a byte budget; loading a
 task never copies or reloads the model. The engine loads beside its loop (serve/loader.py).
+A resolved task also knows its card (`Task.card`, read once per content), where the routes read how
+the task's inputs were formatted in training (serve/prompt_format.py).
 """
 
 from __future__ import annotations
@@ -109,6 +111,64 @@ class Task:
     def key(self) -> str:
         src = self.source
         return f"{self.name}:{id(src)}" if isinstance(src, torch.nn.Module) else f"{self.name}:{src}"
+
+    @property
+    def card(self) -> dict | None:
+        """The task's card (what serve/prompt_format.py reads the task's input format from), or None
+        where none can be read (a prompt made in memory; a damaged file, which compile_task refuses)."""
+        return source_card(self.source)
+
+
+class _Cards:
+    """Cards read from files, by what names their content: a store entry's sha256, or a file's
+    (path, size, mtime) so an artifact rewritten in place is read afresh. Bounded: LRU."""
+
+    def __init__(self, size: int = 512):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key, read: Callable[[], dict]) -> dict:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        card = read()  # outside the lock: a slow disk does not hold up other requests' lookups
+        with self._lock:
+            self._items[key] = card
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return card
+
+
+_CARDS = _Cards()
+
+
+def source_card(source) -> dict | None:
+    """The card of what a task name resolves to, checked against the card schema; None if it has
+    none or it cannot be read (a request then gets today's defaults; loading the task refuses it).
+
+    A card is read once per content (the same dict is returned to every caller: do not change it)."""
+    from softprompt.io.artifact import CARD_FILE, read_card
+
+    try:
+        if hasattr(source, "sha256") and hasattr(source, "verify"):  # a store entry (store/core.py StoreEntry)
+            return _CARDS.get(("sha256", source.sha256), lambda: _verified_card(source))
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            st = (path / CARD_FILE if path.is_dir() else path).stat()
+            return _CARDS.get((str(path.resolve()), st.st_size, st.st_mtime_ns), lambda: read_card(path))
+    except Exception:  # noqa: BLE001  missing, damaged, a remote store away: not cached, asked again next time
+        return None
+    card = getattr(source, "card", None)  # a prompt in memory (a loaded one keeps its card), or a loader
+    return card if isinstance(card, dict) else None
+
+
+def _verified_card(entry) -> dict:
+    """A store entry's card, once its file is the one the index names (sha256; a remote store's file
+    is fetched): a card edited behind the index's back is not believed."""
+    from softprompt.io.artifact import read_card
+
+    entry.verify()
+    return read_card(entry.path)
 
 
 class PrefixCache:

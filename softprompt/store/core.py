@@ -75,6 +75,10 @@ class StoreError(ArtifactError):
     CLI and the serving engine (which maps ArtifactError to a refused task) report it as such."""
 
 
+class DuplicateArtifact(StoreError):
+    """The latest version of the task already holds these tensors (HTTP: 409)."""
+
+
 class NoSuchTask(StoreError):
     """The store has no such task or version (as unknown as a name never added)."""
 
@@ -305,10 +309,11 @@ class Store:
         return card, blob
 
     def add(self, name: str, source, model=None, *, tags=(), metrics: dict | None = None,
-            compile: bool = True) -> TaskRef:
+            compile: bool = True, allow_duplicate: bool = False) -> TaskRef:
         """Add `source` (artifact path, PEFT adapter directory, or PromptMethod + `model`) as the next
         version of `name`. Atomic: afterwards the task is fully there, or not at all. With `model`
-        (and `compile`), the task's serving form for that model is compiled and stored too."""
+        (and `compile`), the task's serving form for that model is compiled and stored too. Tensors
+        equal to those of the latest version of `name` are refused unless `allow_duplicate`."""
         check_name(name)
         tags = sorted({str(t) for t in tags})
         card, blob = self._blob(source, model)
@@ -325,6 +330,8 @@ class Store:
         sha = _sha(blob)
         obj = self.object_path(sha)
         with self._write() as db:
+            if not allow_duplicate:  # under the write lock: two racing adds of the same tensors make one version
+                self._refuse_duplicate(db, name, card["tensor_sha256"])
             # The file goes in before the row, under the write lock (see the module docstring).
             if not obj.exists() or _sha(obj.read_bytes()) != sha:
                 self._put(obj, blob)
@@ -342,6 +349,26 @@ class Store:
         if model is not None and compile:  # the model is at hand: compile the serving form now, not on first serve
             self._compile_if_fits(TaskRef(name, version), card, model)
         return TaskRef(name, version)
+
+    def _refuse_duplicate(self, db, name: str, tensor_sha: str) -> None:
+        """Adding the very tensors the latest version of `name` holds is nearly always a command run
+        twice, and a silent version 2 would look like a new model: refused in one line naming that
+        version. Compared by the stored file's tensor bytes (a new card or metrics alone is no new
+        model); a latest file that is missing or damaged compares as different, so a re-add repairs."""
+        row = db.execute("SELECT version, sha256 FROM tasks WHERE name = ? ORDER BY version DESC LIMIT 1",
+                         (name,)).fetchone()
+        if row is None:
+            return
+        version, sha = row
+        blob = self._read_blob(self.object_path(sha))
+        try:
+            same = blob is not None and _sha(blob) == sha and _sha(data_section(blob)) == tensor_sha
+        except ArtifactError:  # a truncated file: not these tensors
+            same = False
+        if same:
+            raise DuplicateArtifact(f"task {name}@{version} already holds these tensors (tensor sha256 {tensor_sha[:12]}...); "
+                             "not adding them again as a new version (--allow-duplicate, in Python "
+                             "allow_duplicate=True, adds them anyway)")
 
     def _compile_if_fits(self, ref: TaskRef, card: dict, model) -> None:
         from softprompt.families import card_family, family_of
@@ -421,13 +448,13 @@ class Store:
             return None
 
     def import_(self, src: str | os.PathLike, name: str | None = None, model=None, *, tags=(),
-                metrics: dict | None = None) -> TaskRef:
+                metrics: dict | None = None, allow_duplicate: bool = False) -> TaskRef:
         """Add an artifact or a PEFT adapter directory; the name defaults to the file or directory name."""
         if name is None:
             name = Path(src).name.removesuffix(".safetensors")
             if not NAME_RE.fullmatch(name):
                 raise StoreError(f"{src}: its name {name!r} is not a valid task name; give one (--name NAME)")
-        return self.add(name, src, model, tags=tags, metrics=metrics)
+        return self.add(name, src, model, tags=tags, metrics=metrics, allow_duplicate=allow_duplicate)
 
     def rm(self, ref: str) -> list[TaskRef]:
         """Remove one version (`name@3`) or every version (`name`); returns what was removed."""

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from softprompt.families.seq2seq.core import Seq2SeqBatchPrefix, Seq2SeqError, Seq2SeqPrefix, decode, encode, make_cache
-from softprompt.loops.generate import SamplingParams, StopStrings, append_tokens, eos_ids, pick_next
+from softprompt.loops.generate import SamplingParams, StopStrings, append_tokens, eos_ids, penalize, pick_next
 
 
 def decoder_start_id(model) -> int:
@@ -42,8 +42,11 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     for step in range(params.max_new_tokens):
         res = decode(model, bp, hidden, mask, nxt.view(B, 1), cache=cache, use_cache=True)
         cache = res.cache
-        nxt = pick_next(res.logits[:, -1], params, gen)  # (B,)
-        append_tokens(out, nxt, done, eos_token_ids, stop_check, params.ignore_eos)
+        logits = res.logits[:, -1]
+        if params.penalized:  # row by row, over its own output tokens (the decoder's; as the seq2seq engine does)
+            logits = torch.cat([penalize(logits[i:i + 1], out[i], params, (), eos_token_ids) for i in range(B)])
+        nxt = pick_next(logits, params, gen)  # (B,)
+        append_tokens(out, nxt, done, eos_token_ids, stop_check, params.ignore_eos, params)
         if bool(done.all()):
             break
     return out

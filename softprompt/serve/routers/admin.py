@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
+from softprompt.serve.model_list import all_models, one_model
 from softprompt.serve.routers import service
 
 router = APIRouter()
@@ -27,13 +28,23 @@ async def health(request: Request, svc=Depends(service)):
 
 
 @router.get("/v1/models")
-async def models(svc=Depends(service)):
-    now, base = int(time.time()), svc.config.base_model_id
-    ids = [base] + [n for n in svc.engine.tasks.names() if n != base]
-    if svc.store is not None:
-        ids += [r["name"] for r in svc.store.ls() if r["name"] not in ids]
-    return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": "softprompt"}
-                                       for i in ids]}
+async def models(request: Request, svc=Depends(service)):
+    """The base model first, then every task (serve/model_list.py: OpenAI's fields and vLLM's
+    `max_model_len`, `root`, `parent`)."""
+    return {"object": "list", "data": all_models(svc, _base_created(request))}
+
+
+# `:path`: a base model's id may hold '/' (HuggingFaceTB/SmolLM2-135M-Instruct; the openai client
+# sends it as %2F, decoded before routing) and a task's '@' (name@3)
+@router.get("/v1/models/{model:path}")
+async def model(model: str, request: Request, svc=Depends(service)):
+    """One entry of the list, also for `name@N`; an unknown id is a 404 `model_not_found`."""
+    return one_model(svc, model, _base_created(request))
+
+
+def _base_created(request: Request) -> int:
+    """The base model's `created` (create_app), the same in every answer."""
+    return getattr(request.app.state, "base_created", None) or int(time.time())
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

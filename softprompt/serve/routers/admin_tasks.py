@@ -39,15 +39,19 @@ def _writable(svc):
 
 
 def _store_error(e: Exception, param: str) -> APIError:
-    from softprompt.store.core import NoSuchTask
+    from softprompt.store.core import DuplicateArtifact, NoSuchTask
 
     if isinstance(e, NoSuchTask):
         return APIError(404, str(e), code="model_not_found", param=param)
+    if isinstance(e, DuplicateArtifact):  # nothing wrong with the bytes: they are already there
+        return APIError(409, " ".join(str(e).split()).replace("--allow-duplicate", "?allow_duplicate=true"),
+                        code="duplicate_artifact", param="body")
     return APIError(400, " ".join(str(e).split()), code="invalid_artifact", param=param)
 
 
 @router.post("/{name}", status_code=201)
-async def upload(name: str, request: Request, tags: str | None = None, svc=Depends(service)):
+async def upload(name: str, request: Request, tags: str | None = None, allow_duplicate: bool = False,
+                 svc=Depends(service)):
     store = _writable(svc)
     from softprompt.io.artifact import ArtifactError
 
@@ -63,7 +67,8 @@ async def upload(name: str, request: Request, tags: str | None = None, svc=Depen
         path.write_bytes(body)
         tag_list = [t for t in (tags or "").split(",") if t.strip()]
         try:
-            ref = await run_in_threadpool(store.add, name, path, svc.engine.model, tags=tag_list)
+            ref = await run_in_threadpool(store.add, name, path, svc.engine.model, tags=tag_list,
+                                         allow_duplicate=allow_duplicate)
         except (ArtifactError, ValueError, OSError) as e:
             raise _store_error(e, "name" if "bad task name" in str(e) else "body") from None
     finally:

@@ -23,9 +23,9 @@ async def classify(body: ClassifyRequest, svc=Depends(service)):
     except UnknownTask:
         raise APIError(404, f"the model {body.model!r} is not a task in the store", code="model_not_found",
                        param="model") from None
-    except RequestError as e:  # a task that is no classifier (400), or bad texts (422, as bad parameters)
+    except RequestError as e:  # a task that is no classifier, or bad texts: 400s
         if e.code == "task_refused":
             raise APIError(400, str(e), code=e.code, param="model") from None
-        raise APIError(422, str(e), code="invalid_parameter", param="input") from None
+        raise APIError(400, str(e), code="invalid_parameter", param="input") from None
     return {"object": "list", "model": body.model,
             "data": [{"object": "classification", "index": i, **r} for i, r in enumerate(results)]}
