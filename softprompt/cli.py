@@ -7,7 +7,12 @@
     softprompt train DATA OUT [--method prefix_tuning] [--template "{mr} ||" --target ref] [--resume]
     softprompt eval --adapter DIR --data PATH [--num-beams 4]
     softprompt demo
-    softprompt store add|ls|show|rm|export|import|gc|verify ...  [--store DIR]
+    softprompt inspect ADAPTER [--data PATH]      softprompt card ADAPTER
+    softprompt compare --data PATH [--methods prefix_tuning,prompt_tuning,lora]
+    softprompt serve [--store DIR]
+    softprompt store add|ls|show|rm|export|import|gc|verify|compile|migrate ...  [--store DIR]
+
+Every command and option is documented in docs/cli.md (tests/test_docs_cli.py keeps the two equal).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import sys
 import types
 import typing
+from pathlib import Path
 
 from softprompt.core.defaults import ModelConfig
 
@@ -165,7 +171,6 @@ def export_peft(adapter: str, out: str, base: str | None = None, overwrite: bool
         overwrite: replace an existing PEFT adapter directory at OUT (refused by default)
         base_model_name_or_path: where PEFT's AutoPeftModel finds the base: a Hub id or a path (default: HuggingFaceTB/SmolLM2-135M-Instruct for the embedded model, else the absolute --base path)
     """
-    from pathlib import Path
 
     from softprompt.io.artifact import load_artifact
     from softprompt.io.load import EMBEDDED_HUB_ID
@@ -196,7 +201,9 @@ def _eval(cfg) -> None:
 
 def demo(out: str = "out/demo", steps: int = 30, base: str | None = None, method: str = "prefix_tuning",
          seed: int = 0):
-    """Train a prompt on the bundled demo task (records -> one-line weather reports), show outputs before and after.
+    """Train a prompt on the bundled demo task and show the outputs before and after.
+
+    The task: weather records in, one-line reports in a house style out.
 
     Args:
         out: run directory (artifact in OUT/best, plot in OUT/plot.png)
@@ -242,7 +249,7 @@ def _model_for(src, base):
 
 
 def store_add(name: str, artifact: str, tag: list[str] | None = None, metric: list[str] | None = None,
-              base: str | None = None, store: str | None = None):
+              base: str | None = None, store: str | None = None, allow_duplicate: bool = False):
     """Add an artifact to the store as the next version of NAME.
 
     Args:
@@ -252,13 +259,15 @@ def store_add(name: str, artifact: str, tag: list[str] | None = None, metric: li
         metric: a metric KEY=VALUE recorded with the task (repeatable)
         base: base model for a PEFT adapter (default: the embedded model); given, the task is compiled for it
         store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+        allow_duplicate: add it even if the latest version of NAME holds the same tensors (refused by default)
     """
-    ref = _store(store).add(name, artifact, _model_for(artifact, base), tags=tag or (), metrics=_metrics(metric))
+    ref = _store(store).add(name, artifact, _model_for(artifact, base), tags=tag or (), metrics=_metrics(metric),
+                            allow_duplicate=allow_duplicate)
     print(ref)
 
 
 def store_import(src: str, name: str | None = None, tag: list[str] | None = None, base: str | None = None,
-                 store: str | None = None):
+                 store: str | None = None, allow_duplicate: bool = False):
     """Import an artifact or a PEFT adapter directory into the store.
 
     Args:
@@ -267,8 +276,9 @@ def store_import(src: str, name: str | None = None, tag: list[str] | None = None
         tag: a tag for the task (repeatable)
         base: base model for converting a PEFT adapter (default: the embedded model)
         store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+        allow_duplicate: import it even if the latest version of NAME holds the same tensors (refused by default)
     """
-    print(_store(store).import_(src, name, _model_for(src, base), tags=tag or ()))
+    print(_store(store).import_(src, name, _model_for(src, base), tags=tag or (), allow_duplicate=allow_duplicate))
 
 
 def store_ls(tag: str | None = None, base_fingerprint: str | None = None, all_versions: bool = False,
@@ -350,9 +360,10 @@ def store_verify(store: str | None = None):
 
 
 def store_compile(task: list[str] | None = None, base: str | None = None, store: str | None = None):
-    """Compile tasks' serving form (the KV prefix) for a base model and keep it in the store, so their
-    first serve is a file read, not a forward pass. Tasks published without a model are otherwise
-    compiled on their first serve; tasks made for another base are skipped.
+    """Compile tasks' serving form (the KV prefix) for a base model ahead of serving.
+
+    Kept in the store, so a task's first serve is a file read, not a forward pass. Tasks published
+    without a model are otherwise compiled on their first serve; tasks made for another base are skipped.
 
     Args:
         task: NAME or NAME@VERSION to compile (repeatable; default: the latest version of every task)
@@ -378,9 +389,11 @@ def store_compile(task: list[str] | None = None, base: str | None = None, store:
 
 
 def store_migrate(src: str, dst: str, objects: str | None = None):
-    """Copy a store into another, every version with its number, dates, tags and sha256, and the
-    compiled forms (e.g. a SQLite store into PostgreSQL: DST postgresql://USER@HOST/DB?objects=s3://B/P).
-    Run again after an interruption, it copies what is missing.
+    """Copy a store into another (e.g. a SQLite store into PostgreSQL and S3).
+
+    Every version keeps its number, dates, tags and sha256, and the compiled forms come along (DST
+    e.g. postgresql://USER@HOST/DB?objects=s3://B/P). Run again after an interruption, it copies what
+    is missing.
 
     Args:
         src: the source store (a directory, or a postgresql:// DSN)
@@ -411,10 +424,11 @@ COMMANDS = {"info": info, "init": init, "generate": "generate", "export-peft": e
 def inspect_(adapter: str, data: str | None = None, out: str | None = None, examples: int = 4, top_k: int = 5,
              base: str | None = None, lora: str | None = None, merge_lora: bool = True,
              allow_other_base: bool = False, json: bool = False):
-    """Look inside an artifact: nearest vocabulary tokens and norms of virtual tokens (prompt/P-tuning),
-    per-layer K/V norms, and with --data the share of attention real tokens give the prefix per layer and head.
+    """Look inside an artifact: its nearest tokens, K/V norms and the attention the prefix gets.
 
-    Writes OUT.json and OUT.png (a layer x head heatmap and the K/V norms); prints a summary.
+    Nearest vocabulary tokens and norms of virtual tokens (prompt/P-tuning), per-layer K/V norms, and
+    with --data the share of attention real tokens give the prefix per layer and head. Writes OUT.json
+    and OUT.png (a layer x head heatmap and the K/V norms); prints a summary.
 
     Args:
         adapter: artifact path (directory or .safetensors) or PEFT adapter directory
@@ -438,8 +452,10 @@ def inspect_(adapter: str, data: str | None = None, out: str | None = None, exam
 
 
 def card(adapter: str, out: str | None = None):
-    """Print (or write) an artifact's model card as markdown: base model and fingerprint, method and sizes,
-    data, hyperparameters, metrics, date, library version.
+    """Print (or write) an artifact's model card as markdown.
+
+    The card: base model and fingerprint, method and sizes, data, hyperparameters, metrics, date,
+    library version.
 
     Args:
         adapter: artifact path (directory or .safetensors)
@@ -456,7 +472,8 @@ def card(adapter: str, out: str | None = None):
         print(f"wrote {out}", file=sys.stderr)
 
 
-COMMANDS.update({"inspect": inspect_, "card": card, "compare": "compare"})
+COMMANDS.update({"inspect": inspect_, "card": card, "compare": "compare", "distill": "distill",
+                 "compile-text": "compile-text"})
 
 
 # -------------------------------------------------------------------------------------------
@@ -473,7 +490,8 @@ HELP = {
     "task": "generate, or classify (needs --labels; --template renders the text, --target names the label column; "
             "default base: the embedded encoder all-MiniLM-L6-v2 with a head; --base smollm2 or a decoder directory: "
             "label words; --method head_only: the linear probe)",
-    "method": "prompt_tuning, prefix_tuning or p_tuning",
+    "method": "prefix_tuning, prompt_tuning or p_tuning (or prefix, prompt, ptuning); with --task classify on an "
+              "encoder also head_only (no prompt: the head alone, a linear probe)",
     "eval_data": "held-out data in the same format (default: --eval-fraction of the training inputs)",
     "eval_fraction": "hold out this fraction of the distinct training inputs for evaluation",
     "base": "a local HuggingFace model directory (default: the embedded model)",
@@ -523,7 +541,7 @@ HELP = {
                  "default; --resume continues it instead)",
     "resume": "continue from the newest good checkpoint in OUT/checkpoints",
     "report_to": "experiment trackers: tensorboard, mlflow, wandb (repeat, or comma-separate); needs "
-                 "softprompt[tracking]",
+                 "softprompt[track]",
     "progress": "show a progress bar",
     "labels": "classify: the class names, comma-separated (data labels are names or 0-based indices)",
     "label_words": "classify on a decoder: the word the model predicts per class, comma-separated (default: the "
@@ -552,17 +570,17 @@ HELP = {
     "max_steps": "with --train-sizes: the most steps per run (0: no cap)",
 }
 SUMMARY = {
-    "train": "Train a prompt on a dataset; writes OUT/best and OUT/last (artifacts), metrics.jsonl, plot.png, "
-             "checkpoints/ and run.json.\n\nRuns data-parallel unchanged under `torchrun --nproc-per-node N -m "
-             "softprompt.cli train ...` (or `accelerate launch`); --batch-size is the global batch. Options are the "
-             "run's config (RunConfig): --config FILE reads one (YAML or JSON, e.g. an earlier run's run.json), flags "
-             "override it.",
-    "compare": "Train prefix tuning, prompt tuning and LoRA (PEFT) on the same data and budget (--methods adds "
-               "P-tuning and full fine-tuning); report them side by side, BLEU with a 95% interval and the p-value "
-               "against prefix tuning (paired bootstrap).\n\nWrites OUT/compare.json, OUT/compare.md (a markdown "
-               "table) and OUT/compare.png, and prints the table. --train-sizes 50,200 --seeds 0,1 draws a "
-               "data-efficiency curve instead: every method per training size and seed, mean and spread per "
-               "point.",
+    "train": "Train a prompt (or a classifier, --task classify) on a dataset.\n\nWrites OUT/best and OUT/last "
+             "(artifacts), metrics.jsonl, plot.png, checkpoints/ and run.json. Runs data-parallel unchanged under "
+             "`torchrun --nproc-per-node N -m softprompt.cli train ...` (or `accelerate launch`); --batch-size is the "
+             "global batch. Options are the run's config (RunConfig): --config FILE reads one (YAML or JSON, e.g. an "
+             "earlier run's run.json), flags override it.",
+    "compare": "Train the prompt methods and LoRA on the same data and budget, and compare them.\n\nPrefix "
+               "tuning, prompt tuning and LoRA (PEFT) by default (--methods adds P-tuning and full fine-tuning), "
+               "reported side by side: BLEU with a 95% interval and the p-value against prefix tuning (paired "
+               "bootstrap). Writes OUT/compare.json, OUT/compare.md (a markdown table) and OUT/compare.png, and "
+               "prints the table. --train-sizes 50,200 --seeds 0,1 draws a data-efficiency curve instead: every "
+               "method per training size and seed, mean and spread per point.",
 }
 # compare takes these of the run's options, under their short names (as it always has)
 COMPARE_RUN_OPTIONS = ("base", "device", "dtype", "quantize", "threads", "template", "target", "eval_data",
@@ -572,7 +590,9 @@ COMPARE_RUN_OPTIONS = ("base", "device", "dtype", "quantize", "threads", "templa
 # names of the config's OPTIONS (a field, or a section's field such as model.base -> --base); the
 # config's docstring gives the summary and each flag's help.
 FLAT = {"serve": ("softprompt.serve.config", "ServeConfig"), "eval": ("softprompt.runs.config", "EvalConfig"),
-        "generate": ("softprompt.runs.config", "GenerateConfig")}
+        "generate": ("softprompt.runs.config", "GenerateConfig"),
+        "distill": ("softprompt.runs.distill_config", "DistillConfig"),
+        "compile-text": ("softprompt.runs.distill_config", "CompileTextConfig")}
 RENAMED = {}  # flags that no longer exist: old -> the new one (each named in a one-line error)
 
 
@@ -630,6 +650,11 @@ def _add_option(p, dest: str, flags: list[str], tp, default, help_text: str) -> 
                            help=help_text, metavar=name.upper())
     else:
         extra = {"choices": CHOICES[name]} if name in CHOICES else {"metavar": name.upper()}
+        if name == "method":  # train's: with --task classify also head_only, in the run config's spellings
+            from softprompt.runs.config import HEAD_ONLY, HEAD_ONLY_ALIASES
+
+            extra = {"choices": CHOICES["method"] + HEAD_ONLY_ALIASES,
+                     "metavar": "{" + ",".join(CHOICES["method"][:3] + (HEAD_ONLY,)) + "}"}
         p.add_argument(*flags, dest=dest, type=typing.Optional[base] if default is None else base, default=default,
                        help=help_text, **extra)
 
@@ -848,6 +873,11 @@ def build_config(command: str, d: dict):
         own = {k: d.pop(k) for k in list(d) if k in CompareConfig.__dataclass_fields__}
         own = {k: v for k, v in own.items() if v is not None}  # a list flag not given: the config's default
         return CompareConfig(run=RunConfig.from_dict({k: v for k, v in d.items() if v is not None}), **own)
+    from softprompt.runs.config import HEAD_ONLY_ALIASES
+
+    if d.get("method") in HEAD_ONLY_ALIASES and d.get("task") != "classify":
+        raise ValueError(f"--method {d['method']} trains a classifier's head alone: it needs --task classify "
+                         "(and an encoder base)")
     if d.get("train_data") is None or (d.get("output") or {}).get("out") is None:
         raise ValueError("DATA and OUT are required (or --config FILE naming them, e.g. a run's run.json)")
     d["prompt"] = {k: v for k, v in (d.get("prompt") or {}).items() if v is not None}
@@ -865,6 +895,10 @@ def run_config_command(command: str, cfg) -> None:
             from softprompt.serve.main import serve
 
             serve(cfg)
+        elif command in ("distill", "compile-text"):
+            from softprompt.runs.distill import run_compile_text, run_distill
+
+            (run_distill if command == "distill" else run_compile_text)(cfg)
         else:
             (_eval if command == "eval" else _generate)(cfg)
         return
@@ -890,6 +924,52 @@ MODEL_FLAGS = {name: (type(getattr(ModelConfig, name)), getattr(ModelConfig, nam
                for name in ("device", "dtype", "quantize", "threads")}
 LOADS_MODEL = {"info", "init", "generate", "export-peft", "train", "eval", "demo", "serve", "inspect", "compare",
                "store add", "store import"}
+
+
+# The paths a command reads, checked before anything heavy loads (torch, the model: seconds), so a
+# mistyped path is a one-line error at once. Per command: option (a parameter, or a config field such
+# as model.lora; compare's run options under run.) -> what it names. A base model is checked only when
+# written as a path (./x, /x): other names are Hub ids or aliases (minilm, smollm2), as in load_base.
+_ARTIFACT, _DATA, _LORA, _BASE = "artifact", "data file", "LoRA adapter", "base model directory"
+INPUT_PATHS = {
+    "info": {"base": _BASE}, "init": {"base": _BASE}, "demo": {"base": _BASE},
+    "export-peft": {"adapter": _ARTIFACT, "base": _BASE}, "card": {"adapter": _ARTIFACT},
+    "inspect": {"adapter": _ARTIFACT, "data": _DATA, "lora": _LORA, "base": _BASE},
+    "store add": {"artifact": _ARTIFACT, "base": _BASE}, "store import": {"src": _ARTIFACT, "base": _BASE},
+    "store compile": {"base": _BASE},
+    "generate": {"adapter": _ARTIFACT, "model.lora": _LORA, "model.base": _BASE},
+    "eval": {"adapter": _ARTIFACT, "eval_data": _DATA, "model.lora": _LORA, "model.base": _BASE},
+    "serve": {"api_keys_file": "API keys file", "model.lora": _LORA, "model.base": _BASE},
+    "train": {"train_data": _DATA, "eval_data": _DATA, "model.lora": _LORA, "model.base": _BASE},
+    "compare": {"run.train_data": _DATA, "run.eval_data": _DATA, "run.model.base": _BASE},
+    "distill": {"prompt_file": "prompt file", "inputs": _DATA, "model.base": _BASE},
+    "compile-text": {"prompt_file": "prompt file", "model.base": _BASE},
+}
+
+
+def check_paths(command: str, options) -> None:
+    """ValueError (one line) for the first path `command` would refuse: train's OUT holding an earlier
+    run (unless --resume or --overwrite; the run's own rule, which removes nothing when not told to
+    overwrite), then each path it would read that does not exist. `options`: the parsed flags (a
+    dict) or the command's config."""
+    if command == "train" and options.output.out is not None and not options.output.overwrite:
+        from softprompt.runs.train import prepare_run_dir  # torch-free at import
+
+        prepare_run_dir(Path(options.output.out), options.output.resume, overwrite=False)
+    if command in ("distill", "compile-text") and options.out is not None and not options.overwrite:
+        out = Path(options.out)  # compile-text writes an artifact; distill a run directory (an empty one is fine)
+        if (out.is_symlink() or out.exists()) and (command == "compile-text" or not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"{out} already exists; pass --overwrite to replace it, or choose a new path")
+    for dotted, what in INPUT_PATHS.get(command, {}).items():
+        value = options
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        path = None if value is None else str(value)
+        if path is None or (what == _ARTIFACT and path == "none") or (what == _DATA and path.startswith("hf:")) \
+                or (what == _BASE and not path.startswith((".", "/"))):
+            continue
+        if not os.path.lexists(path):
+            raise ValueError(f"no {what} at {path}: the path does not exist")
 
 
 def _apply_model_flags(flags: dict) -> None:
@@ -955,6 +1035,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: {action.default})" if text else f"(default: {action.default})"
 
 
+def headline(description: str) -> str:
+    """A command's line in the list of `softprompt --help`: its description's first paragraph, whole
+    (one short sentence; the rest is in `softprompt COMMAND --help`)."""
+    return " ".join(description.strip().split("\n\n")[0].split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from softprompt import __version__
 
@@ -963,12 +1049,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, fn in COMMANDS.items():
         if isinstance(fn, dict):  # a command group: `softprompt store add ...`
-            group = sub.add_parser(name, help=f"{name} commands: {', '.join(fn)}").add_subparsers(
-                dest="_sub", required=True)
+            text = f"Manage the prompt store ({', '.join(fn)})."
+            group = sub.add_parser(name, help=text, description=text).add_subparsers(dest="_sub", required=True,
+                                                                                      metavar="SUBCOMMAND")
             for subname, subfn in fn.items():
                 _add_command(group, subname, subfn, f"{name} {subname}")
         elif isinstance(fn, str):  # built from a config when the command runs (config_parser)
-            summary = _summary(name).splitlines()[0].replace("%", "%%")  # argparse %-formats help
+            summary = headline(_summary(name)).replace("%", "%%")  # argparse %-formats help
             p = sub.add_parser(name, help=summary, add_help=False, prefix_chars="\0")
             p.add_argument("_argv", nargs=argparse.REMAINDER)
             p.set_defaults(_fn=fn, _name=name)
@@ -979,7 +1066,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_command(sub, name: str, fn, full_name: str) -> None:
     summary, helps = _doc_args(fn)
-    p = sub.add_parser(name, help=summary.splitlines()[0], description=summary, formatter_class=_HelpFormatter)
+    p = sub.add_parser(name, help=headline(summary), description=summary, formatter_class=_HelpFormatter)
     p.add_argument("--config", dest="_config", metavar="FILE",
                    help="a YAML or JSON file of this command's options (names as in Python, e.g. num_virtual_tokens); "
                         "flags given on the command line override it")
@@ -1020,6 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(fn, str):  # train, compare, serve, eval, generate: a config's options, parsed before anything heavy
         try:
             cfg = parse_config_command(name, args["_argv"])
+            check_paths(name, cfg)
         except SystemExit as e:  # --help (0) or a usage error (2), already printed
             return e.code if isinstance(e.code, int) else 2
         except ValueError as e:
@@ -1028,6 +1116,10 @@ def main(argv: list[str] | None = None) -> int:
     args.pop("command")
     args.pop("_sub", None)
     flags = {k: args.pop(k) for k in MODEL_FLAGS if k in args and k not in inspect.signature(fn).parameters}
+    try:
+        check_paths(name, args)
+    except ValueError as e:
+        return _fail(name, str(e))
     return _run(name, _call, fn, args, flags)
 
 

@@ -1,8 +1,11 @@
-"""The command line: info, init, generate (ours and a PEFT adapter), export-peft, and one-line
-errors with exit status 2."""
+"""The command line: info, init, generate (ours and a PEFT adapter), export-peft, one-line errors
+with exit status 2 (a missing path among them, before anything loads), and generate's one default."""
 
 import json
+import subprocess
+import sys
 
+import pytest
 from conftest import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
@@ -69,3 +72,80 @@ def test_other_base_is_refused_unless_allowed(base_dir, tmp_path, capsys):
     assert "was made for base model" in capsys.readouterr().err
     assert main(["generate", "ba", "--adapter", str(art), "--base", str(other), "--allow-other-base",
                  "--max-new-tokens", "2"]) == 0
+
+
+MISSING = [  # a command whose path does not exist: (argv, its one-line error); {t} is a fresh directory
+    (["generate", "hi", "--adapter", "{t}/nothere"], "no artifact at {t}/nothere: the path does not exist"),
+    (["eval", "--data", "{t}/nothere.csv"], "no data file at {t}/nothere.csv"),
+    (["train", "{t}/nothere.jsonl", "{t}/run", "--overwrite"], "no data file at {t}/nothere.jsonl"),
+    (["compare", "--data", "{t}/nothere.csv"], "no data file at {t}/nothere.csv"),
+    (["serve", "--lora", "{t}/nolora"], "no LoRA adapter at {t}/nolora"),
+    (["inspect", "{t}/nothere"], "no artifact at {t}/nothere"),
+    (["card", "{t}/nothere"], "no artifact at {t}/nothere"),
+    (["export-peft", "{t}/nothere", "{t}/out"], "no artifact at {t}/nothere"),
+    (["store", "add", "x", "{t}/nothere", "--store", "{t}/s"], "no artifact at {t}/nothere"),
+    (["info", "--base", "{t}/nobase"], "no base model directory at {t}/nobase"),
+]
+
+
+@pytest.mark.parametrize("argv,error", MISSING, ids=[" ".join(a[:1]) + (" " + a[1] if a[0] == "store" else "")
+                                                    for a, _ in MISSING])
+def test_a_missing_path_fails_before_the_command_runs(argv, error, tmp_path, capsys, monkeypatch):
+    """One line, exit 2, and nothing of the command ran: no model loaded, nothing written or removed."""
+    from softprompt import cli
+
+    monkeypatch.setattr(cli, "_run", lambda *a: pytest.fail(f"{argv[0]} ran (and would load the model)"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")  # an earlier run --overwrite would remove
+    assert cli.main([w.format(t=tmp_path) for w in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    name = " ".join(argv[:2]) if argv[0] == "store" else argv[0]
+    assert len(err) == 1 and err[0].startswith(f"softprompt {name}: error: {error.format(t=tmp_path)}"), err
+    assert (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_missing_adapter_fails_without_importing_torch(tmp_path):
+    """The check comes before anything heavy is even imported: timing-free proof that no model loaded."""
+    code = ("import sys; from softprompt.cli import main\n"
+            f"assert main(['generate', 'hi', '--adapter', {str(tmp_path / 'nothere')!r}]) == 2\n"
+            f"assert main(['eval', '--adapter', 'none', '--data', {str(tmp_path / 'd.csv')!r}]) == 2\n"
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("error: no ") == 2
+
+
+def test_generate_has_one_default_length_for_the_cli_and_python(base_dir, monkeypatch, capsys):
+    """`softprompt generate` and `sp.generate` stop after the same number of new tokens by default,
+    both from GenerateConfig's field (defined once)."""
+    import inspect
+
+    import softprompt as sp
+    from softprompt import families
+    from softprompt.cli import parse_config_command
+    from softprompt.runs import api
+    from softprompt.runs.config import GenerateConfig
+
+    assert inspect.signature(sp.generate).parameters["max_new_tokens"].default == GenerateConfig.max_new_tokens
+    assert parse_config_command("generate", ["hi"]).max_new_tokens == GenerateConfig.max_new_tokens
+    seen = []
+
+    class Family:  # the real one's generate, recording what it was asked for
+        def __init__(self, real):
+            self.real = real
+
+        def generate(self, model, tok, prompts, prefix, params):
+            seen.append(params)
+            return self.real.generate(model, tok, prompts, prefix, params)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    real = families.family_of
+    monkeypatch.setattr(families, "family_of", lambda m: Family(real(m)))
+    monkeypatch.setattr(api, "family_of", lambda m: Family(real(m)))
+    assert main(["generate", "ba be", "--base", str(base_dir)]) == 0
+    model, tok = load_base(base_dir)
+    assert sp.generate(model, tok, ["ba be"]) == [capsys.readouterr().out[:-1]]  # the same continuation
+    assert [p.max_new_tokens for p in seen] == [GenerateConfig.max_new_tokens] * 2

@@ -63,7 +63,7 @@ def test_every_command_line_shown_names_real_commands_and_options():
         words = line.split()
         if words[1].startswith("-") or words[1].isupper():
             continue  # `softprompt --help`, `softprompt COMMAND --help`
-        if words[1] == "store" and len(words) > 2:
+        if words[1] == "store" and len(words) > 2 and not words[2].isupper():  # `store SUBCOMMAND`: the group
             names = [f"store {n}" for n in re.split(r"/|\\\|", words[2])]
         else:
             names = re.split(r"/|\\\|", words[1])  # `train/generate/eval --base DIR`: each of them

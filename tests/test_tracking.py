@@ -107,5 +107,5 @@ def test_a_missing_tracker_package_is_one_line_before_training(tmp_path, monkeyp
     assert main(["train", str(data), str(tmp_path / "r"), "--base", str(base), "--steps", "1",
                  "--report-to", "wandb"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "needs the wandb package" in err and "softprompt[tracking]" in err
+    assert "needs the wandb package" in err and "softprompt[track]" in err
     assert not (tmp_path / "r" / "metrics.jsonl").exists()

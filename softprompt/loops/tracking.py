@@ -3,7 +3,7 @@
 Each tracker gets, through its own client, the same rows as metrics.jsonl (every number in a row,
 at the row's step), the run's config (what run.json holds) when the run starts, and the final
 artifact (OUT/best) when it ends. The libraries are optional extras (`pip install
-'softprompt[tracking]'`); a missing one is a one-line error before training starts.
+'softprompt[track]'`); a missing one is a one-line error before training starts.
 
 Where each writes: TensorBoard event files in OUT/tensorboard; MLflow to $MLFLOW_TRACKING_URI
 (a server, `sqlite:///mlflow.db`, or a `file://` folder with MLFLOW_ALLOW_FILE_STORE=true), experiment $MLFLOW_EXPERIMENT_NAME or "softprompt"; W&B to project
@@ -44,7 +44,7 @@ def numbers(row: dict) -> dict[str, float]:
 
 def _missing(name: str) -> ValueError:
     return ValueError(f"--report-to {name} needs the {PACKAGE[name]} package: pip install "
-                      f"'softprompt[tracking]' (or pip install {PACKAGE[name]})")
+                      f"'softprompt[track]' (or pip install {PACKAGE[name]})")
 
 
 class TensorBoard:

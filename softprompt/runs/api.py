@@ -12,6 +12,7 @@ from dataclasses import fields
 from softprompt.families import family_of
 from softprompt.io.artifact import save_artifact
 from softprompt.methods import CONFIGS, PromptMethod
+from softprompt.runs.config import GenerateConfig
 
 
 def create(model, config, tokenizer=None) -> PromptMethod:
@@ -66,14 +67,17 @@ def train(prompt: PromptMethod, model, tokenizer, data, *, eval_data=None, out: 
                      eval_rows=None if eval_data is None or "eval_data" in paths else eval_data)
 
 
-def generate(model, tokenizer, prompts: str | Sequence[str], prompt: PromptMethod | None = None, **sampling) -> list[str]:
-    """Continuations of `prompts` under `prompt` (or the bare model); `sampling`: `SamplingParams`
-    fields (max_new_tokens=32, temperature=0 for greedy, top_k, top_p, seed, stop)."""
+def generate(model, tokenizer, prompts: str | Sequence[str], prompt: PromptMethod | None = None, *,
+             max_new_tokens: int = GenerateConfig.max_new_tokens, **sampling) -> list[str]:
+    """Continuations of `prompts` under `prompt` (or the bare model); `sampling`: the other
+    `SamplingParams` fields (temperature=0 for greedy, top_k, top_p, seed, stop). `max_new_tokens`
+    defaults to `softprompt generate`'s (GenerateConfig's: one default for both)."""
     from softprompt.loops.generate import SamplingParams
 
     prefix = None if prompt is None else prompt.to_kv_prefix(model)
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    return family_of(model).generate(model, tokenizer, texts, prefix, SamplingParams(**sampling))
+    params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+    return family_of(model).generate(model, tokenizer, texts, prefix, params)
 
 
 def load(path: str | os.PathLike, model, *, allow_other_base: bool = False) -> PromptMethod:
