@@ -87,6 +87,23 @@ class PrefixTuning(PromptMethod):
             nn.init.zeros_(module.transform[2].bias)
         return module
 
+    @classmethod
+    def from_kv(cls, geometry: Geometry, kv: torch.Tensor, config: dict | None = None, projection_dim: int = 0,
+                seed: int = 0) -> "PrefixTuning":
+        """A prefix that starts at given keys and values `(L, 2, H, P, D)` (say, the compiled K/V of
+        a real text: softprompt/loops/distill.py). Direct: `kv` is the parameter's start. With the
+        MLP: `kv` is the fixed base and the last Linear starts at zero (as with init='text'), so
+        training starts exactly at `kv`. `config`: what the card records beside the shape."""
+        P = int(kv.shape[3])
+        with torch.random.fork_rng(devices=[]):  # the MLP's default init draws from the global generator
+            torch.manual_seed(seed)
+            module = cls(geometry, P, projection_dim, kv.detach().float().cpu(),
+                         dict(config or {}, projection_dim=projection_dim, seed=seed))
+        if projection_dim:
+            nn.init.zeros_(module.transform[2].weight)
+            nn.init.zeros_(module.transform[2].bias)
+        return module
+
     def kv(self) -> torch.Tensor:
         """The prefix `(L, 2, H, P, D)` (through the MLP when there is one; differentiable)."""
         if not self.projection_dim:
