@@ -49,6 +49,10 @@ BENCHES = {
                         "(native, and the AVX2 cap)",
                         lambda d: {k: d[k] for k in ("quantized_vs_fp32_base", "quantized_vs_fp32_engine",
                                                      "engine_fp32_vs_matmul_limit", "load_avg_1m")}),
+    "distill": ("a long prompt distilled into a few virtual tokens, on three shipped prompts: the student's task "
+                "score against the teacher's (the whole prompt), compression, and engine tokens/s and time to first "
+                "token against the long prompt compiled or written out",
+                lambda d: {k: d[k] for k in ("agreement_min", "compression_min", "serve_speedup") if k in d}),
     "cli_help": ("`softprompt --help` and every command's --help, whole processes",
                  lambda d: {"median_s": round(min(d["medians_s"].values()), 3),
                             "max_median_s": round(max(d["medians_s"].values()), 3)}),
