@@ -391,7 +391,8 @@ def plot_kl(report: dict, path: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------
-# The command line's runs (cli.py parses the configs; paths were checked before anything heavy loaded)
+# The command line's runs: cli.py parsed the configs and, before anything heavy loaded, checked the
+# paths read and refused an OUT it would overwrite without --overwrite (cli.check_paths)
 
 
 def read_prompt_file(path: str) -> str:
@@ -409,13 +410,10 @@ def run_compile_text(cfg: CompileTextConfig) -> Path:
     """`softprompt compile-text PROMPT_FILE OUT`: the prompt as a KV-prefix artifact at OUT."""
     from softprompt.io.load import load_base
 
-    out = Path(cfg.out)
-    if (out.exists() or out.is_symlink()) and not cfg.overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite to replace the artifact, or choose a new path")
     text = read_prompt_file(cfg.prompt_file)
     model, tok = load_base(cfg.model.base)
     prompt = compile_text(model, tok, text, chat=cfg.chat)
-    path = prompt.save_pretrained(str(out))
+    path = prompt.save_pretrained(cfg.out)
     print(f"compiled {prompt.num_virtual_tokens} prompt tokens into a prefix at {path}", file=sys.stderr)
     return Path(path)
 
@@ -424,7 +422,6 @@ def run_distill(cfg: DistillConfig) -> dict:
     """`softprompt distill PROMPT_FILE OUT`: the student in OUT/best, the report beside it."""
     from softprompt.io.load import load_base
 
-    _out_dir(cfg)  # refused before the model loads
     text = read_prompt_file(cfg.prompt_file)
     model, tok = load_base(cfg.model.base)
     _, report = distill(model, tok, text, config=cfg)
