@@ -15,7 +15,7 @@ from tiny_tokenizer import WORDS, tiny_tokenizer
 
 import softprompt as sp
 from softprompt.core.geometry import geometry
-from softprompt.hf.prefix import prefixed_forward
+from softprompt.hf.prefix import compile_ids, prefixed_forward
 from softprompt.loops import distill as D
 from softprompt.loops.generate import SamplingParams, generate_ids
 from softprompt.methods import PrefixTuning
@@ -46,7 +46,7 @@ def test_compiled_prompt_gives_the_logits_of_the_prompt_written_out(arch):
     model, tok = tiny_model(arch).double(), tiny_tokenizer()
     p_ids = D.prompt_ids(tok, PROMPT)
     assert p_ids == ids_of(tok, PROMPT) and p_ids[0] != tok.bos_token_id  # as written: no BOS added
-    kv = D.compile_ids(model, p_ids)
+    kv = compile_ids(model, p_ids)
     assert kv.shape == geometry(model).prefix_shape(len(p_ids))
     for text in INPUTS[:3]:
         x = torch.tensor([ids_of(tok, text)])
@@ -104,7 +104,7 @@ def test_chat_prompt_compiles_the_system_turn():
                                     tokenize=False, add_generation_prompt=True)
     assert p_ids + ids_of(tok, rest) == ids_of(tok, whole) and p_ids[0] == tok.bos_token_id
     x = torch.tensor([ids_of(tok, rest)])
-    ours = prefixed_forward(model, x, torch.ones_like(x), [D.compile_ids(model, p_ids)], use_cache=False).logits[0]
+    ours = prefixed_forward(model, x, torch.ones_like(x), [compile_ids(model, p_ids)], use_cache=False).logits[0]
     want = model(input_ids=torch.tensor([ids_of(tok, whole)])).logits[0, len(p_ids):]
     assert (ours - want).abs().max() <= 1e-10 * want.abs().max()
     prompt = sp.compile_text(model.float(), tok, PROMPT, chat=True)
@@ -152,8 +152,8 @@ def test_objective_on_a_tiny_model_equals_a_hand_computation():
     """The cached targets (one padded batch, head at the taught positions only) and the loop's loss
     equal each row run alone with full logits and the KL summed by hand, in float64."""
     model, tok = tiny_model("llama").double(), tiny_tokenizer()
-    teacher_kv = D.compile_ids(model, D.prompt_ids(tok, PROMPT))
-    student = D.FixedPrefix(D.compile_ids(model, D.prompt_ids(tok, PROMPT)[:5]))
+    teacher_kv = compile_ids(model, D.prompt_ids(tok, PROMPT))
+    student = D.FixedPrefix(compile_ids(model, D.prompt_ids(tok, PROMPT)[:5]))
     reqs = [ids_of(tok, x) for x in INPUTS[:3]]
     conts = [[7, 8, 9], [10], [11, 12, 13, 14, 2]]
     data = D.teacher_targets(model, teacher_kv, reqs, conts, k=6, batch_size=2)
@@ -188,7 +188,7 @@ def test_dedupe_and_split_are_deterministic():
 
 def test_self_study_is_deterministic_with_a_seed():
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    kv = D.compile_ids(model, D.prompt_ids(tok, PROMPT))
+    kv = compile_ids(model, D.prompt_ids(tok, PROMPT))
     params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=5)
     a, drawn = D.self_study(model, tok, kv, INPUTS[0], 10, params, batch_size=4)
     assert (a, drawn) == D.self_study(model, tok, kv, INPUTS[0], 10, params, batch_size=4)
@@ -299,7 +299,7 @@ def test_the_weather_prompt_on_the_embedded_model():
     assert not D.boundary_is_clean(tok, text[:-1] + " ", request) and not D.boundary_is_clean(tok, text + "\n", request)
     x = torch.tensor([ids_of(tok, request)])
     with torch.no_grad():
-        ours = prefixed_forward(model, x, torch.ones_like(x), [D.compile_ids(model, p_ids)], use_cache=False).logits[0]
+        ours = prefixed_forward(model, x, torch.ones_like(x), [compile_ids(model, p_ids)], use_cache=False).logits[0]
         want = model(input_ids=torch.tensor([p_ids + x[0].tolist()])).logits[0, len(p_ids):]
     assert (ours - want).abs().max() <= 1e-4 * want.abs().max()
     compiled = sp.compile_text(model, tok, text)

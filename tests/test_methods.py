@@ -243,3 +243,22 @@ def test_sizes(model, case):
         assert sizes["artifact_bytes"] == L * 2 * H * P * D * 4
     else:
         assert sizes["artifact_bytes"] == P * geo.hidden_size * 4
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_text_init_is_the_text_written_out_whatever_the_embedding_scale(tokenizer, family):
+    """Gemma 3 scales token embeddings inside its embedding module (by sqrt(d)): an init read from the
+    weight table would start from vectors the model never sees for those tokens. Prompt tuning starts
+    at the module's vectors (as PEFT's TEXT init does); prefix tuning at the KV of the text itself."""
+    model = tiny_model(family)
+    ids = [4, 5, 6, 4, 5]
+    written = model.get_input_embeddings()(torch.tensor(ids)).float()
+    prompt = methods.create("prompt", model, tokenizer, num_virtual_tokens=5, init="text", init_text="ba be bi")
+    assert torch.equal(prompt.prompt_embeddings.detach(), written)
+    if family == "gemma3":  # the case this guards: the table's rows are not what the model sees
+        assert not torch.allclose(table(model)[ids].float(), written)
+    prefix = methods.create("prefix", model, tokenizer, num_virtual_tokens=5, init="text", init_text="ba be bi")
+    x = torch.tensor([[7, 8, 9]])
+    ours = prefixed_forward(model, x, torch.ones_like(x), [prefix.kv().detach()], use_cache=False).logits[0]
+    full = model(torch.tensor([ids + [7, 8, 9]])).logits[0, 5:]
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)

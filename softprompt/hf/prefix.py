@@ -103,6 +103,23 @@ def prefixed_forward(
 
 
 @torch.no_grad()
+def token_embeddings(model, ids) -> torch.Tensor:
+    """The input embeddings `(n, d)` the model itself gives token ids, from its input embedding
+    module rather than its weight table: the module applies any scale it has (Gemma 3 multiplies by
+    sqrt(d) there), so these are the vectors of the tokens written out. float32 on the CPU."""
+    emb = model.get_input_embeddings()
+    return emb(torch.as_tensor(list(ids), device=emb.weight.device)).float().cpu()
+
+
+@torch.no_grad()
+def compile_ids(model, ids) -> torch.Tensor:
+    """The KV prefix `(L, 2, H_kv, P, D)` of token ids at positions 0..P-1, in the model's cache dtype
+    and on its device: exactly what the model computes for those tokens written out."""
+    emb = model.get_input_embeddings()
+    return compile_embeddings(model, emb(torch.as_tensor([list(ids)], device=emb.weight.device))[0])
+
+
+@torch.no_grad()
 def compile_embeddings(model, embeddings: torch.Tensor) -> torch.Tensor:
     """Compile a soft prompt into a KV prefix: one pass of the frozen model over it.
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from softprompt import hf
-from softprompt.hf.prefix import check_prefix_support, compile_embeddings, prefixed_forward
+from softprompt.hf.prefix import check_prefix_support, prefixed_forward
 from softprompt.loops.data import DataError, TokenRows, collate, data_rows
 from softprompt.loops.evaluate import normalize
 from softprompt.loops.generate import SamplingParams, StopStrings, eos_ids, generate_ids
@@ -102,17 +102,6 @@ def boundary_is_clean(tokenizer, prompt: str, request: str, chat: bool = False) 
     joint = tokenizer(head + tail, add_special_tokens=False)["input_ids"]
     apart = prompt_ids(tokenizer, prompt, chat) + list(tokenizer(tail, add_special_tokens=False)["input_ids"])
     return list(joint) == apart
-
-
-@torch.no_grad()
-def compile_ids(model, ids: Sequence[int]) -> torch.Tensor:
-    """The KV prefix `(L, 2, H_kv, P, D)` of token ids at positions 0..P-1, in the model's cache
-    dtype and on its device: one forward pass of the frozen model over them. The embeddings come
-    from the model's own input embedding module (which applies any scale it has, e.g. Gemma 3's),
-    so this is exactly what the model computes for those tokens written out."""
-    emb = model.get_input_embeddings()
-    vectors = emb(torch.tensor([list(ids)], device=emb.weight.device))[0]  # (P, d)
-    return compile_embeddings(model, vectors)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from softprompt.core.geometry import Geometry, geometry
-from softprompt.hf.prefix import compile_embeddings, prefixed_forward
+from softprompt.hf.prefix import compile_ids, prefixed_forward
 from softprompt.methods.base import KVPrefix, PromptMethod, check_num_virtual_tokens, resolved
 from softprompt.methods.config import PREFIX_TUNING_INITS as INITS, PrefixTuningConfig  # noqa: F401
 from softprompt.methods.prompt_tuning import repeat_to
@@ -72,8 +72,7 @@ class PrefixTuning(PromptMethod):
             if tokenizer is None:
                 raise ValueError("init='text' needs the tokenizer")
             ids = repeat_to(tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"], P)
-            table = model.get_input_embeddings().weight
-            prefix = compile_embeddings(model, table[torch.tensor(ids, device=table.device)]).float().cpu()  # float32 whatever the base
+            prefix = compile_ids(model, ids).float().cpu()  # float32 whatever the base
         elif cfg.projection_dim:
             prefix = None
         else:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from softprompt.core.geometry import Geometry, geometry
+from softprompt.hf.prefix import token_embeddings
 from softprompt.methods.base import InputPromptMethod, check_num_virtual_tokens, resolved
 from softprompt.methods.config import PROMPT_TUNING_INITS as INITS, PromptTuningConfig  # noqa: F401
 
@@ -49,7 +50,7 @@ class PromptTuning(InputPromptMethod):
             init = torch.randn(P, table.shape[1], generator=g) * table.float().std()
         elif cfg.init == "vocab":
             rows = torch.randint(0, table.shape[0], (P,), generator=g)
-            init = table[rows.to(table.device)].float().cpu()
+            init = token_embeddings(model, rows.tolist())
         else:
             if cfg.init == "text":
                 if tokenizer is None:
@@ -60,7 +61,7 @@ class PromptTuning(InputPromptMethod):
                 bad = [i for i in ids if not 0 <= i < table.shape[0]]
                 if bad:
                     raise ValueError(f"token ids {bad} are outside the vocabulary (size {table.shape[0]})")
-            init = table[torch.tensor(repeat_to(ids, P), device=table.device)].float().cpu()
+            init = token_embeddings(model, repeat_to(ids, P))
         return cls(geometry(model), init, {k: v for k, v in asdict(cfg).items() if v is not None})
 
     def virtual_embeddings(self) -> torch.Tensor:

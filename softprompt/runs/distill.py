@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from softprompt.core.geometry import geometry
+from softprompt.hf.prefix import compile_ids
 from softprompt.io.artifact import save_artifact
 from softprompt.loops import distill as D
 from softprompt.loops.evaluate import normalize, score
@@ -59,7 +60,7 @@ def compile_text(model, tokenizer, text: str, *, chat: bool = False) -> PrefixTu
     ids = D.prompt_ids(tokenizer, text, chat)
     check_size(model, "prefix_tuning", len(ids))
     # from_kv stores it as float32 (as every artifact): lossless for a float32 or bfloat16 base
-    prompt = PrefixTuning.from_kv(geometry(model), D.compile_ids(model, ids), {"source": "compiled_text"})
+    prompt = PrefixTuning.from_kv(geometry(model), compile_ids(model, ids), {"source": "compiled_text"})
     prompt.card_extra = {"compiled_text": {"tokens": len(ids), "chat": chat, "sha256": _sha(text), "text": text}}
     if not chat:  # requests are plain text after the prefix (a chat-compiled prompt has no recordable format yet)
         prompt.card_extra["prompt_format"] = {"chat_template": False, "template": None, "system_prompt": None}
@@ -122,7 +123,7 @@ def student_start(cfg: DistillConfig, model, tokenizer, teacher_kv: torch.Tensor
     elif init == "vocab":
         g = torch.Generator().manual_seed(cfg.seed)
         V = model.get_input_embeddings().weight.shape[0]
-        kv = D.compile_ids(model, torch.randint(0, V, (P,), generator=g).tolist())
+        kv = compile_ids(model, torch.randint(0, V, (P,), generator=g).tolist())
     else:
         spec = PrefixTuningConfig(num_virtual_tokens=P, init="random", projection_dim=cfg.projection_dim, seed=cfg.seed)
         return PrefixTuning.create(model, tokenizer, spec)
@@ -174,7 +175,7 @@ def teach(cfg: DistillConfig, model, tok, prompt_text: str, inputs=None) -> Teac
     them, continue each greedily and cache the top-k targets over input + continuation."""
     p_ids = D.prompt_ids(tok, prompt_text, cfg.chat)
     check_size(model, "prefix_tuning", len(p_ids) + cfg.max_new_tokens)
-    kv = D.compile_ids(model, p_ids)
+    kv = compile_ids(model, p_ids)
     texts, labels, facts = _inputs(cfg, model, tok, prompt_text, kv, inputs)
     requests = [D.request_text(tok, prompt_text, cfg.template.replace("{input}", x), cfg.chat) for x in texts]
     req_ids = [list(tok(r, add_special_tokens=False)["input_ids"]) for r in requests]
