@@ -34,17 +34,19 @@ from softprompt.hf.errors import UnsupportedModel
 from softprompt.hf.hooks import (
                     additive_mask,
                     cross_attention_kv,
+                    decoder_layers,
                     decoder_position_shift,
                     eager_attention,
                     encoder_prefix,
                     gradient_checkpointing,
+                    layer_outputs,
                     lm_head_at,
                     stack_layers,
 )
 
 __all__ = [
     "GrowingCache", "Output", "PrefixIgnored", "UnsupportedModel", "additive_mask", "cache_of", "call", "concat",
-    "cross_attention_kv", "decoder_position_shift", "eager_attention", "encdec_cache", "encdec_select",
-    "encoder_prefix", "forward", "from_layers", "gradient_checkpointing", "keyword", "layers", "length",
+    "cross_attention_kv", "decoder_layers", "decoder_position_shift", "eager_attention", "encdec_cache", "encdec_select",
+    "encoder_prefix", "forward", "from_layers", "gradient_checkpointing", "keyword", "layer_outputs", "layers", "length",
     "lm_head_at", "new_cache", "once", "placement", "reorder_rows", "repeat_rows", "select", "stack_layers", "to_prefix",
 ]

@@ -7,7 +7,9 @@
 - `encoder_prefix`: a K/V prefix before every encoder self-attention (HF encoders take no cache);
 - `decoder_position_shift`: learned absolute decoder positions counted per row (BART family);
 - `cross_attention_kv`: the keys/values a decoder's cross-attention computes over encoder states;
-- `eager_attention`: the attention implementation that returns weights, for inspection.
+- `eager_attention`: the attention implementation that returns weights, for inspection;
+- `layer_outputs`: the hidden states after chosen decoder layers, captured during a forward pass
+  (the off-task guard reads them from the engine's prefill), optionally stopping the pass there.
 """
 
 from __future__ import annotations
@@ -112,6 +114,60 @@ def eager_attention(model):
         yield model
     finally:
         model.set_attn_implementation(old)
+
+
+class _Stop(BaseException):
+    """Raised by a capture hook to end a forward pass once the last wanted layer has run (a
+    BaseException, so no `except Exception` on the way out mistakes it for a failure)."""
+
+
+def decoder_layers(model) -> list:
+    """A causal decoder's transformer layers, first to last (every family's are
+    GradientCheckpointingLayer modules, found in definition order)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    found = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not found:
+        raise UnsupportedModel(f"found no decoder layers in {type(model).__name__}")
+    return found
+
+
+@contextlib.contextmanager
+def layer_outputs(model, layers, *, stop: bool = False):
+    """Within this block each forward pass records, for each `l` in `layers`, the hidden states
+    after `l` decoder layers into the yielded dict: {l: (B, T, d)}; 1 <= l <= L (HF's `hidden_states[l]`
+    for l < L; at L, the last layer's output before the final norm).
+
+    Nothing the model computes changes (the hook reads its layer's output and returns None). With
+    `stop`, the pass ends right after the last wanted layer (the block then swallows that early end:
+    code after the forward call inside the block does not run), for callers that want only these
+    states and no logits; do not pass it a cache to keep, and run any first-call self-check before
+    the block (it would be stopped too). Tensors are the model's own (not copies)."""
+    wanted = sorted(set(int(l) for l in layers))
+    if not wanted:  # nothing to read: no hook, no cost
+        yield {}
+        return
+    found = decoder_layers(model)
+    if wanted[0] < 1 or wanted[-1] > len(found):
+        raise ValueError(f"layers must be in 1..{len(found)}, got {wanted}")
+    got: dict[int, torch.Tensor] = {}
+
+    def hook_for(l: int):
+        def hook(module, args, out):
+            got[l] = out[0] if isinstance(out, tuple) else out  # older layers return (hidden, ...)
+            if stop and l == wanted[-1]:
+                raise _Stop
+
+        return hook
+
+    handles = [found[l - 1].register_forward_hook(hook_for(l)) for l in wanted]
+    try:
+        yield got
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------------------------

@@ -87,3 +87,18 @@ def load(path: str | os.PathLike, model, *, allow_other_base: bool = False) -> P
     prompt = load_artifact(path, model, allow_other_base=allow_other_base)
     prompt.attach_base(model, save_artifact)
     return prompt
+
+
+def offtask_summary(model, tokenizer, texts, prompt: PromptMethod | None = None, *, heldout=None,
+                    save_to: str | os.PathLike | None = None, **options):
+    """The off-task guard's summary of a task's input texts under `prompt` (softprompt/loops/offtask.py),
+    for any artifact and its data: `heldout` texts of the same task calibrate the threshold (default:
+    every fifth text, never fitted); `save_to`: the prompt's artifact, beside which it is written and
+    whose card then names it (what `softprompt serve` reads). options: layer, k, quantile."""
+    from softprompt.io.offtask import write_summary
+    from softprompt.loops.offtask import offtask_summary as summarize
+
+    summary = summarize(model, tokenizer, texts, prompt, heldout=heldout, **options)
+    if save_to is not None:
+        write_summary(save_to, summary)
+    return summary

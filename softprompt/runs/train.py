@@ -217,6 +217,8 @@ def run_train(cfg, model=None, tokenizer=None, *, prompt=None, rows=None, eval_r
         if reporter:
             reporter.close(None, failed=True)
         raise
+    if out is not None and dist.main and cfg.task != "classify":
+        write_offtask(out / "best", model, prepared, say)
     if reporter:
         reporter.close(out / "best")
     if say:
@@ -226,6 +228,48 @@ def run_train(cfg, model=None, tokenizer=None, *, prompt=None, rows=None, eval_r
              f"artifact: {out / 'best'} (last step: {out / 'last'}); metrics: {out / 'metrics.jsonl'}; "
              f"plot: {out / 'plot.png'}")
     return result
+
+
+OFFTASK_FIT_ROWS, OFFTASK_HELDOUT_ROWS = 2048, 512  # distinct prompts: enough for k=16 directions, seconds on a CPU
+
+
+def write_offtask(artifact: Path, model, prepared: Prepared, say: bool = False) -> Path | None:
+    """Write the off-task guard's summary (core/offtask.py) of the run's training prompts beside its
+    best artifact, calibrated on the held-out prompts (every fifth training prompt without a held-out
+    split); the card names it, so `softprompt serve` and the store find it. Only for a prefix the
+    decoder engine serves (the guard reads its prefill); `last` gets none (`sp.offtask_summary` makes
+    one for any artifact). A failure here is reported and leaves the artifact as it was: the run's
+    result is not lost to its guard."""
+    import random
+
+    from softprompt.io.artifact import load_artifact
+    from softprompt.io.offtask import write_summary
+    from softprompt.loops.offtask import prompt_kv, summarize
+    from softprompt.methods.base import KVPrefix
+
+    def prompts(data, cap: int) -> list[list[int]] | None:
+        if data is None or not hasattr(data, "n_target"):
+            return None
+        seen = {tuple(ids[:len(ids) - n]): None for ids, n in zip(data.ids, data.n_target)}  # distinct, in order
+        rows = [list(r) for r in seen if r]
+        return random.Random(0).sample(rows, cap) if len(rows) > cap else rows
+
+    try:
+        if not artifact.exists():
+            return None
+        prompt = load_artifact(artifact, model)
+        prefix = prompt.to_kv_prefix(model)
+        rows = prompts(prepared.train, OFFTASK_FIT_ROWS)
+        if not isinstance(prefix, KVPrefix) or not rows or len(rows) < 3:
+            return None
+        summary = summarize(model, rows, prompt_kv(model, prefix), heldout=prompts(prepared.eval, OFFTASK_HELDOUT_ROWS))
+        path = write_summary(artifact, summary)
+    except Exception as e:  # noqa: BLE001
+        _say(f"off-task summary not written ({type(e).__name__}: {e})", say)
+        return None
+    _say(f"off-task summary: {path} (layer {summary.layer}, k {summary.k}, threshold {summary.threshold:.3g} "
+         f"from {summary.meta['n_heldout']} held-out prompts)", say)
+    return path
 
 
 def save_with(fields: dict, prompt, path, model, *, extra=None, **options):

@@ -35,6 +35,13 @@ from softprompt.serve.tasks import PrefixCache, QueueFull, RequestError, Task, T
 log = logging.getLogger("softprompt.serve")
 
 
+class OffTaskRefused(RequestError):
+    """The request's input is off its task (the guard's score is past the task's threshold) and the
+    engine refuses such requests (off_task="reject"): a 4xx, decided before any token is made."""
+
+    code = "off_task"
+
+
 def fault(what: str, exc: BaseException) -> RequestError:
     """An unexpected failure, as the error a request ends with (HTTP 500: the server's fault)."""
     return RequestError(f"{what} failed: {type(exc).__name__}: {exc}", code="internal_error")
@@ -103,6 +110,8 @@ class BaseEngine:
 
     thread_name = "softprompt-engine"
     prompt_logprobs = False  # whether a subclass scores prompt tokens (Request.prompt_logprobs)
+    off_task: str | None = None  # the off-task guard's policy (a subclass that guards sets it; core/offtask.py)
+    guard_depth: int | None = None  # the decoder layers a guarded subclass can read a summary's layer from
 
     def __init__(self, model, tokenizer, tasks: TaskRegistry | Mapping | None = None, *, max_batch_size: int = 32,
                  max_queue: int = 1024, max_new_tokens_limit: int = 2048, prefix_cache_bytes: int = 256 * 2**20):
@@ -280,7 +289,37 @@ class BaseEngine:
         took the request, e.g. Service.task_of) is not resolved again."""
         if not isinstance(task, Task):
             task = self.tasks.task(task)
-        return self.loader.load(task.key, lambda: compile_task(task, self.model), background=background)
+        return self.loader.load(task.key, lambda: self._compile(task), background=background)
+
+    def _compile(self, task: Task):
+        """The task's prefix, carrying its off-task summary (`.offtask`, or None) when the engine
+        guards: read once per load, beside the loop, and evicted with the prefix."""
+        prefix = compile_task(task, self.model)
+        if self.off_task is not None:
+            try:
+                prefix.offtask = self._summary(task)
+            except AttributeError:  # a prefix type that takes no attributes: unguarded
+                pass
+        return prefix
+
+    def _summary(self, task: Task):
+        """The task's off-task summary for this model, or None (no summary, or one that does not
+        fit: logged, and the task serves unguarded rather than not at all)."""
+        from softprompt.io.offtask import read_summary
+
+        try:
+            summary = read_summary(task.source, task.card)
+        except Exception as e:  # noqa: BLE001 - damaged, unreadable, a remote store away: the guard's loss only
+            log.warning("task %s: its off-task summary cannot be read (%s); serving it unguarded", task.name, e)
+            return None
+        if summary is None:
+            return None
+        d, depth = getattr(self.model.config, "hidden_size", None), self.guard_depth
+        if (d is not None and summary.hidden_size != d) or (depth is not None and summary.layer > depth):
+            log.warning("task %s: its off-task summary (layer %d, width %d) does not fit this model; serving it "
+                        "unguarded", task.name, summary.layer, summary.hidden_size)
+            return None
+        return summary
 
     def _take_ready(self, n: int) -> list[tuple[Handle, Request]]:
         """Pop up to `n` waiting requests that can join the batch now, oldest first (caller holds _lock).
@@ -398,4 +437,4 @@ class BaseEngine:
         return Completion(request_id=req.request_id, task=req.task, text=r.text, token_ids=list(r.ids),
                           finish_reason=reason, prompt_tokens=r.prompt_tokens,
                           logits=torch.stack(r.logits) if r.logits else None, logprobs=r.logprobs,
-                          prompt_logprobs=r.handle.prompt_logprobs)
+                          prompt_logprobs=r.handle.prompt_logprobs, off_task=r.handle.off_task)

@@ -12,28 +12,40 @@ waiting requests up to `max_batch_size`: prefills them together (their own prefi
 and merges them into the batch by left-padding whichever cache is shorter, (3) drops finished
 rows at once and trims all-pad columns on the left. A row's result is the same as running it
 alone: pad slots are masked out, and positions come from each row's own count.
+
+The off-task guard (`off_task=`, core/offtask.py): the prefill computes, for every admitted row,
+the hidden states of its prompt under its own prefix; a hook reads them after the layer each
+row's task summary names, and each row is scored against its own task's summary (a task without
+one, or the bare model: no score). Reading changes nothing the model computes, so with "warn"
+every token is what it would be unguarded. Past the threshold, "reject" ends the row before it
+decodes (OffTaskRefused, a 4xx) and "base" re-prefills it without its prefix; the rows kept are
+cut out of the prefill's cache (the same rows, the same numbers).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 import torch
 
 from softprompt import hf
+from softprompt.core.offtask import POLICIES, pool
 from softprompt.hf.prefix import prefixed_forward
 from softprompt.loops.generate import token_logprobs
-from softprompt.serve.base import BaseEngine, Row, fault
-from softprompt.serve.handle import Handle, Request, TokenLogprob
+from softprompt.serve.base import BaseEngine, OffTaskRefused, Row, fault, log
+from softprompt.serve.handle import Completion, Handle, Request, TokenLogprob
 from softprompt.serve.tasks import RequestError, TaskRegistry
 
 
 class _Row(Row):
-    __slots__ = ("pos",)
+    __slots__ = ("pos", "guard")
 
     def __init__(self, handle: Handle, params, prompt_ids: list[int], matcher=None):
         super().__init__(handle, params, len(prompt_ids), prompt_ids, matcher)  # repetition penalty: the prompt too
         self.pos = 0  # position of the last token fed to the model
+        self.guard = None  # the task's off-task summary, when the engine guards and the task has one
 
 
 class Engine(BaseEngine):
@@ -41,16 +53,26 @@ class Engine(BaseEngine):
 
     model, tokenizer: from `load_base()`; tasks: a TaskRegistry or a {name: artifact path} map.
     Limits as in `BaseEngine`; `keep_logits` keeps each row's logits (for tests and scoring).
+    `off_task`: None (no guard: no hook, no score) or the policy past a task's threshold, "warn"
+    (score only), "reject" or "base" (see the module docstring); every guarded row's verdict is
+    `handle.off_task` from admission on, and `Completion.off_task`.
     """
 
     prompt_logprobs = True
+    guards_off_task = True  # accepts `off_task=` (the seq2seq engine does not)
 
     def __init__(self, model, tokenizer, tasks: TaskRegistry | Mapping | None = None, *, max_batch_size: int = 32,
                  max_queue: int = 1024, max_new_tokens_limit: int = 2048, prefix_cache_bytes: int = 256 * 2**20,
-                 keep_logits: bool = False):
+                 keep_logits: bool = False, off_task: str | None = None):
+        if off_task is not None and off_task not in POLICIES:
+            raise ValueError(f"off_task must be None or one of {', '.join(POLICIES)}, got {off_task!r}")
         super().__init__(model, tokenizer, tasks, max_batch_size=max_batch_size, max_queue=max_queue,
                          max_new_tokens_limit=max_new_tokens_limit, prefix_cache_bytes=prefix_cache_bytes)
         self.keep_logits = keep_logits
+        self.off_task = off_task
+        if off_task is not None:
+            self.guard_depth = len(hf.decoder_layers(model))
+        self.stats.update(off_task_scored=0, off_task_flagged=0, off_task_seconds=0.0)  # seconds: the guard's own work
         cfg = model.config
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         self._cache = None  # the running batch's cache (an opaque hf handle)
@@ -105,28 +127,98 @@ class Engine(BaseEngine):
                 ready = self._take_ready(free) if free > 0 else []
         if not new:
             return
+        layers = {r.guard.layer for r, _, _ in new if r.guard is not None}
+        with hf.layer_outputs(self.model, layers) as states:  # no guarded row: no hook
+            out = self._prefill(new)
+        if out is None:
+            return
+        if states:
+            t0 = time.perf_counter()
+            new, out, bare = self._guard(new, out, states)
+            self.stats["off_task_seconds"] += time.perf_counter() - t0
+            if bare:  # policy "base": these rows again, without their prefix
+                self._join(bare, self._prefill(bare))
+        self._join(new, out)
+
+    def _prefill(self, new: list):
+        """One forward pass over admitted (row, ids, kv) triples, left-padded; None if it failed (the
+        rows then end with the error: they had not joined the batch)."""
+        if not new:
+            return None
         T = max(len(ids) for _, ids, _ in new)
         ids = torch.zeros(len(new), T, dtype=torch.long, device=self.device)
         mask = torch.zeros(len(new), T, dtype=torch.long, device=self.device)
         for i, (_, row_ids, _) in enumerate(new):
             ids[i, T - len(row_ids):] = torch.tensor(row_ids)
             mask[i, T - len(row_ids):] = 1
-        rows = [r for r, _, _ in new]
-        scored = [i for i, r in enumerate(rows) if r.handle.request.prompt_logprobs]
+        scored = any(r.handle.request.prompt_logprobs for r, _, _ in new)
         try:  # every position's logits only when a row asked for its prompt's logprobs
-            out = prefixed_forward(self.model, ids, mask, [kv for _, _, kv in new], use_cache=True,
-                                   logits_to_keep=0 if scored else 1, growing=True)
+            return prefixed_forward(self.model, ids, mask, [kv for _, _, kv in new], use_cache=True,
+                                    logits_to_keep=0 if scored else 1, growing=True)
         except Exception as e:  # the prefill of these rows failed before they joined the batch: they alone end
-            for r in rows:
+            for r, _, _ in new:
                 self._fail(r.handle, fault("the prefill", e))
+            return None
+
+    def _join(self, new: list, out) -> None:
+        """Prefilled rows join the running batch and make their first token."""
+        if out is None or not new:
             return
+        rows = [r for r, _, _ in new]
         for r, p in zip(rows, out.position_ids[:, -1].tolist()):
             r.pos = p
-        for i in scored:
-            rows[i].handle.prompt_logprobs = _prompt_logprobs(out.logits[i], new[i][1], rows[i].handle.request.logprobs)
+        for i, (r, ids, _) in enumerate(new):
+            if r.handle.request.prompt_logprobs:
+                r.handle.prompt_logprobs = _prompt_logprobs(out.logits[i], ids, r.handle.request.logprobs)
         self._merge(rows, out.cache, out.attention_mask)
         self._emit(rows, out.logits[:, -1])
         self._compact()
+
+    def _guard(self, new: list, out, states: dict):
+        """Score each guarded row against its own task's summary from the prefill's `states`
+        ({layer: (B, T, d)}, the prompt's tokens only, left-padded) and act on the verdicts.
+        Returns (rows kept, their prefill, rows to serve bare): the prefill cut to the kept rows."""
+        keep, bare = [], []
+        for i, (r, ids, kv) in enumerate(new):
+            if r.guard is None:
+                keep.append(i)
+                continue
+            try:
+                pooled = pool(states[r.guard.layer][i:i + 1], [len(ids)])  # (1, d): this row's own tokens
+                verdict = r.guard.judge(float(r.guard.score(pooled)[0]), self.off_task)
+            except Exception:  # noqa: BLE001 - a guard that cannot score leaves the row served, unguarded
+                log.exception("scoring a row against its off-task summary failed")
+                keep.append(i)
+                continue
+            r.handle.off_task = verdict
+            self.stats["off_task_scored"] += 1
+            self.stats["off_task_flagged"] += verdict.off_task
+            if verdict.action == "reject":
+                self._refuse(r.handle, verdict)
+            elif verdict.action == "base":
+                bare.append((r, ids, None))
+            else:
+                keep.append(i)
+        if len(keep) == len(new):
+            return new, out, bare
+        if not keep:
+            return [], None, bare
+        idx = torch.tensor(keep, device=self.device)
+        mask = out.attention_mask.index_select(0, idx)
+        first = int(mask.any(0).float().argmax())  # the first slot a kept row uses
+        cut = SimpleNamespace(cache=hf.select(out.cache, idx, first), attention_mask=mask[:, first:],
+                              logits=out.logits.index_select(0, idx), position_ids=out.position_ids.index_select(0, idx))
+        return [new[i] for i in keep], cut, bare
+
+    def _refuse(self, handle: Handle, verdict) -> None:
+        """End an off-task request before it decodes (policy "reject"), its verdict on the result."""
+        error = OffTaskRefused(f"the prompt is off this task's inputs: off-task score {verdict.score:.4g} is past the "
+                               f"task's threshold {verdict.threshold:.4g} (calibrated on its held-out inputs); "
+                               "send it to the base model or the task it belongs to")
+        self.stats["errors"] += 1
+        done = Completion.failed(handle.request, error)
+        done.off_task = verdict
+        handle._finish(done)
 
     def _prepare(self, handle: Handle, req: Request):
         params, prefix, ids = self._prepare_common(req, add_special_tokens=False)
@@ -137,6 +229,7 @@ class Engine(BaseEngine):
                                f"{params.max_new_tokens} exceeds the model's context of {self.max_positions}",
                                code="prompt_too_long")
         row = _Row(handle, params, ids, self._matcher(req))
+        row.guard = getattr(prefix, "offtask", None) if self.off_task is not None else None
         if self.keep_logits:
             row.logits = []
         self.stats["prompt_tokens"] += len(ids)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from softprompt.core.offtask import OffTaskScore
 from softprompt.loops.generate import SamplingParams
 from softprompt.serve.structured import Constraint
 
@@ -93,6 +94,9 @@ class Completion:
     logits: torch.Tensor | None = None  # (new tokens, V), only when the engine keeps logits
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked (Request.logprobs)
     prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, when asked (Request.prompt_logprobs)
+    # the off-task guard's verdict (core/offtask.py), when the engine guards and the task has a summary;
+    # also on a request refused for being off-task (error_code "off_task")
+    off_task: OffTaskScore | None = None
 
     @classmethod
     def failed(cls, req: Request, exc: Exception) -> "Completion":
@@ -116,6 +120,7 @@ class Handle:
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.cancelled = False
         self.prompt_logprobs: list[TokenLogprob] | None = None  # set at admission, before the first event
+        self.off_task: OffTaskScore | None = None  # set at admission too (the guard scores the prefill)
 
     @property
     def done(self) -> bool:

@@ -91,8 +91,13 @@ def build_app(cfg: ServeConfig | None = None, tasks: dict | None = None):
     from_store = StoreResolver(store)
 
     Engine = engine_class(family_of(model))  # continuous batching for decoders, batch-at-a-time for T5/BART
+    guard = {} if limits.off_task == "off" else {"off_task": limits.off_task}
+    if guard and not getattr(Engine, "guards_off_task", False):  # the seq2seq engine has no guard
+        if limits.off_task != "warn":
+            raise ValueError(f"--off-task {limits.off_task} needs a decoder-only base (the guard is the decoder engine's)")
+        guard = {}
     engine = Engine(model, tok, TaskRegistry(tasks, fallback=from_store), max_batch_size=limits.max_batch_size,
-                    max_queue=limits.max_queue, prefix_cache_bytes=limits.prefix_cache_mb << 20)
+                    max_queue=limits.max_queue, prefix_cache_bytes=limits.prefix_cache_mb << 20, **guard)
     base_id = EMBEDDED_NAME if m.base is None else Path(m.base).name
     if m.lora is not None:  # another model than the bare base: clients must not mistake one for the other
         base_id += f"+lora:{Path(m.lora).name}"

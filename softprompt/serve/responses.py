@@ -96,8 +96,17 @@ def choices(outs, shape: Shape, tokenizer) -> list[dict]:
             if fmt is not None:
                 items = list(o.prompt_logprobs or []) + list(o.logprobs or [])
                 c["logprobs"] = fmt.completion(items, text_len=len(c["text"]))
+        if getattr(o, "off_task", None) is not None:  # the task has an off-task summary (core/offtask.py)
+            c["softprompt"] = {"off_task": o.off_task.to_dict()}
         result.append(c)
     return result
+
+
+def off_task_headers(items) -> dict:
+    """`x-softprompt-off-task` for the choices' verdicts (completions or admitted handles): the
+    highest score's, so one header tells whether any prompt of the request was off its task."""
+    verdicts = [v for v in (getattr(i, "off_task", None) for i in items) if v is not None]
+    return {"x-softprompt-off-task": max(verdicts, key=lambda v: v.score).header()} if verdicts else {}
 
 
 def usage(outs, n: int) -> dict:

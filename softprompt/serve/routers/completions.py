@@ -7,13 +7,13 @@ import uuid
 
 from fastapi import APIRouter, Depends
 from fastapi import Request as HTTPRequest
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from softprompt.serve.errors import APIError
 from softprompt.serve.handle import Request
 from softprompt.serve.prompt_format import chat_prompt, completion_prompts
 from softprompt.serve.responses import Shape, sse
-from softprompt.serve.responses import body as response_body
+from softprompt.serve.responses import body as response_body, off_task_headers
 from softprompt.serve.routers import service
 from softprompt.serve.schemas import ChatRequest, CompletionRequest
 
@@ -26,7 +26,9 @@ async def completions(body: CompletionRequest, request: HTTPRequest, svc=Depends
     if not prompts:
         raise APIError(400, "prompt must not be empty", code="invalid_parameter", param="prompt")
     # text in the task's prompt format (a chat-template task's goes in its template: prompt_format.py)
-    task = svc.task_of(body.model)  # resolved once: the format applied and the prefix served are one version's
+    svc.mark(request, body.model)  # the audit trail's row, also for a request refused below
+    task = svc.task_of(body.model, request)  # resolved once: the format applied and the prefix served are one version's
+    svc.mark(request, body.model, task)
     prompts = completion_prompts(task, prompts, svc.engine.tokenizer)
     # the prompt as the model sees it, also when it came as token ids (decoded once checked: responses.echo_text)
     shape = Shape(chat=False, model=body.model, n=body.n, logprobs=body.logprobs,
@@ -41,7 +43,9 @@ async def chat(body: ChatRequest, request: HTTPRequest, svc=Depends(service)):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     # the task's prompt format: a plain-prompt task gets its one user message's text, as in training;
     # others (and the base) the chat template (prompt_format.py); a 400 saying why when neither fits
-    task = svc.task_of(body.model)
+    svc.mark(request, body.model)
+    task = svc.task_of(body.model, request)
+    svc.mark(request, body.model, task)
     prompt = chat_prompt(task, messages, svc.engine.tokenizer, svc.config.base_model_id)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     shape = Shape(chat=True, model=body.model, n=body.n, logprobs=logprobs, include_usage=body.include_usage)
@@ -89,9 +93,11 @@ async def run(svc, request: HTTPRequest, body, prompts: list, shape: Shape, task
                     seed=None if body.seed is None else body.seed + i)
             for p in prompts for i in range(body.n)]
     handles = svc.submit_all(reqs)
+    svc.mark(request, body.model, task, handles)
     rid = ("chatcmpl-" if shape.chat else "cmpl-") + (body.request_id or uuid.uuid4().hex[:24])
     if body.stream:
-        await svc.until_admitted(handles)
-        return StreamingResponse(sse(handles, rid, shape, svc.engine.tokenizer), media_type="text/event-stream")
+        await svc.until_admitted(handles)  # the off-task verdict is known at admission, before any token
+        return StreamingResponse(sse(handles, rid, shape, svc.engine.tokenizer), media_type="text/event-stream",
+                                 headers=off_task_headers(handles))
     outs = await svc.results(handles, request)
-    return response_body(rid, outs, shape, svc.engine.tokenizer)
+    return JSONResponse(response_body(rid, outs, shape, svc.engine.tokenizer), headers=off_task_headers(outs))
