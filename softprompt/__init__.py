@@ -44,6 +44,9 @@ _EXPORTS = {
     "Engine": "softprompt.serve",
     "Request": "softprompt.serve",
     "Store": "softprompt.store.core",
+    "offtask_summary": "softprompt.runs.api",
+    "audit": "softprompt.auditing",
+    "AuditConfig": "softprompt.auditing",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -8,9 +8,10 @@
     softprompt eval --adapter DIR --data PATH [--num-beams 4]
     softprompt demo
     softprompt inspect ADAPTER [--data PATH]      softprompt card ADAPTER
+    softprompt audit TASK[@VERSION] | ARTIFACT [--inputs FILE] [--out DIR]
     softprompt compare --data PATH [--methods prefix_tuning,prompt_tuning,lora]
     softprompt serve [--store DIR]
-    softprompt store add|ls|show|rm|export|import|gc|verify|compile|migrate ...  [--store DIR]
+    softprompt store add|ls|show|rm|export|import|gc|verify|compile|migrate|approve|revoke|keygen|history ...
 
 Every command and option is documented in docs/cli.md (tests/test_docs_cli.py keeps the two equal).
 """
@@ -42,6 +43,7 @@ CHOICES = {
     "schedule": ("linear", "cosine", "constant"),
     "task": ("generate", "classify"),
     "pooling": ("mean", "cls"),
+    "off_task": ("warn", "reject", "base", "off"),
 }
 
 # -------------------------------------------------------------------------------------------
@@ -296,10 +298,10 @@ def store_ls(tag: str | None = None, base_fingerprint: str | None = None, all_ve
     if json:
         print(jsonlib.dumps(rows, indent=2))
         return
-    print(f"{'task':<32}{'method':<15}{'P':>4}{'bytes':>10}  {'created':<21}tags")
+    print(f"{'task':<32}{'state':<10}{'method':<15}{'P':>4}{'bytes':>10}  {'created':<21}tags")
     for r in rows:
-        print(f"{r['name'] + '@' + str(r['version']):<32}{r['method']:<15}{r['num_virtual_tokens'] or 0:>4}"
-              f"{r['size']:>10,}  {r['created']:<21}{','.join(r['tags'])}")
+        print(f"{r['name'] + '@' + str(r['version']):<32}{r['state']:<10}{r['method']:<15}"
+              f"{r['num_virtual_tokens'] or 0:>4}{r['size']:>10,}  {r['created']:<21}{','.join(r['tags'])}")
 
 
 def store_show(ref: str, store: str | None = None):
@@ -345,15 +347,21 @@ def store_gc(store: str | None = None):
     print(f"removed {len(removed)} orphan file(s)")
 
 
-def store_verify(store: str | None = None):
-    """Check every indexed file against its sha256; exit status 2 on any problem.
+def store_verify(store: str | None = None, trust_key: list[str] | None = None):
+    """Check every indexed file against its sha256 and that it loads; exit status 2 on any problem.
+
+    Loads: every tensor's bytes agree with its safetensors header, the card lists those tensors, and
+    their shapes are what the card's method needs on the base geometry the card records. With
+    --trust-key, every approved version's approval must also be signed by one of those keys over the
+    artifact as stored (what `serve --require-approved --trust-key` checks per request).
 
     Args:
         store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+        trust_key: a PEM Ed25519 public key (repeatable): check approved versions' signatures against these
     """
     from softprompt.store.core import StoreError
 
-    problems = _store(store).verify()
+    problems = _store(store).verify(trust_key or ())
     if problems:
         raise StoreError(f"{len(problems)} problem(s): " + "; ".join(problems))
     print("ok")
@@ -409,9 +417,86 @@ def store_migrate(src: str, dst: str, objects: str | None = None):
           f"into {target.where} ({n['already_there']} already there)")
 
 
+def store_approve(ref: str, by: str = "", note: str = "", key: str | None = None, store: str | None = None):
+    """Approve one version of a task (NAME@N) for serving: `serve --require-approved` serves only these.
+
+    With --key (an Ed25519 private key from `softprompt store keygen`) the approval is signed over the
+    artifact's checksums, so a server with --trust-key refuses the version if the artifact changes.
+
+    Args:
+        ref: NAME@VERSION
+        by: who approves (required)
+        note: why (e.g. the review it passed)
+        key: sign the approval with this private key file (PEM)
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    _print_decision(_store(store).approve(ref, by, note, key))
+
+
+def store_revoke(ref: str, by: str = "", note: str = "", key: str | None = None, store: str | None = None):
+    """Revoke one version of a task (NAME@N): servers with --require-approved stop serving it at once.
+
+    Args:
+        ref: NAME@VERSION
+        by: who revokes (required)
+        note: why
+        key: sign the revocation with this private key file (PEM)
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    _print_decision(_store(store).revoke(ref, by, note, key))
+
+
+def _print_decision(d: dict) -> None:
+    signed = f", signed by key {d['key_id']}" if d["signed"] else ""
+    print(f"{d['name']}@{d['version']} {d['state']} by {d['by']} at {d['time']}{signed}")
+
+
+def store_keygen(out: str):
+    """Make an Ed25519 key pair for signing approvals: OUT (private, PEM) and OUT.pub (public, PEM).
+
+    Neither file may exist. Keep OUT secret (it is written readable by its owner only); give OUT.pub
+    to servers (`serve --require-approved --trust-key OUT.pub`).
+
+    Args:
+        out: the private key file to write (the public key goes to OUT.pub)
+    """
+    from softprompt.store.approvals import key_id, keygen, load_private
+
+    priv, pub = keygen(out)
+    ident = key_id(load_private(priv).public_key())
+    print(f"wrote {priv} (private: keep it secret) and {pub} (public), key id {ident}")
+
+
+def store_history(task: str, limit: int = 100, json: bool = False, store: str | None = None):
+    """Show the audit trail of a task (or of NAME@N): the requests it served, newest first.
+
+    Each row: time, request id, API key name, task@version, artifact sha256, status, tokens in/out.
+    No prompt or completion text is stored. The base model's requests are under its served name.
+
+    Args:
+        task: a task name, NAME@N for one version, or the base model's served name (for its requests)
+        limit: at most this many rows
+        json: print JSON (to export the trail)
+        store: store directory (default: $SOFTPROMPT_STORE or ~/.cache/softprompt/store)
+    """
+    # a task name, or the base's served name (which may hold '/', '+' or ':'): matched exactly
+    if not task or len(task) > 256 or not task.isprintable():
+        raise ValueError("TASK must be a task name or the base model's served name (1 to 256 printable characters)")
+    rows = _store(store).history(task, limit)
+    if json:
+        print(jsonlib.dumps(rows, indent=2))
+        return
+    print(f"{'time':<25}{'request id':<20}{'key':<14}{'task':<32}{'sha256':<14}{'status':>6}{'in':>7}{'out':>7}")
+    for r in rows:
+        ref = r["task"] + (f"@{r['version']}" if r["version"] is not None else "")
+        print(f"{r['time']:<25}{str(r['request_id'])[:19]:<20}{str(r['key_name'])[:13]:<14}{ref[:31]:<32}"
+              f"{(r['sha256'] or '-')[:12]:<14}{str(r['status']):>6}{r['tokens_in']:>7}{r['tokens_out']:>7}")
+
+
 STORE_COMMANDS = {"add": store_add, "ls": store_ls, "show": store_show, "rm": store_rm, "export": store_export,
                   "import": store_import, "gc": store_gc, "verify": store_verify, "compile": store_compile,
-                  "migrate": store_migrate}
+                  "migrate": store_migrate, "approve": store_approve, "revoke": store_revoke, "keygen": store_keygen,
+                  "history": store_history}
 
 COMMANDS = {"info": info, "init": init, "generate": "generate", "export-peft": export_peft, "train": "train",
             "eval": "eval", "demo": demo, "store": STORE_COMMANDS, "serve": "serve"}
@@ -474,6 +559,11 @@ def card(adapter: str, out: str | None = None):
 
 COMMANDS.update({"inspect": inspect_, "card": card, "compare": "compare", "distill": "distill",
                  "compile-text": "compile-text"})
+
+# `softprompt audit`: its function (flags from its signature) lives with the audit; importing it is light.
+from softprompt.auditing.command import audit as audit_  # noqa: E402
+
+COMMANDS["audit"] = audit_
 
 
 # -------------------------------------------------------------------------------------------
@@ -604,6 +694,14 @@ class _Accumulate(argparse.Action):
         setattr(namespace, self.dest, list(held or []) + [v.strip() for v in values.split(",") if v.strip()])
 
 
+class _Append(argparse.Action):
+    """A repeatable flag whose dest is a dotted name (jsonargparse's Namespace): each value whole."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        held = namespace.get(self.dest) if hasattr(namespace, "get") else getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, list(held or []) + [values])
+
+
 def _run_options() -> list[tuple[str, str | None, object, object]]:
     """(dest, short name or None, type, default) for every option of a training run."""
     from dataclasses import fields
@@ -693,8 +791,9 @@ def _add_flat_options(p, cls) -> None:
     for dest, flag, tp, default in _flat_options(cls):
         text = helps.get(flag) or HELP.get(flag, "")
         if typing.get_origin(_base_type(tp)[0]) is tuple:  # repeatable, each value whole (a stop string may hold ",")
-            p.add_argument(f"--{flag.replace('_', '-')}", dest=dest, action="append", default=None, help=text,
-                           metavar=flag.upper())
+            # a section's field (server.trust_keys) is a dotted name argparse's "append" cannot read back
+            p.add_argument(f"--{flag.replace('_', '-')}", dest=dest, action=_Append if "." in dest else "append",
+                           default=None, help=text, metavar=flag.upper())
         else:
             _add_option(p, dest, [f"--{flag.replace('_', '-')}"], tp, default, text)
             if p._actions[-1].metavar:  # the flag's name, not the field's (--data DATA, not EVAL_DATA)
@@ -923,7 +1022,7 @@ def run_config_command(command: str, cfg) -> None:
 MODEL_FLAGS = {name: (type(getattr(ModelConfig, name)), getattr(ModelConfig, name), HELP[name])
                for name in ("device", "dtype", "quantize", "threads")}
 LOADS_MODEL = {"info", "init", "generate", "export-peft", "train", "eval", "demo", "serve", "inspect", "compare",
-               "store add", "store import"}
+               "store add", "store import", "audit"}
 
 
 # The paths a command reads, checked before anything heavy loads (torch, the model: seconds), so a
@@ -944,6 +1043,7 @@ INPUT_PATHS = {
     "compare": {"run.train_data": _DATA, "run.eval_data": _DATA, "run.model.base": _BASE},
     "distill": {"prompt_file": "prompt file", "inputs": _DATA, "model.base": _BASE},
     "compile-text": {"prompt_file": "prompt file", "model.base": _BASE},
+    "audit": {"inputs": _DATA, "base": _BASE},
 }
 
 
@@ -1049,7 +1149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, fn in COMMANDS.items():
         if isinstance(fn, dict):  # a command group: `softprompt store add ...`
-            text = f"Manage the prompt store ({', '.join(fn)})."
+            text = "Manage the prompt store: tasks and versions, approvals, the audit trail."
             group = sub.add_parser(name, help=text, description=text).add_subparsers(dest="_sub", required=True,
                                                                                       metavar="SUBCOMMAND")
             for subname, subfn in fn.items():

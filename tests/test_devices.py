@@ -140,4 +140,4 @@ def test_every_model_command_takes_the_device_flags(capsys):
 
 def _positionals(name: str) -> list[str]:
     return {"init": ["out"], "generate": ["hi"], "export-peft": ["a", "b"], "train": ["d", "o"], "inspect": ["a"],
-            "store add": ["n", "a"], "store import": ["s"]}.get(name, [])
+            "store add": ["n", "a"], "store import": ["s"], "audit": ["a"]}.get(name, [])

@@ -44,6 +44,13 @@ class Family(ABC):
         """The attention shapes a prompt is built for (`core.geometry.Geometry` or the family's own)."""
         return self._step("geometry", "{name} models have no prompt geometry")(model)
 
+    def card_geometry(self, geo: dict):
+        """The geometry a card records (a dict of its fields) as the family's geometry class; None when
+        the dict is not one (fields missing or extra)."""
+        from softprompt.core.geometry import Geometry
+
+        return from_fields(Geometry, geo)
+
     # --- prompts ------------------------------------------------------------------------------
     def methods(self) -> dict:
         """Card method name -> prompt class (with `from_export` and `expected_shapes`)."""
@@ -97,3 +104,15 @@ class Family(ABC):
 
 
 _NO_TRAINING = "{name} models do not train on text generation data; use --task classify"
+
+
+def from_fields(cls, values: dict):
+    """cls(**values) for a dataclass whose fields are exactly the dict's keys; else None."""
+    from dataclasses import fields
+
+    if not isinstance(values, dict) or set(values) != {f.name for f in fields(cls)}:
+        return None
+    try:
+        return cls(**values)
+    except TypeError:
+        return None

@@ -26,6 +26,11 @@ from softprompt.families import FAMILIES
 MAX_VIRTUAL_TOKENS = 1 << 20
 MAX_PATH_CHARS = 4096
 MAX_FORMAT_CHARS = 1 << 16  # a prompt_format's template or system prompt (a long system prompt fits)
+# A card is metadata read on every load and shown whole by the API: its JSON has a bound, and so does
+# each field, so a card can neither hold a data set nor make a server allocate one.
+MAX_CARD_BYTES = 64 << 10
+MAX_SHORT_CHARS = 1024  # names, versions, dates, a dtype, a fingerprint
+MAX_ENTRIES = 1024  # keys of a metrics, tensors or config object; top-level fields
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -38,7 +43,15 @@ def _int(v) -> bool:
 
 
 def _str_or_none(v) -> bool:
-    return v is None or isinstance(v, str)
+    return v is None or (isinstance(v, str) and len(v) <= MAX_SHORT_CHARS)
+
+
+def _short(v) -> bool:
+    return isinstance(v, str) and len(v) <= MAX_SHORT_CHARS
+
+
+def _obj(v) -> bool:
+    return isinstance(v, dict) and len(v) <= MAX_ENTRIES
 
 
 def _path(v, suffix: str) -> bool:
@@ -58,29 +71,31 @@ def _prompt_format(v) -> bool:
 
 # field -> (check, what it must be); each applies when the field is present
 FIELDS = {
-    "config": (lambda v: isinstance(v, dict), "an object"),
-    "tensors": (lambda v: isinstance(v, dict) and all(
+    "config": (_obj, f"an object of at most {MAX_ENTRIES} entries"),
+    "tensors": (lambda v: _obj(v) and all(
         isinstance(t, dict) and isinstance(t.get("shape"), list) and all(_int(n) and n >= 0 for n in t["shape"])
         and isinstance(t.get("dtype"), str) for t in v.values()),
         "an object of {name: {shape: [non-negative ints], dtype: string}}"),
-    "dtype": (lambda v: isinstance(v, str), "a string"),
+    "dtype": (_short, f"a string of at most {MAX_SHORT_CHARS} characters"),
     "model_family": (lambda v: isinstance(v, str) and v in FAMILIES, "one of " + ", ".join(repr(f) for f in FAMILIES)),
     "base_model": (lambda v: isinstance(v, dict) and _str_or_none(v.get("name"))
                    and _str_or_none(v.get("fingerprint")) and (v.get("geometry") is None or isinstance(v["geometry"], dict)),
-                   "an object with string name and fingerprint and an object geometry"),
-    "library_version": (_str_or_none, "a string"),
-    "created": (_str_or_none, "a string"),
-    "metrics": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) for k in v)),
-                "an object of {name: value}"),
-    "dataset": (lambda v: v is None or isinstance(v, (str, dict)), "a string or an object"),
+                   f"an object with string name and fingerprint (at most {MAX_SHORT_CHARS} characters) and an object "
+                   "geometry"),
+    "library_version": (_str_or_none, f"a string of at most {MAX_SHORT_CHARS} characters"),
+    "created": (_str_or_none, f"a string of at most {MAX_SHORT_CHARS} characters"),
+    "metrics": (lambda v: v is None or (_obj(v) and all(isinstance(k, str) and len(k) <= MAX_SHORT_CHARS for k in v)),
+                f"an object of at most {MAX_ENTRIES} {{name: value}}"),
+    "dataset": (lambda v: v is None or (isinstance(v, str) and len(v) <= MAX_PATH_CHARS) or _obj(v),
+                f"a string of at most {MAX_PATH_CHARS} characters or an object"),
     "tensor_sha256": (lambda v: isinstance(v, str) and bool(_HEX64.fullmatch(v)), "64 lowercase hex digits"),
     "bytes": (lambda v: _int(v) and v >= 0, "a non-negative integer"),
     "plot": (lambda v: v is None or _path(v, ".png"), "a path ending in .png"),
     "inspection": (lambda v: v is None or isinstance(v, dict) or _path(v, ".json"),
                    "an object or a path ending in .json"),
-    "classifier": (lambda v: isinstance(v, dict), "an object"),
-    "task": (lambda v: isinstance(v, str), "a string"),
-    "store": (lambda v: isinstance(v, dict), "an object"),
+    "classifier": (_obj, "an object"),
+    "task": (_short, f"a string of at most {MAX_SHORT_CHARS} characters"),
+    "store": (_obj, "an object"),
     "prompt_format": (lambda v: v is None or _prompt_format(v),
                       f"an object {{chat_template: bool, template: string or null, system_prompt: string or null "
                       f"(only with chat_template true)}}, strings of at most {MAX_FORMAT_CHARS} characters"),
@@ -89,7 +104,12 @@ FIELDS = {
 
 def check_card_fields(card: dict) -> None:
     """Raise CardError (one line, naming the field) unless every known field has its type.
-    format, format_version and method are checked by the caller (artifact.check_card)."""
+    format, format_version and method are checked by the caller (artifact.check_card). The card as a
+    whole is at most MAX_CARD_BYTES of JSON and MAX_ENTRIES fields."""
+    import json
+
+    if len(card) > MAX_ENTRIES:
+        raise CardError(f"the card has {len(card)} fields, over the limit of {MAX_ENTRIES}")
     n = card.get("num_virtual_tokens")
     lowest = 0 if card.get("task") == "classify" else 1  # a classifier may be its head alone, with no prompt
     if not _int(n) or not lowest <= n <= MAX_VIRTUAL_TOKENS:
@@ -98,6 +118,14 @@ def check_card_fields(card: dict) -> None:
     for field, (ok, what) in FIELDS.items():
         if field in card and not ok(card[field]):
             raise CardError(f"card field {field!r} must be {what}, got {_show(card[field])}")
+    # then the whole (after the fields, so a field over its own bound is named as such)
+    try:
+        size = len(json.dumps(card, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    except (TypeError, ValueError, RecursionError):
+        raise CardError("the card is not plain JSON data") from None
+    if size > MAX_CARD_BYTES:
+        raise CardError(f"the card is {size} bytes of JSON, over the limit of {MAX_CARD_BYTES}; keep large things "
+                        "(data, plots, long summaries) in files beside the artifact")
 
 
 def _show(v) -> str:

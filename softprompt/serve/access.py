@@ -14,6 +14,11 @@ The request id is the client's `X-Request-Id` when it sends a plain one (up to 1
 and `._:-`), else a new one; the answer carries it back in `X-Request-Id` (as OpenAI's and vLLM's
 do), so a client's report can be found in the log; routes read it as `request.state.request_id`.
 
+The audit trail (store/trail.py): a model route marks its request (`Service.mark`: the task, its
+version and checksum, the engine's handles) and, when the server keeps a trail, this middleware
+hands one row per marked request to the `TrailWriter` once the answer is sent (the same id, key
+name and status as the log line; token counts from the handles). Never the prompt or the text.
+
 The key's name: the name the keys file gives it (`KEY # NAME`, serve/main.py), else `key_id(key)`,
 `key-` and 8 hex digits of the key's SHA-256 (a fingerprint, which tells nothing of a random key);
 `-` where no key was sent, `invalid` for a key that is not one of the server's.
@@ -45,8 +50,9 @@ class AccessLog:
     """Give each HTTP request an id (`X-Request-Id`) and, when `enabled`, log one line for it.
     `keys`: the server's API keys; `names`: key_id -> the name the keys file gives that key."""
 
-    def __init__(self, app, keys=frozenset(), names: dict | None = None, enabled: bool = True):
+    def __init__(self, app, keys=frozenset(), names: dict | None = None, enabled: bool = True, trail=None):
         self.app, self.keys, self.names, self.enabled = app, keys, dict(names or {}), enabled
+        self.trail = trail  # a TrailWriter (store/trail.py) or None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -73,6 +79,25 @@ class AccessLog:
         finally:
             if self.enabled and log.isEnabledFor(logging.INFO):
                 self._log(scope, headers, status, (time.perf_counter() - start) * 1000, rid)
+            marked = scope["state"].get("trail")
+            if self.trail is not None and marked is not None:
+                self._record(marked, headers, status, rid, scope.get("path", ""))
+
+    def _record(self, marked: dict, headers: dict, status: int | None, rid: str, path: str) -> None:
+        """One trail row for a marked request; whatever goes wrong here is logged, never the client's."""
+        try:
+            tokens_in = tokens_out = 0
+            for h in marked.get("handles") or ():
+                result = getattr(h, "_result", None)
+                if result is not None:
+                    tokens_in += result.prompt_tokens or 0
+                    tokens_out += len(result.token_ids or ())
+            self.trail.record({"request_id": rid, "key_name": self._key_name(headers.get(b"authorization")),
+                               "task": marked["task"], "version": marked.get("version"),
+                               "sha256": marked.get("sha256"), "status": status, "tokens_in": tokens_in,
+                               "tokens_out": tokens_out, "route": path[:128]})
+        except Exception:  # noqa: BLE001  the answer is sent; a trail fault must not become a 500
+            logging.getLogger("softprompt.trail").exception("could not record request %s in the audit trail", rid)
 
     def _log(self, scope, headers: dict, status: int | None, ms: float, rid: str) -> None:
         # the path as JSON escapes it: a client's control characters cannot forge a second line

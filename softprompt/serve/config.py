@@ -11,6 +11,9 @@ from dataclasses import dataclass, fields
 from softprompt.core.defaults import ModelConfig, config_of
 
 
+OFF_TASK_POLICIES = ("warn", "reject", "base", "off")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Every limit has a default."""
@@ -30,6 +33,20 @@ class ServerConfig:
     prefix_cache_mb: int = 256  # memory for cached task prefixes
     # one line per request on the "softprompt.access" logger (serve/access.py); uvicorn's own is off
     access_log: bool = True
+    # governance (store/approvals.py, store/trail.py): serve only approved store versions, their
+    # approvals signed by one of these public keys when any is given; record each request in the store
+    require_approved: bool = False
+    trust_keys: tuple[str, ...] = ()
+    trail: bool = True  # only where there is a store (softprompt serve always has one)
+    trail_max_rows: int = 1_000_000
+    # the off-task guard (core/offtask.py): past a task's calibrated threshold, "warn" only reports the
+    # score (header and body), "reject" answers 422 before decoding, "base" serves the bare model; "off":
+    # no score. Tasks without a summary are never scored.
+    off_task: str = "warn"
+
+    def __post_init__(self):
+        # a list from the command line or a config file: a tuple, so the config stays hashable
+        object.__setattr__(self, "trust_keys", tuple(str(k) for k in self.trust_keys or ()))  # None: not given
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,11 @@ class ServeConfig:
         served_model_name: the base model's id in the API (default: the base directory's name, or SmolLM2-135M-Instruct)
         max_upload_bytes: a task uploaded over HTTP (POST /v1/tasks/NAME) over this gets 413
         access_log: a line per request on stderr (method, path, status, ms, request id, key name; no secret or prompt)
+        require_approved: serve only store versions approved with `store approve` (others: 403 task_not_approved)
+        trust_key: a PEM Ed25519 public key (repeatable): approvals must be signed by one, over the artifact as stored
+        trail: record each request (id, key name, task@version, checksum, status, tokens; no text) in the store
+        trail_max_rows: the audit trail keeps this many newest rows (older ones are deleted)
+        off_task: past a task's off-task threshold (docs/offtask.md): warn (report the score), reject (422), base (serve the bare model), off
     """
 
     store: str | None = None  # a directory or a postgresql:// DSN; None: $SOFTPROMPT_STORE or the default
@@ -75,8 +97,9 @@ class ServeConfig:
                                 "server.prefix_cache_mb", "model.lora", "model.merge_lora", "model.threads",
                                 "server.body_timeout_s", "ray", "replicas", "ray_address", "served_model_name",
                                 "server.max_upload_bytes", "model.device", "model.dtype", "model.quantize",
-                                "server.access_log")
-    FLAG_NAMES: typing.ClassVar = {}
+                                "server.access_log", "server.require_approved", "server.trust_keys", "server.trail",
+                                "server.trail_max_rows", "server.off_task")
+    FLAG_NAMES: typing.ClassVar = {"server.trust_keys": "trust_key"}
     POSITIONAL: typing.ClassVar = ()
 
     def __post_init__(self):
@@ -88,6 +111,12 @@ class ServeConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self.server, name)}")
         if self.server.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.server.max_queue}")
+        if self.server.trust_keys and not self.server.require_approved:
+            raise ValueError("--trust-key checks approvals: it needs --require-approved")
+        if self.server.off_task not in OFF_TASK_POLICIES:
+            raise ValueError(f"off_task must be one of {', '.join(OFF_TASK_POLICIES)}, got {self.server.off_task!r}")
+        if self.server.trail_max_rows <= 0:
+            raise ValueError(f"trail_max_rows must be positive, got {self.server.trail_max_rows}")
         if self.served_model_name is not None and not 0 < len(self.served_model_name) <= 256:
             raise ValueError("served_model_name must be 1 to 256 characters")
 

@@ -39,11 +39,15 @@ def create_app(engine, store=None, config: ServerConfig = ServerConfig(), classi
     """The FastAPI app over a (started or not) engine; starting/stopping follows the app's lifespan.
     `classifier`: the ClassifyService behind /v1/classify (default: one over the engine's model and tasks)."""
 
+    gate, trail = _governance(engine, store, config)
+
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
         yield
         engine.stop()
+        if trail is not None:
+            trail.close()  # the rows still queued are written before the process ends
 
     # FastAPIOffline: a FastAPI app whose /docs and /redoc load Swagger UI and ReDoc from files the
     # package ships (mounted at /static-offline-docs), not from a CDN: blank pages offline otherwise.
@@ -56,13 +60,15 @@ def create_app(engine, store=None, config: ServerConfig = ServerConfig(), classi
     app.add_middleware(BodyGuard, limit=config.max_body_bytes, timeout_s=config.body_timeout_s,
                        upload_limit=config.max_upload_bytes, is_upload=admin_tasks.is_upload)
     app.add_middleware(Auth, keys=config.api_keys)
-    app.add_middleware(AccessLog, keys=config.api_keys, names=dict(config.api_key_names), enabled=config.access_log)
+    app.add_middleware(AccessLog, keys=config.api_keys, names=dict(config.api_key_names), enabled=config.access_log,
+                       trail=trail)
     errors.install(app)
     classifier = classifier or ClassifyService(engine.model, engine.tokenizer, engine.tasks.resolve)
     app.state.service = Service(engine, store, config, classifier)
     app.state.engine, app.state.store, app.state.config, app.state.classifier = engine, store, config, classifier
     app.state.base_created = base_created(engine.model, int(time.time()))  # its `created` in /v1/models
     app.state.health_hooks = []  # callables -> dict merged into /health (e.g. a shared store's state)
+    app.state.approval_gate, app.state.trail = gate, trail
     for router in (completions.router, classify.router, tasks.router, admin_tasks.router, admin.router):
         app.include_router(router)
     if admin.WEB.is_dir():
@@ -70,6 +76,23 @@ def create_app(engine, store=None, config: ServerConfig = ServerConfig(), classi
 
         app.mount("/static", StaticFiles(directory=admin.WEB), name="static")
     return app
+
+
+def _governance(engine, store, config: ServerConfig):
+    """(approval gate, trail writer) as `config` asks: `require_approved` puts an ApprovalGate on the
+    engine's task registry (every route resolves through it); `trail` records requests in `store`."""
+    from softprompt.serve.resolver import ApprovalGate
+    from softprompt.store.approvals import load_trusted
+    from softprompt.store.trail import TrailWriter
+
+    gate = None
+    if config.require_approved:
+        if store is None:
+            raise ValueError("--require-approved serves approved store versions: it needs a prompt store")
+        gate = ApprovalGate(store, load_trusted(config.trust_keys))  # a bad key file fails at start, in one line
+        engine.tasks.gate = gate
+    trail = TrailWriter(store, config.trail_max_rows) if config.trail and store is not None else None
+    return gate, trail
 
 
 __all__ = ["APIError", "ServerConfig", "create_app"]

@@ -24,9 +24,27 @@ class Service:
     classifier: object = None
 
     # --- tasks --------------------------------------------------------------------------------
-    def task_of(self, model: str) -> Task | None:
+    def mark(self, request: HTTPRequest, model: str, task: Task | None = None, handles=None) -> None:
+        """Mark `request` for the audit trail (access.py writes the row once it is answered): what
+        `model` names, resolved to `task` (its store version and checksum) once known."""
+        if task is None and model == self.config.base_model_id:
+            info = {"task": model, "version": None, "sha256": None}
+        elif task is None:  # not resolved (yet): unknown, refused; the version it named, if any
+            name, _, v = str(model)[:256].partition("@")
+            info = {"task": name, "version": int(v) if v.isdigit() and len(v) < 19 else None, "sha256": None}
+        elif hasattr(task.source, "sha256"):  # a store version (store/core.py StoreEntry)
+            src = task.source
+            info = {"task": src.name, "version": src.version, "sha256": src.sha256}
+        else:  # a task registered in memory or by path: no store version
+            info = {"task": task.name, "version": None, "sha256": None}
+        prior = getattr(request.state, "trail", None)
+        info["handles"] = handles if handles is not None else (prior or {}).get("handles")
+        request.state.trail = info
+
+    def task_of(self, model: str, request: HTTPRequest | None = None) -> Task | None:
         """The task a request's `model` names, resolved once (None: the base model): requests carry it
-        to the engine, which does not resolve it again. Or a 404/400 APIError."""
+        to the engine, which does not resolve it again. Or a 404/400/403 APIError. With `request`, the
+        audit trail's mark names the version resolved (or refused)."""
         if model == self.config.base_model_id:
             return None
         try:
@@ -35,7 +53,9 @@ class Service:
             raise APIError(404, f"the model {model!r} does not exist: it is neither the base model "
                                 f"{self.config.base_model_id!r} nor a task in the store", code="model_not_found",
                            param="model") from None
-        except RequestError as e:  # a task the store refuses (e.g. its file is gone)
+        except RequestError as e:  # a task the store refuses (e.g. its file is gone), or not approved
+            if request is not None and getattr(e, "entry", None) is not None:
+                self.mark(request, model, Task(model, e.entry))
             raise APIError(STATUS.get(e.code, 400), str(e), code=e.code, param="model") from None
 
     def task_row(self, ref: str) -> dict:
@@ -71,7 +91,7 @@ class Service:
     @staticmethod
     def public(row: dict) -> dict:
         keep = ("name", "version", "method", "num_virtual_tokens", "bytes", "metrics", "created", "tags",
-                "base_name", "base_fingerprint", "sha256", "file_ok", "card")
+                "base_name", "base_fingerprint", "sha256", "file_ok", "card", "state")
         out = {k: row[k] for k in keep if k in row}
         if "size" in row:  # the store index calls the file's size `size`
             out["bytes"] = row["size"]

@@ -49,6 +49,17 @@ class TaskRefused(RequestError):
     code = "task_refused"
 
 
+class TaskNotApproved(RequestError):
+    """The task exists but this server serves only approved store versions (`serve --require-approved`)
+    and this one is not (a draft, revoked, or its signed approval does not hold): HTTP 403."""
+
+    code = "task_not_approved"
+
+    def __init__(self, message: str, entry=None):
+        super().__init__(message)
+        self.entry = entry  # the store version refused (the audit trail records which)
+
+
 class QueueFull(RuntimeError):
     """The waiting queue is at its limit; retry later (nothing accepted was dropped)."""
 
@@ -64,8 +75,12 @@ class TaskRegistry:
     """Task name -> artifact path (or an in-memory prompt). Thread-safe.
 
     `fallback(name)` is asked for names not registered here (the prompt store plugs in this way),
-    and returns a path, a PromptMethod, or None for unknown.
+    and returns a path, a PromptMethod, or None for unknown. `gate(name, source)`, when set, sees
+    every resolution and returns the source to serve or raises (`serve --require-approved`:
+    resolver.ApprovalGate), so no route can serve around it.
     """
+
+    gate: Callable | None = None
 
     def __init__(self, tasks: Mapping[str, str | os.PathLike | PromptMethod] | None = None,
                  fallback: Resolver | None = None):
@@ -95,6 +110,8 @@ class TaskRegistry:
             source = self._fallback(name)
         if source is None:
             raise UnknownTask(f"unknown task {name!r}")
+        if self.gate is not None:
+            source = self.gate(name, source)
         return source
 
 

@@ -25,6 +25,11 @@ same logic runs over either index (softprompt/store/backends/): PostgreSQL write
 advisory lock where SQLite's take its write lock, and an object store's PUT is atomic where a local
 file is renamed into place. Remote bytes are read through a local content-addressed cache.
 
+Governance (docs/store.md#approvals): each version is a draft until `approve`d (or `revoke`d), a
+log of decisions optionally signed over the artifact's checksums (store/approvals.py); servers
+append what they served to the `trail` table (store/trail.py). And only artifacts that load get
+in: `add` and `verify` check tensors against their header, card and geometry (store/checks.py).
+
 Why files are checked against the index: a file replaced behind the index's back (a manual copy,
 disk damage) would otherwise load as a different task under the same name; `open()` compares the
 file's sha256 with the index's and refuses with a message saying so.
@@ -59,7 +64,7 @@ from softprompt.io.artifact import (
 )
 from softprompt.io.card_schema import card_file_path
 from softprompt.methods import PromptMethod
-from softprompt.store import compiled
+from softprompt.store import approvals, checks, compiled, trail
 from softprompt.store.backends import LocalBlobs, SQLiteIndex, is_database_url
 from softprompt.store.backends.blobs import write_atomic
 
@@ -316,13 +321,25 @@ class Store:
         equal to those of the latest version of `name` are refused unless `allow_duplicate`."""
         check_name(name)
         tags = sorted({str(t) for t in tags})
+        where = name if isinstance(source, PromptMethod) else str(source)
         card, blob = self._blob(source, model)
+        # the bytes agree with their header, the card and the base's geometry: only what loads gets in
+        try:
+            checks.check_loads(card, blob, where, model)
+        except StoreError:
+            raise
+        except ArtifactError as e:  # the store's own refusal (one line, naming the file and the fault)
+            raise StoreError(str(e)) from None
         base = card.get("base_model") or {}
         if not base.get("fingerprint"):
             raise StoreError(f"{source}: the card has no base-model fingerprint; re-export the artifact with this "
                              "softprompt so the store can tell which base model it serves")
         card = dict(card, metrics={**(card.get("metrics") or {}), **(metrics or {})})
         card, attachments = self._attachments(card, source)
+        try:
+            check_card(card, Path(where))  # with the metrics added, still within the card's bounds
+        except ArtifactError as e:
+            raise StoreError(str(e)) from None
         tensors = st_load(blob)
         blob = st_save(tensors, metadata={META_KEY: json.dumps(card)})  # always the single-file form
         if _sha(data_section(blob)) != card["tensor_sha256"]:  # safetensors' layout is deterministic
@@ -388,11 +405,12 @@ class Store:
         return compiled.publish(self, e.sha256, model_fingerprint(model), kv)
 
     def _attachments(self, card: dict, source) -> tuple[dict, list[tuple[Path, bytes]]]:
-        """(card, files to write): the `plot` and `inspection` files a card names, when they are files
+        """(card, files to write): the `plot`, `inspection` and `offtask` (the off-task guard's summary,
+        core/offtask.py) files a card names, when they are files
         beside the source artifact, become store files `files/<sha>.ext` and the card names those
         instead; any other name is dropped from the card."""
         out, files = dict(card), []
-        for key, suffix in (("plot", ".png"), ("inspection", ".json")):
+        for key, suffix in (("plot", ".png"), ("inspection", ".json"), ("offtask", ".safetensors")):
             value = out.get(key)
             if not isinstance(value, str):
                 continue
@@ -465,6 +483,8 @@ class Store:
             if not rows:
                 self._row(ref)  # raises the right "unknown name / version" message
             db.execute(f"DELETE FROM tasks WHERE {where}", args)
+            if approvals.has_table(self):  # a removed version's decisions go with it (numbers are never reused)
+                db.execute(f"DELETE FROM approvals WHERE {where}", args)
             db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
         # Files go only after the rows are committed (a crash in between leaves orphans, never
         # rows without files), under the write lock so no add can re-reference them meanwhile.
@@ -565,12 +585,17 @@ class Store:
             where.append("base_fingerprint = ?")
         q = "SELECT * FROM tasks" + (" WHERE " + " AND ".join(f"({w})" for w in where) if where else "")
         rows = [self._as_dict(r) for r in self._db().execute(q, args)]
+        state = approvals.states(self)
+        for r in rows:
+            r["state"] = state.get((r["name"], r["version"]), "draft")
         return sorted(rows, key=lambda r: (r["name"], r["version"]))  # code-point order under any collation
 
     def show(self, ref: str) -> dict:
         """The index row plus the card, whether the file still matches the index (`file_ok`), and
         why the card is refused when it is (`card_error`)."""
         row = self._row(ref)
+        row["approval"] = approvals.current(self, row["name"], row["version"])
+        row["state"] = (row["approval"] or {}).get("state", "draft")
         try:
             if self._blobs.remote:
                 self._fetch(Path(row["path"]), row["sha256"])
@@ -614,9 +639,16 @@ class Store:
             fsync_write(tmp / CARD_FILE, json.dumps(card, indent=2).encode())
         return dest
 
-    def verify(self) -> list[str]:
-        """Problems found by checking every indexed file against its sha256 (empty: all good)."""
+    def verify(self, trust_keys=()) -> list[str]:
+        """Problems found by checking every indexed file against its sha256 and that it loads (empty:
+        all good); with `trust_keys` (PEM public key files), also every approved version's signature,
+        as `serve --require-approved --trust-key` would."""
         problems = []
+        try:
+            trusted = approvals.load_trusted(trust_keys)
+        except approvals.ApprovalError as e:
+            raise StoreError(str(e)) from None
+        decided = approvals.states(self) if trusted else {}
         for row in self.ls(all_versions=True):
             p = Path(row["path"])
             blob = self._read_blob(p)  # the stored bytes (for a remote store, the object itself)
@@ -625,7 +657,66 @@ class Store:
             elif _sha(blob) != row["sha256"]:
                 problems.append(f"{row['name']}@{row['version']}: file {self._blobs.url(self._key(p))} changed "
                                 "behind the index's back")
+            else:  # the right bytes: do they load? (files added before this check existed)
+                where = self._blobs.url(self._key(p))
+                try:
+                    card = checks.card_in(blob, where)
+                    check_card(card, where)
+                    checks.check_loads(card, blob, where)
+                except ArtifactError as e:
+                    problems.append(f"{row['name']}@{row['version']}: {e}")
+                if decided.get((row["name"], row["version"])) == "approved":
+                    why = approvals.signature_problem(approvals.current(self, row["name"], row["version"]), blob,
+                                                      trusted)
+                    if why is not None:
+                        problems.append(f"{row['name']}@{row['version']} is approved, but {why}")
         return problems + compiled.verify(self)
+
+    # --- approvals and the audit trail (store/approvals.py, store/trail.py) --------------------------
+    def _entry_of(self, ref: str) -> StoreEntry:
+        row = self._row(ref)
+        return StoreEntry(self, row["name"], row["version"], row["sha256"], Path(row["path"]))
+
+    def decide(self, ref: str, state: str, by: str, note: str = "", key: str | os.PathLike | None = None) -> dict:
+        """Set the state of one version (`NAME@N`: a decision names one version, never "the latest")
+        to "approved" or "revoked", by `by` because `note`; with `key` (an Ed25519 private key file,
+        `softprompt store keygen`) the decision is signed over the artifact's checksums."""
+        if state not in ("approved", "revoked"):
+            raise StoreError(f"a decision is 'approved' or 'revoked', not {state!r}")
+        if parse_ref(ref)[1] is None:
+            raise StoreError(f"{ref!r}: name one version (NAME@N); an approval or a revocation is for one version")
+        try:
+            private = approvals.load_private(key) if key is not None else None
+            return approvals.append(self, self._entry_of(ref), state, by, note, private)
+        except approvals.ApprovalError as e:
+            raise StoreError(str(e)) from None
+
+    def approve(self, ref: str, by: str, note: str = "", key=None) -> dict:
+        return self.decide(ref, "approved", by, note, key)
+
+    def revoke(self, ref: str, by: str, note: str = "", key=None) -> dict:
+        return self.decide(ref, "revoked", by, note, key)
+
+    def approval(self, name: str, version: int) -> dict | None:
+        """The current decision on name@version (None: a draft); one indexed read."""
+        return approvals.current(self, name, version)
+
+    def decisions(self, ref: str) -> list[dict]:
+        """Every decision on a task (NAME) or a version (NAME@N), oldest first."""
+        name, version = parse_ref(ref)
+        self._row(ref)  # an unknown task or version is refused, not an empty list
+        return approvals.log(self, name, version)
+
+    def latest_approved(self, name: str) -> int | None:
+        return approvals.latest_approved(self, check_name(name))
+
+    def history(self, task: str | None = None, limit: int = 100) -> list[dict]:
+        """The audit trail's newest `limit` rows (for `task`: a name, NAME@N for one version, or the
+        base's served name; None: all), newest first (store/trail.py)."""
+        name, at, v = (task or "").rpartition("@")
+        if task is not None and at and v.isascii() and v.isdigit() and 0 < len(v) < 19:
+            return trail.history(self, name, limit, int(v))
+        return trail.history(self, task, limit)
 
     def version_token(self) -> int:
         """A number that changes whenever any process adds or removes a task (one indexed read)."""

@@ -4,7 +4,7 @@ serving (softprompt/serve/seq2seq.py)."""
 
 from __future__ import annotations
 
-from softprompt.families.base import Family
+from softprompt.families.base import Family, from_fields
 
 
 class Seq2SeqFamily(Family):
@@ -26,6 +26,11 @@ class Seq2SeqFamily(Family):
         from transformers import AutoModelForSeq2SeqLM
 
         return AutoModelForSeq2SeqLM
+
+    def card_geometry(self, geo: dict):
+        from softprompt.families.seq2seq.core import Seq2SeqGeometry
+
+        return from_fields(Seq2SeqGeometry, geo)
 
     def shape_options(self, card: dict) -> dict:
         return {"config": card.get("config")}  # which of the four parts a prefix has

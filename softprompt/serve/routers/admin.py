@@ -31,7 +31,18 @@ async def health(request: Request, svc=Depends(service)):
 async def models(request: Request, svc=Depends(service)):
     """The base model first, then every task (serve/model_list.py: OpenAI's fields and vLLM's
     `max_model_len`, `root`, `parent`)."""
-    return {"object": "list", "data": all_models(svc, _base_created(request))}
+    return {"object": "list", "data": _servable(request, svc, all_models(svc, _base_created(request)))}
+
+
+def _servable(request: Request, svc, data: list[dict]) -> list[dict]:
+    """Under `--require-approved`, only what this server serves: the base and the tasks with an
+    approved version (a bare name serves its newest approved one: resolver.ApprovalGate)."""
+    if getattr(request.app.state, "approval_gate", None) is None:
+        return data
+    from softprompt.store import approvals
+
+    ok = {name for (name, _), state in approvals.states(svc.store).items() if state == "approved"}
+    return [m for m in data if m["id"] == svc.config.base_model_id or m["id"] in ok]
 
 
 # `:path`: a base model's id may hold '/' (HuggingFaceTB/SmolLM2-135M-Instruct; the openai client

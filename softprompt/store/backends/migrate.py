@@ -1,6 +1,7 @@
 """`softprompt store migrate SRC DST`: copy a store (e.g. a SQLite one) into another (e.g. PostgreSQL
 plus s3://), every version of every task with its number, creation time, metrics, tags and sha256,
-and the compiled serving forms.
+and the compiled serving forms, and every version's approvals (store/approvals.py: state, who, why,
+signature; a signature stays valid, since the bytes it covers are copied unchanged).
 
 Bytes first, rows after, in one write transaction of the destination: a migration killed midway
 leaves at most unnamed files (`store gc` removes them), and run again it picks up where it stopped
@@ -18,6 +19,7 @@ from softprompt.store import compiled
 
 def migrate(src, dst) -> dict:
     """Copy `src` (a Store) into `dst` (a Store); counts of what was copied or already there."""
+    from softprompt.store import approvals
     from softprompt.store.core import COLUMNS, StoreError
 
     db = src._db()
@@ -42,6 +44,10 @@ def migrate(src, dst) -> dict:
              f"compiled form of {sha[:12]}...")
     if kv_rows:
         compiled._ensure_table(dst)
+    decisions = (db.execute(f"SELECT {approvals.COLS} FROM approvals ORDER BY name, version, seq").fetchall()
+                 if approvals.has_table(src) else [])
+    if decisions:
+        approvals.ensure_table(dst)
     copied = skipped = 0
     with dst._write() as out:
         for r in rows:
@@ -61,5 +67,7 @@ def migrate(src, dst) -> dict:
                         "ELSE names.last_version END", (name, v))
         for kv in kv_rows:
             out.execute("INSERT INTO compiled VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING", kv)
+        for d in decisions:
+            out.execute("INSERT INTO approvals VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING", tuple(d))
         out.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
     return {"versions": copied, "already_there": skipped, "tasks": len(last), "compiled": len(kv_rows)}

@@ -72,6 +72,7 @@ class PostgresIndex:
 
     tag_clause = "tags::jsonb @> jsonb_build_array(?::text)"
     compiled_schema = None  # created with the rest of the schema
+    serial_key = "BIGSERIAL PRIMARY KEY"  # ever-increasing ids for append-only tables (store/trail.py)
 
     def __init__(self, dsn: str, connect_timeout: int = 3):
         import psycopg

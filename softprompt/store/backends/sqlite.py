@@ -34,6 +34,7 @@ class SQLiteIndex:
     errors = (sqlite3.Error,)  # what a failing index raises (a read-only file, a full disk)
     tag_clause = "EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE value = ?)"
     compiled_schema = COMPILED_SCHEMA
+    serial_key = "INTEGER PRIMARY KEY"  # the rowid: ever-increasing ids for append-only tables (store/trail.py)
 
     def __init__(self, path: Path):
         self.path = Path(path)
