@@ -24,8 +24,9 @@ FLOORS = [  # bottom to top: (floor, the packages or modules on it)
     ("io", ["softprompt.io"]),  # bases, artifacts, cards, PEFT's format
     ("store", ["softprompt.store"]),  # named, versioned tasks and their compiled prefixes
     ("serve", ["softprompt.serve"]),  # the engines, then the HTTP layer
-    ("runs", ["softprompt.runs"]),  # training runs, comparison, demo, the Python API
+    ("runs", ["softprompt.runs", "softprompt.auditing"]),  # training runs, comparison, demo, the audit, the Python API
     ("cli", ["softprompt.cli", "softprompt"]),  # the command line and the package root
+    ("vllm", ["softprompt.vllm"]),  # vLLM's KV connector, run in vLLM's own venv: nothing below imports it
 ]
 
 

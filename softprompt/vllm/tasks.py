@@ -1,0 +1,172 @@
+"""Our tasks as vLLM sees them: placeholder token ids per task version, and the compiled prefix read
+from the store with its checksum checked, with no import of transformers (nor of the rest of this
+package: vLLM's environment pins its own transformers, see docs/vllm.md).
+
+A request for a task starts with `P` placeholder ids, a function of the task's artifact sha256 alone
+(so of the task's version: the store names every artifact by its content). vLLM's prefix cache hashes
+blocks by their token ids, so a task's blocks are found again by the next request of the same task
+and never by another task's (other ids) nor by a new version (another sha256). The ids are never
+embedded: the connector writes their keys and values, so any id below the vocabulary size will do;
+ids below `FIRST_ID` are skipped because tokenizers put their special tokens there.
+
+    ROOT/index.sqlite   tasks (name, version, sha256, num_virtual_tokens, ...)
+                        compiled (sha256, base_fingerprint, dtype, kv_sha256, shape, ...)
+    ROOT/compiled/<fp with ':' as '-'>/<sha[:2]>/<sha>.<dtype>.safetensors   tensor "kv" (L, 2, H_kv, P, D)
+
+(the layout written by softprompt/store/compiled.py; read here, never written.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+FIRST_ID = 256  # below: special and byte tokens in most vocabularies (never a placeholder)
+
+
+def placeholder_ids(sha256: str, num_virtual_tokens: int, vocab_size: int) -> list[int]:
+    """The `P` placeholder token ids of the task version whose artifact has this sha256: uniform over
+    [FIRST_ID, vocab_size) from SHAKE-256 of the sha (the same on every machine and process)."""
+    lo = FIRST_ID if vocab_size > 4 * FIRST_ID else 0  # a tiny test vocabulary has no room to skip
+    span = vocab_size - lo
+    raw = hashlib.shake_256(f"softprompt-vllm:{sha256}".encode()).digest(8 * num_virtual_tokens)
+    return [lo + int.from_bytes(raw[8 * i:8 * i + 8], "little") % span for i in range(num_virtual_tokens)]
+
+
+class TaskNotFound(LookupError):
+    """No task (or no compiled prefix for this base and dtype) under that name."""
+
+
+class PrefixDamaged(RuntimeError):
+    """A compiled file is missing or does not match the sha256 its index row holds: never served."""
+
+
+@dataclass(frozen=True)
+class VllmTask:
+    name: str
+    version: int
+    sha256: str  # the artifact's
+    num_virtual_tokens: int
+    kv_sha256: str  # the compiled file's, as indexed
+    path: Path
+    placeholders: tuple[int, ...]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def compiled_file(root: Path, sha256: str, base_fingerprint: str, dtype: str) -> Path:
+    return root / "compiled" / base_fingerprint.replace(":", "-") / sha256[:2] / f"{sha256}.{dtype}.safetensors"
+
+
+class TaskIndex:
+    """The tasks of a local store (SQLite index) that have a compiled prefix for one base and dtype,
+    keyed by their placeholder ids. Re-read when the index file changes (checked at most every
+    `refresh_s`), so tasks published while vLLM runs are served without a restart."""
+
+    def __init__(self, root, base_fingerprint: str, dtype: str, vocab_size: int, refresh_s: float = 1.0):
+        self.root = Path(root)
+        self.fp, self.dtype, self.vocab_size, self.refresh_s = base_fingerprint, dtype, vocab_size, refresh_s
+        self._by_ids: dict[tuple[int, ...], VllmTask] = {}
+        self._by_ref: dict[str, VllmTask] = {}
+        self._lengths: list[int] = []
+        self._stamp = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        if not (self.root / "index.sqlite").is_file():
+            raise FileNotFoundError(f"no softprompt store at {self.root} (index.sqlite is missing)")
+        self._reload()
+
+    def _file_stamp(self):
+        # WAL mode: a commit may touch only the -wal file until a checkpoint
+        out = []
+        for suffix in ("", "-wal"):
+            try:
+                st = os.stat(self.root / f"index.sqlite{suffix}")
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                out.append(None)
+        return tuple(out)
+
+    def _reload(self) -> None:
+        db = sqlite3.connect(f"file:{self.root / 'index.sqlite'}?mode=ro", uri=True)
+        try:
+            has = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'compiled'").fetchone()
+            rows = [] if not has else db.execute(
+                "SELECT t.name, t.version, t.sha256, t.num_virtual_tokens, c.kv_sha256 FROM tasks t JOIN compiled c "
+                "ON c.sha256 = t.sha256 WHERE c.base_fingerprint = ? AND c.dtype = ? AND t.num_virtual_tokens > 0",
+                (self.fp, self.dtype)).fetchall()
+        finally:
+            db.close()
+        by_ids, by_ref = {}, {}
+        for name, version, sha, P, kv_sha in rows:
+            ids = tuple(placeholder_ids(sha, P, self.vocab_size))
+            task = VllmTask(name, version, sha, P, kv_sha, compiled_file(self.root, sha, self.fp, self.dtype), ids)
+            by_ids[ids] = task
+            by_ref[task.ref] = task
+            prev = by_ref.get(name)
+            if prev is None or prev.version < version:
+                by_ref[name] = task  # a bare name: the newest version
+        self._by_ids, self._by_ref = by_ids, by_ref
+        self._lengths = sorted({len(k) for k in by_ids}, reverse=True)
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < self.refresh_s:
+            return
+        with self._lock:
+            self._checked = now
+            stamp = self._file_stamp()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self._reload()
+
+    def match(self, token_ids) -> VllmTask | None:
+        """The task whose placeholders start `token_ids`, or None (a bare-model request)."""
+        self._maybe_reload()
+        head = tuple(token_ids[:max(self._lengths, default=0)])
+        for P in self._lengths:
+            task = self._by_ids.get(head[:P])
+            if task is not None and len(token_ids) > P:  # at least one real token must follow
+                return task
+        return None
+
+    def get(self, ref: str) -> VllmTask:
+        """A task by "name" (its newest version with a compiled prefix) or "name@version"."""
+        self._maybe_reload()
+        task = self._by_ref.get(ref)
+        if task is None:
+            raise TaskNotFound(f"no task {ref!r} with a compiled prefix for base {self.fp} in {self.dtype} "
+                               f"in the store at {self.root} (publish it with a model: softprompt store compile)")
+        return task
+
+    def tasks(self) -> list[VllmTask]:
+        self._maybe_reload()
+        return sorted(set(self._by_ids.values()), key=lambda t: (t.name, t.version))
+
+
+def read_prefix(task: VllmTask):
+    """The task's compiled prefix, tensor "kv" (L, 2, H_kv, P, D), after checking the file's sha256
+    against the index (a file altered behind the index's back is refused, never served)."""
+    from safetensors.torch import load
+
+    try:
+        blob = task.path.read_bytes()
+    except FileNotFoundError:
+        raise PrefixDamaged(f"{task.ref}: compiled file {task.path} is missing") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != task.kv_sha256:
+        raise PrefixDamaged(f"{task.ref}: compiled file {task.path} changed behind the index's back "
+                            f"(sha256 {digest[:12]}... != indexed {task.kv_sha256[:12]}...)")
+    tensors = load(blob)
+    kv = tensors.get("kv")
+    if kv is None or kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[3] != task.num_virtual_tokens:
+        raise PrefixDamaged(f"{task.ref}: compiled file {task.path} holds no decoder prefix "
+                            f"(L, 2, H_kv, {task.num_virtual_tokens}, D)")
+    return kv
