@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from conftest import tiny_model
+from test_engine import WordTok
 
 from softprompt import hf, methods
 from softprompt.core.offtask import OffTaskError, OffTaskSummary, auc, pool
@@ -17,18 +18,6 @@ from softprompt.loops.offtask import pooled_states, prompt_kv, summarize
 from softprompt.serve import Engine, Request
 
 IN_WORDS, OFF_WORDS = list(range(4, 16)), list(range(50, 62))  # two disjoint word sets (token ids)
-
-
-class WordTok:
-    """Token ids written as words: '5 17 33' <-> [5, 17, 33]."""
-
-    eos_token_id = 2
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [int(x) for x in text.split()]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(f" {i}" for i in ids if not (skip_special_tokens and i == 2))
 
 
 def texts(words, n, seed):
