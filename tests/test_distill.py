@@ -91,6 +91,19 @@ def test_compiled_artifact_serves_like_the_prompt_written_out(tmp_path):
                 logits = model(input_ids=seq).logits[0, full.shape[1] - 1:]
             assert (out.logits - logits).abs().max() <= 1e-5 * logits.abs().max()
 
+    # and over HTTP from the store, like any task: the engine's tokens as text
+    import httpx
+    from test_http import Server
+
+    from softprompt.serve.http import ServerConfig, create_app
+
+    engine = Engine(model, tok, TaskRegistry(fallback=store.entry))
+    want = engine.generate([Request(prompt=INPUTS[0], task="long", max_new_tokens=6, ignore_eos=True)])[0].text
+    with Server(create_app(engine, store, ServerConfig(base_model_id="base"))) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": "long", "prompt": INPUTS[0], "max_tokens": 6,
+                                                      "temperature": 0, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+
 
 def test_chat_prompt_compiles_the_system_turn():
     """With chat=True the prefix is the template's system turn, and a request carries the rest of
