@@ -45,10 +45,19 @@ def live() -> dict:
 
 def quiesced(engine) -> tuple[dict, float]:
     """(live(), rss_mb()) with the engine's loop stopped, so no step in flight holds the last finished
-    row in its frame (the counts are then exact, not a race with the loop), then the loop restarted."""
+    row in its frame (the counts are then exact, not a race with the loop), then the loop restarted.
+    Every phase ends with all clients answered, so no handle or completion should outlive it."""
     engine.stop()
     try:
-        return live(), rss_mb()
+        # A client has its answer a moment before the server's handler returns and drops its handle
+        # and completion: wait (up to 10 s) for every handler to finish. A leaked handle never goes,
+        # so the comparison below still sees it.
+        deadline = time.monotonic() + 10
+        counts = live()
+        while (counts["handles"] or counts["completions"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            counts = live()
+        return counts, rss_mb()
     finally:
         engine.start()
 
