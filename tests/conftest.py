@@ -116,3 +116,23 @@ def base_dir(tmp_path_factory):
     tiny_model("llama").save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A tiny llama with its fingerprint cached before any test forks (children do not recompute it)."""
+    from softprompt.core.geometry import model_fingerprint
+
+    model = tiny_model("llama")
+    model_fingerprint(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pg():
+    """A real PostgreSQL server for the module's tests (tests/services.py), stopped after them."""
+    from services import Postgres
+
+    server = Postgres()
+    yield server
+    server.close()

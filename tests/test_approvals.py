@@ -17,7 +17,6 @@ from tiny_tokenizer import tiny_tokenizer
 
 from softprompt import methods
 from softprompt.cli import main
-from softprompt.core.geometry import model_fingerprint
 from softprompt.io.artifact import save_artifact
 from softprompt.serve import Engine
 from softprompt.serve.http import ServerConfig, create_app
@@ -25,22 +24,6 @@ from softprompt.serve.resolver import StoreResolver
 from softprompt.serve.tasks import TaskRegistry
 from softprompt.store import approvals
 from softprompt.store.core import Store, StoreError
-
-
-@pytest.fixture(scope="module")
-def llama():
-    model = tiny_model("llama")
-    model_fingerprint(model)
-    return model
-
-
-@pytest.fixture(scope="module")
-def pg():
-    from services import Postgres
-
-    server = Postgres()
-    yield server
-    server.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -17,13 +17,6 @@ from softprompt.store import core as store_mod
 from softprompt.store.core import Store, StoreError
 
 
-@pytest.fixture(scope="module")
-def llama():
-    model = tiny_model("llama")
-    model_fingerprint(model)
-    return model
-
-
 def make(model, tmp_path, name, method="prompt_tuning", seed=0, P=4):
     opts = dict(projection_dim=0) if method == "prefix_tuning" else {}
     prompt = methods.create(method, model, num_virtual_tokens=P, seed=seed, **opts)

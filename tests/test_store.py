@@ -12,18 +12,10 @@ from conftest import tiny_model
 
 from softprompt import methods
 from softprompt.cli import main
-from softprompt.core.geometry import model_fingerprint
 from softprompt.io.artifact import load_artifact, read_card, save_artifact
 from softprompt.store.core import Store, StoreError, TaskRef
 
 FORK = mp.get_context("fork")  # children inherit the imported torch: no 2 s start per process
-
-
-@pytest.fixture(scope="module")
-def llama():
-    model = tiny_model("llama")
-    model_fingerprint(model)  # cached on the model before any fork, so children do not recompute it
-    return model
 
 
 def make(model, tmp_path, name="a", seed=0, method="prefix_tuning", **opts):

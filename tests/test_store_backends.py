@@ -9,30 +9,15 @@ import uuid
 import pytest
 import torch
 from conftest import tiny_model
-from services import S3, Postgres, new_database
+from services import S3, new_database
 
 from softprompt import methods
 from softprompt.cli import main
-from softprompt.core.geometry import model_fingerprint
 from softprompt.io.artifact import save_artifact
 from softprompt.store import compiled
 from softprompt.store.core import Store, StoreError, TaskRef
 
 FORK = mp.get_context("fork")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    model = tiny_model("llama")
-    model_fingerprint(model)
-    return model
-
-
-@pytest.fixture(scope="module")
-def pg():
-    server = Postgres()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -151,15 +151,6 @@ def test_recording_is_off_the_request_path(tmp_path, llama):
         writer.close()
 
 
-@pytest.fixture(scope="module")
-def pg():
-    from services import Postgres
-
-    server = Postgres()
-    yield server
-    server.close()
-
-
 def test_trail_on_postgres_appends_rotates_and_reads_back(pg, tmp_path):
     from services import new_database
 
