@@ -12,6 +12,7 @@ from softprompt.core.defaults import ModelConfig, config_of
 
 
 OFF_TASK_POLICIES = ("warn", "reject", "base", "off")
+BACKENDS = ("torch", "vllm")  # what decodes: our engine, or vLLM as a child process (serve/vllm_backend.py)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,10 @@ class ServeConfig:
         trail: record each request (id, key name, task@version, checksum, status, tokens; no text) in the store
         trail_max_rows: the audit trail keeps this many newest rows (older ones are deleted)
         off_task: past a task's off-task threshold (docs/offtask.md): warn (report the score), reject (422), base (serve the bare model), off
+        backend: what decodes: torch (our engine) or vllm (vLLM's CPU or GPU build as a child process, with our KV connector; docs/vllm.md)
+        vllm_python: with --backend vllm: the Python of vLLM's venv (default: $SOFTPROMPT_VLLM_PYTHON or .venv-vllm/bin/python)
+        vllm_max_model_len: with --backend vllm: positions per request (placeholders, prompt and new tokens), at most the model's
+        vllm_startup_timeout_s: with --backend vllm: how long vLLM may take to start (minutes on 2 CPU cores)
     """
 
     store: str | None = None  # a directory or a postgresql:// DSN; None: $SOFTPROMPT_STORE or the default
@@ -89,6 +94,10 @@ class ServeConfig:
     ray: bool = False
     replicas: int = 1
     ray_address: str | None = None
+    backend: str = "torch"
+    vllm_python: str | None = None
+    vllm_max_model_len: int = 2048
+    vllm_startup_timeout_s: float = 900.0
     model: ModelConfig = ModelConfig()
     server: ServerConfig = ServerConfig()  # the limits; its base_model_id and api_keys are set by build_app
     # `softprompt serve`'s flags, in --help's order: a field, or a section's field (cli.py builds them)
@@ -98,7 +107,8 @@ class ServeConfig:
                                 "server.body_timeout_s", "ray", "replicas", "ray_address", "served_model_name",
                                 "server.max_upload_bytes", "model.device", "model.dtype", "model.quantize",
                                 "server.access_log", "server.require_approved", "server.trust_keys", "server.trail",
-                                "server.trail_max_rows", "server.off_task")
+                                "server.trail_max_rows", "server.off_task", "backend", "vllm_python",
+                                "vllm_max_model_len", "vllm_startup_timeout_s")
     FLAG_NAMES: typing.ClassVar = {"server.trust_keys": "trust_key"}
     POSITIONAL: typing.ClassVar = ()
 
@@ -117,6 +127,17 @@ class ServeConfig:
             raise ValueError(f"off_task must be one of {', '.join(OFF_TASK_POLICIES)}, got {self.server.off_task!r}")
         if self.server.trail_max_rows <= 0:
             raise ValueError(f"trail_max_rows must be positive, got {self.server.trail_max_rows}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "vllm":
+            why = ("--ray" if self.ray else "--lora" if self.model.lora else
+                   f"--quantize {self.model.quantize}" if self.model.quantize not in (None, "none") else None)
+            if why:
+                raise ValueError(f"--backend vllm does not take {why} (vLLM runs the base as it is; docs/vllm.md)")
+            if self.server.off_task in ("reject", "base"):
+                raise ValueError(f"--off-task {self.server.off_task} needs --backend torch (the guard is our engine's)")
+            if self.vllm_max_model_len <= 0 or self.vllm_startup_timeout_s <= 0:
+                raise ValueError("vllm_max_model_len and vllm_startup_timeout_s must be positive")
         if self.served_model_name is not None and not 0 < len(self.served_model_name) <= 256:
             raise ValueError("served_model_name must be 1 to 256 characters")
 

@@ -15,7 +15,7 @@ from softprompt.serve.guard import error_body
 # The engine's error codes and the HTTP status each maps to.
 STATUS = {"unknown_task": 404, "task_refused": 400, "task_not_approved": 403, "off_task": 422, "prompt_too_long": 400,
           "bad_request": 400, "invalid_text": 400,
-          "internal_error": 500}
+          "internal_error": 500, "backend_unavailable": 503}
 HTTP_CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
               413: "body_too_large", 415: "unsupported_media_type"}
 

@@ -90,14 +90,19 @@ def build_app(cfg: ServeConfig | None = None, tasks: dict | None = None):
     # unreachable shared index is ridden out with the tasks already held (resolver.py)
     from_store = StoreResolver(store)
 
-    Engine = engine_class(family_of(model))  # continuous batching for decoders, batch-at-a-time for T5/BART
-    guard = {} if limits.off_task == "off" else {"off_task": limits.off_task}
-    if guard and not getattr(Engine, "guards_off_task", False):  # the seq2seq engine has no guard
-        if limits.off_task != "warn":
-            raise ValueError(f"--off-task {limits.off_task} needs a decoder-only base (the guard is the decoder engine's)")
-        guard = {}
-    engine = Engine(model, tok, TaskRegistry(tasks, fallback=from_store), max_batch_size=limits.max_batch_size,
-                    max_queue=limits.max_queue, prefix_cache_bytes=limits.prefix_cache_mb << 20, **guard)
+    registry = TaskRegistry(tasks, fallback=from_store)
+    if cfg.backend == "vllm":
+        engine = _vllm_engine(cfg, model, tok, store, registry)
+    else:
+        Engine = engine_class(family_of(model))  # continuous batching for decoders, batch-at-a-time for T5/BART
+        guard = {} if limits.off_task == "off" else {"off_task": limits.off_task}
+        if guard and not getattr(Engine, "guards_off_task", False):  # the seq2seq engine has no guard
+            if limits.off_task != "warn":
+                raise ValueError(f"--off-task {limits.off_task} needs a decoder-only base (the guard is the decoder "
+                                 "engine's)")
+            guard = {}
+        engine = Engine(model, tok, registry, max_batch_size=limits.max_batch_size, max_queue=limits.max_queue,
+                        prefix_cache_bytes=limits.prefix_cache_mb << 20, **guard)
     base_id = EMBEDDED_NAME if m.base is None else Path(m.base).name
     if m.lora is not None:  # another model than the bare base: clients must not mistake one for the other
         base_id += f"+lora:{Path(m.lora).name}"
@@ -108,6 +113,29 @@ def build_app(cfg: ServeConfig | None = None, tasks: dict | None = None):
     app.state.health_hooks.append(from_store.health)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
     return app, config
+
+
+def _vllm_engine(cfg: ServeConfig, model, tok, store, registry):
+    """The engine of `--backend vllm`, its vLLM child started (and answering) before the app serves,
+    so a failed start is one line from the command, not a traceback from the app's start-up."""
+    from softprompt.families import family_of
+    from softprompt.serve.vllm_backend import VllmEngine, VllmServer, vllm_options
+
+    if family_of(model).name != "causal_lm":
+        raise ValueError("--backend vllm serves decoder-only bases (our connector writes a decoder's KV prefix)")
+    if not (store.root / "index.sqlite").is_file():  # a PostgreSQL index: not read by the connector yet
+        raise ValueError("--backend vllm needs a local store directory (vLLM's connector reads its SQLite index)")
+    server = VllmServer(vllm_options(cfg, model, store.root))
+    limits = cfg.server
+    engine = VllmEngine(model, tok, registry, server=server, max_batch_size=limits.max_batch_size,
+                        max_queue=limits.max_queue, prefix_cache_bytes=limits.prefix_cache_mb << 20)
+    print(f"starting vLLM ({server.opts.python}; log {server.log_path})", file=sys.stderr)
+    try:
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    return engine
 
 
 async def _store_unavailable(request, exc):

@@ -144,7 +144,9 @@ class Service:
         if failed is not None:
             for h in handles:
                 h.cancel()
-            raise APIError(STATUS.get(failed.error_code, 400), failed.error, code=failed.error_code)
+            status = STATUS.get(failed.error_code, 400)
+            raise APIError(status, failed.error, "invalid_request_error" if status < 500 else "server_error",
+                           code=failed.error_code, headers={"Retry-After": "5"} if status == 503 else None)
 
     async def results(self, handles, request: HTTPRequest) -> list:
         """Every handle's completion; a client that goes away cancels its rows; errors as APIError."""

@@ -46,12 +46,32 @@ LAYER_INDEX = re.compile(r"\.(\d+)\.")  # "model.layers.7.self_attn.attn" -> 7
 CACHE_BYTES = 1 << 30  # worker-side prefixes kept decoded in memory (LRU); a task is ~46 kB/token in float32
 
 
+@dataclass(frozen=True)
+class _Unservable:
+    """A request for a task the connector cannot serve: one that names its task (kv_transfer_params
+    {"softprompt": {"task", "sha256", "num_virtual_tokens"}}, as our server sends) not in the index
+    for this base and dtype, or a task whose compiled file is damaged. Its `P` positions are claimed
+    and reported as failed loads, so vLLM fails the request (kv_load_failure_policy "fail", its
+    default) and evicts the blocks: the placeholders never run as ordinary tokens, whose keys and
+    values vLLM's prefix cache would otherwise keep and serve to the task's next requests."""
+
+    ref: str
+    num_virtual_tokens: int
+    why: str
+
+
 @dataclass
 class _Load:
     req_id: str
-    task: VllmTask
+    task: VllmTask | _Unservable
     start: int  # first prefix position to write (those before it are in vLLM's prefix cache already)
     slots: list[int]  # slot of each position start..P-1
+
+
+def _named(request) -> dict | None:
+    """The task a request names in its kv_transfer_params, if any."""
+    want = (getattr(request, "kv_transfer_params", None) or {}).get("softprompt")
+    return want if isinstance(want, dict) else None
 
 
 @dataclass
@@ -74,29 +94,44 @@ class SoftpromptConnector(KVConnectorBase_V1):
         dtype = extra.get("dtype") or _dtype_name(model_config.dtype)
         self.block_size = vllm_config.cache_config.block_size
         self.index = TaskIndex(extra["store"], extra["base_fingerprint"], dtype, model_config.get_vocab_size())
-        self._pending: dict[str, tuple[VllmTask, int]] = {}  # scheduler: req_id -> (task, start), loaded next step
+        self._matched: dict[str, VllmTask | _Unservable] = {}  # scheduler: req_id -> its task, until allocated
+        self._pending: dict[str, tuple[VllmTask | _Unservable, int]] = {}  # req_id -> (task, start), loaded next
+        self._invalid: set[int] = set()  # worker: blocks whose load failed this step (vLLM fails their requests)
         self._prefixes: dict[str, torch.Tensor] = {}  # worker: kv_sha256 -> kv (L, 2, H, P, D), LRU order
         self._checked: set[str] = set()  # scheduler: kv_sha256 of compiled files read and hashed once
-        self.stats = {"loaded_requests": 0, "loaded_tokens": 0, "cached_requests": 0}
+        self.stats = {"loaded_requests": 0, "loaded_tokens": 0, "cached_requests": 0, "failed_requests": 0}
 
     # ---- scheduler side ---------------------------------------------------------------------
-    def _task_of(self, request) -> VllmTask | None:
-        task = self.index.match(request.prompt_token_ids or [])
+    def _task_of(self, request) -> VllmTask | _Unservable | None:
+        ids = request.prompt_token_ids or []
+        task, want = self.index.match(ids), _named(request)
+        if want is not None and (task is None or task.sha256 != want.get("sha256")):
+            self.index.refresh()  # published a moment ago: do not wait for the periodic re-read
+            task = self.index.match(ids)
+            if task is None or task.sha256 != want.get("sha256"):
+                P = want.get("num_virtual_tokens")
+                if not isinstance(P, int) or not 0 < P < len(ids):
+                    return None
+                why = (f"task {want.get('task')} (sha256 {str(want.get('sha256'))[:12]}...) has no compiled prefix "
+                       f"for base {self.index.fp} in {self.index.dtype} in the store at {self.index.root}")
+                logger.error("softprompt: request %s fails: %s", request.request_id, why)
+                return _Unservable(str(want.get("task")), P, why)
         if task is None or task.kv_sha256 in self._checked:
             return task
         try:
             read_prefix(task)  # checksum checked before any request of this version is admitted
         except PrefixDamaged as e:
-            # never served; the placeholders then run as ordinary tokens, so say so loudly
-            logger.error("softprompt: %s; request %s runs WITHOUT its prefix", e, request.request_id)
-            return None
+            logger.error("softprompt: request %s fails: %s", request.request_id, e)
+            return _Unservable(task.ref, task.num_virtual_tokens, str(e))
         self._checked.add(task.kv_sha256)
         return task
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         task = self._task_of(request)
         if task is None:
+            self._matched.pop(request.request_id, None)
             return 0, False
+        self._matched[request.request_id] = task
         todo = task.num_virtual_tokens - num_computed_tokens
         if todo <= 0:
             self.stats["cached_requests"] += 1  # the whole prefix came from vLLM's own prefix cache
@@ -104,10 +139,9 @@ class SoftpromptConnector(KVConnectorBase_V1):
         return todo, False  # loaded synchronously, before this step's forward pass
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
-        if num_external_tokens > 0:
-            task = self.index.match(request.prompt_token_ids or [])
-            if task is not None:
-                self._pending[request.request_id] = (task, task.num_virtual_tokens - num_external_tokens)
+        task = self._matched.pop(request.request_id, None)
+        if num_external_tokens > 0 and task is not None:
+            self._pending[request.request_id] = (task, task.num_virtual_tokens - num_external_tokens)
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -130,12 +164,14 @@ class SoftpromptConnector(KVConnectorBase_V1):
                 meta.loads.append(_Load(req_id, task, start,
                                         self._slots(cached.new_block_ids[i][0], start, task.num_virtual_tokens)))
         for load in meta.loads:
-            self.stats["loaded_requests"] += 1
-            self.stats["loaded_tokens"] += len(load.slots)
+            failed = isinstance(load.task, _Unservable)
+            self.stats["failed_requests" if failed else "loaded_requests"] += 1
+            self.stats["loaded_tokens"] += 0 if failed else len(load.slots)
         return meta
 
     def request_finished(self, request, block_ids):
         self._pending.pop(request.request_id, None)
+        self._matched.pop(request.request_id, None)
         return False, None  # nothing saved: blocks are freed (or kept by the prefix cache) as usual
 
     # ---- worker side ------------------------------------------------------------------------
@@ -156,9 +192,19 @@ class SoftpromptConnector(KVConnectorBase_V1):
                   if getattr(layer, "kv_cache", None) is not None and hasattr(getattr(layer, "impl", None),
                                                                               "do_kv_cache_update")]
         for load in meta.loads:
-            kv = self._prefix(load.task)  # (L, 2, H_kv, P, D)
-            if len(layers) != kv.shape[0]:
-                raise PrefixDamaged(f"{load.task.ref}: prefix has {kv.shape[0]} layers, the model {len(layers)}")
+            kv = None
+            if not isinstance(load.task, _Unservable):
+                try:
+                    kv = self._prefix(load.task)  # (L, 2, H_kv, P, D)
+                except PrefixDamaged as e:  # changed since the scheduler's check: this request fails, not vLLM
+                    logger.error("softprompt: request %s fails: %s", load.req_id, e)
+            if kv is not None and len(layers) != kv.shape[0]:
+                logger.error("softprompt: request %s fails: %s has %d layers, the model %d", load.req_id,
+                             load.task.ref, kv.shape[0], len(layers))
+                kv = None
+            if kv is None:
+                self._invalid.update(slot // self.block_size for slot in load.slots)
+                continue
             for name, layer in layers:
                 m = LAYER_INDEX.search(name)
                 l = int(m.group(1))
@@ -169,6 +215,11 @@ class SoftpromptConnector(KVConnectorBase_V1):
                 value = part[1].transpose(0, 1).contiguous()
                 slots = torch.tensor(load.slots, dtype=torch.long, device=cache.device)
                 layer.impl.do_kv_cache_update(layer, key, value, cache, slots)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """The blocks of this step's failed loads: vLLM fails their requests and evicts the blocks."""
+        out, self._invalid = self._invalid, set()
+        return out
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous, done in start_load_kv

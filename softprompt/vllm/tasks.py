@@ -26,16 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-FIRST_ID = 256  # below: special and byte tokens in most vocabularies (never a placeholder)
-
-
-def placeholder_ids(sha256: str, num_virtual_tokens: int, vocab_size: int) -> list[int]:
-    """The `P` placeholder token ids of the task version whose artifact has this sha256: uniform over
-    [FIRST_ID, vocab_size) from SHAKE-256 of the sha (the same on every machine and process)."""
-    lo = FIRST_ID if vocab_size > 4 * FIRST_ID else 0  # a tiny test vocabulary has no room to skip
-    span = vocab_size - lo
-    raw = hashlib.shake_256(f"softprompt-vllm:{sha256}".encode()).digest(8 * num_virtual_tokens)
-    return [lo + int.from_bytes(raw[8 * i:8 * i + 8], "little") % span for i in range(num_virtual_tokens)]
+from softprompt.core.placeholders import FIRST_ID, placeholder_ids  # noqa: F401 - re-exported
 
 
 class TaskNotFound(LookupError):
@@ -120,8 +111,13 @@ class TaskIndex:
         now = time.monotonic()
         if now - self._checked < self.refresh_s:
             return
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the index now if its file changed (a request that names its task, see the
+        connector, cannot wait for the next periodic check)."""
         with self._lock:
-            self._checked = now
+            self._checked = time.monotonic()
             stamp = self._file_stamp()
             if stamp != self._stamp:
                 self._stamp = stamp

@@ -128,5 +128,28 @@ def test_a_dropped_prefix_would_fail(reference):
             assert max(abs(a - b) for a, b in zip(r["logprobs"], r["bare_logprobs"])) > 25 * TOL, name
 
 
+def test_a_named_task_the_connector_cannot_serve_fails_and_others_are_served(llm, reference):
+    """A request that names its task (kv_transfer_params, as `softprompt serve --backend vllm` sends)
+    whose version is not in the store's index fails (finish_reason "error", vLLM's
+    kv_load_failure_policy "fail"), in the same batch as rows that are served exactly; its
+    placeholders never run as ordinary tokens."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    r = reference["rows"][0]
+    ghost = "0" * 64  # a sha256 no task has
+    head = placeholder_ids(ghost, 12, reference["vocab_size"])
+    named = SamplingParams(temperature=0.0, max_tokens=reference["new_tokens"], ignore_eos=True, extra_args={
+        "kv_transfer_params": {"softprompt": {"task": "ghost@1", "sha256": ghost, "num_virtual_tokens": 12}}})
+    plain = SamplingParams(temperature=0.0, max_tokens=reference["new_tokens"], ignore_eos=True)
+    before = _connector_stats(llm)["failed_requests"]
+    own = placeholder_ids(r["sha256"], r["P"], reference["vocab_size"])
+    outs = llm.generate([TokensPrompt(prompt_token_ids=head + r["prompt_ids"]),
+                         TokensPrompt(prompt_token_ids=own + r["prompt_ids"])], [named, plain], use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == "error"
+    assert _connector_stats(llm)["failed_requests"] == before + 1
+    assert list(outs[1].outputs[0].token_ids) == r["tokens"]  # the batch's other row, served as ever
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-s"]))

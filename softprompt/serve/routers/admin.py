@@ -21,7 +21,7 @@ async def health(request: Request, svc=Depends(service)):
     alive = svc.engine.revive()
     st = svc.engine.status()
     body = {"status": "ok" if alive else "stopped", "running_rows": st["running_rows"], "waiting": st["waiting"],
-            "restarts": st.get("restarts", 0), "faults": st.get("faults", 0)}
+            "restarts": st.get("restarts", 0), "faults": st.get("faults", 0), "backend": st.get("backend", "torch")}
     for hook in request.app.state.health_hooks:  # e.g. {"store": "degraded"} while a shared index is down
         body.update(hook())
     return JSONResponse(body, 200 if alive else 503)
