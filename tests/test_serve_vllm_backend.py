@@ -214,3 +214,20 @@ def test_a_vllm_that_cannot_start_is_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"vLLM exited with code 4 while starting: no such model"):
         server.start()
     server.close()
+
+
+def test_the_child_gets_vllms_arguments_and_a_shared_stores_dsn(tmp_path):
+    opts = VllmOptions(python=Path("/v/bin/python"), model_dir=tmp_path / "m", dtype="bfloat16", store_root=tmp_path,
+                       base_fingerprint="sha256:ab", max_model_len=512, max_num_seqs=8,
+                       store_ref="postgresql://u@h/db?objects=/mnt/shared")
+    args = VllmServer(opts).args(1234)
+    assert args[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    flags = dict(zip(args[3::2], args[4::2]))
+    assert flags["--model"] == str(tmp_path / "m") and flags["--dtype"] == "bfloat16"
+    assert (flags["--port"], flags["--max-model-len"], flags["--max-num-seqs"]) == ("1234", "512", "8")
+    assert flags["--host"] == "127.0.0.1"  # vLLM is never exposed: our server is the door
+    kv = json.loads(args[args.index("--kv-transfer-config") + 1])
+    assert kv["kv_connector"] == "SoftpromptConnector" and kv["kv_role"] == "kv_consumer"
+    assert kv["kv_connector_extra_config"] == {"store": "postgresql://u@h/db?objects=/mnt/shared",
+                                               "base_fingerprint": "sha256:ab", "dtype": "bfloat16"}
+    assert "--enable-prefix-caching" in args

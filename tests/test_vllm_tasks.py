@@ -76,3 +76,29 @@ def test_an_altered_compiled_file_is_refused(published):
     task.path.unlink()
     with pytest.raises(PrefixDamaged, match="missing"):
         read_prefix(task)
+
+
+def test_a_shared_postgresql_store_is_read_too(pg, tmp_path):
+    """A shared store (PostgreSQL index, bytes in a directory every vLLM host mounts): the same tasks,
+    placeholders and checked prefixes as from a directory store; a new version is seen on refresh; a
+    store whose bytes are in an object store is refused with the reason."""
+    from services import new_database
+
+    model = tiny_model("llama")
+    dsn = new_database(pg.dsn)
+    store = Store(f"{dsn}?objects={tmp_path / 'shared'}")
+    prompt = methods.create("prefix_tuning", model, num_virtual_tokens=3, seed=0, projection_dim=0)
+    store.add("t0", save_artifact(prompt, tmp_path / "t0.safetensors", model), model)
+    fp = model_fingerprint(model)
+    index = TaskIndex(dsn, fp, "float32", VOCAB, refresh_s=3600)  # the objects directory from the store's setting
+    task = index.get("t0")
+    assert task.placeholders == tuple(placeholder_ids(store.show("t0")["sha256"], 3, VOCAB))
+    assert index.match([*task.placeholders, 5]) == task
+    assert torch.equal(read_prefix(task), prompt.to_kv_prefix(model).kv().float())
+    other = methods.create("prefix_tuning", model, num_virtual_tokens=4, seed=1, projection_dim=0)
+    store.add("t0", save_artifact(other, tmp_path / "v2.safetensors", model), model)
+    assert index.get("t0").version == 1  # not re-read yet (refresh_s), until asked
+    index.refresh()
+    assert index.get("t0").version == 2
+    with pytest.raises(ValueError, match="not from an object store"):
+        TaskIndex(f"{dsn}?objects=s3://bucket/p", fp, "float32", VOCAB)

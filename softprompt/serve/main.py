@@ -123,9 +123,12 @@ def _vllm_engine(cfg: ServeConfig, model, tok, store, registry):
 
     if family_of(model).name != "causal_lm":
         raise ValueError("--backend vllm serves decoder-only bases (our connector writes a decoder's KV prefix)")
-    if not (store.root / "index.sqlite").is_file():  # a PostgreSQL index: not read by the connector yet
-        raise ValueError("--backend vllm needs a local store directory (vLLM's connector reads its SQLite index)")
-    server = VllmServer(vllm_options(cfg, model, store.root))
+    shared = not (store.root / "index.sqlite").is_file()  # a PostgreSQL index
+    if shared and store.remote:
+        raise ValueError("--backend vllm reads a shared store's bytes from a directory (?objects=DIR), not from an "
+                         "object store (vLLM's connector opens the compiled prefixes as files)")
+    ref = (cfg.store or os.environ.get("SOFTPROMPT_STORE")) if shared else None
+    server = VllmServer(vllm_options(cfg, model, store.root, ref))
     limits = cfg.server
     engine = VllmEngine(model, tok, registry, server=server, max_batch_size=limits.max_batch_size,
                         max_queue=limits.max_queue, prefix_cache_bytes=limits.prefix_cache_mb << 20)

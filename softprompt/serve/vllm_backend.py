@@ -21,6 +21,9 @@ tokenizer) and hands decoding to vLLM, one streamed completion per request, with
 - vLLM's own 4xx answers end the request as a 400 with vLLM's message; a child that dies fails the
   requests it was running (500), is restarted, and /health answers 503 until it is back.
 
+The store is a directory, or a shared store whose PostgreSQL index the connector reads too, with its
+bytes in a directory vLLM can read (objects in S3 are not read by the connector).
+
 Tasks held only in memory (not in the store) cannot reach vLLM's connector and are refused (400).
 The off-task guard is the torch engine's (a hook in its prefill) and does not run here.
 """
@@ -83,7 +86,7 @@ class VllmOptions:
     python: Path
     model_dir: Path
     dtype: str  # "float32", "bfloat16", ...: the compiled prefixes' dtype too
-    store_root: Path
+    store_root: Path  # the store's files (a shared store's objects directory)
     base_fingerprint: str
     max_model_len: int
     max_num_seqs: int
@@ -92,6 +95,7 @@ class VllmOptions:
     extra_args: tuple[str, ...] = ()
     command: tuple[str, ...] | None = None
     env: dict = field(default_factory=dict)
+    store_ref: str | None = None  # what the connector opens: a shared store's DSN; None: store_root
 
 
 class VllmServer:
@@ -110,7 +114,8 @@ class VllmServer:
         o = self.opts
         kv = {"kv_connector": "SoftpromptConnector", "kv_role": "kv_consumer",
               "kv_connector_module_path": "softprompt.vllm.connector",
-              "kv_connector_extra_config": {"store": str(o.store_root), "base_fingerprint": o.base_fingerprint,
+              "kv_connector_extra_config": {"store": o.store_ref or str(o.store_root),
+                                            "base_fingerprint": o.base_fingerprint,
                                             "dtype": o.dtype}}
         head = list(o.command) if o.command else [str(o.python), "-m", "vllm.entrypoints.openai.api_server"]
         args = [*head, "--model", str(o.model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", o.dtype,
@@ -233,7 +238,6 @@ class VllmEngine(BaseEngine):
                          max_new_tokens_limit=max_new_tokens_limit, prefix_cache_bytes=prefix_cache_bytes)
         self.server = server
         self.max_positions = server.opts.max_model_len  # placeholders + prompt + new tokens (vLLM's limit)
-        self.fingerprint = model_fingerprint(model)
         self._pool = ThreadPoolExecutor(max_workers=max_batch_size, thread_name_prefix="softprompt-vllm-stream")
         self._restarting = threading.Lock()
         self._ready = False  # the child answered /health since it was (re)started
@@ -450,8 +454,9 @@ def _logprobs(lp: dict | None, ids: list[int], top: int | None) -> list[TokenLog
     return out
 
 
-def vllm_options(cfg, model, store_root: Path) -> VllmOptions:
-    """The child's options from `softprompt serve`'s config and the loaded base."""
+def vllm_options(cfg, model, store_root: Path, store_ref: str | None = None) -> VllmOptions:
+    """The child's options from `softprompt serve`'s config, the loaded base and the store (its files'
+    directory; for a shared store, the DSN the connector opens)."""
     from softprompt.io.load import embedded_model_dir
 
     m = cfg.model
@@ -461,7 +466,7 @@ def vllm_options(cfg, model, store_root: Path) -> VllmOptions:
     return VllmOptions(python=find_vllm_python(cfg.vllm_python), model_dir=model_dir, dtype=dtype,
                        store_root=store_root, base_fingerprint=model_fingerprint(model),
                        max_model_len=min(ctx, cfg.vllm_max_model_len), max_num_seqs=cfg.server.max_batch_size,
-                       startup_timeout_s=cfg.vllm_startup_timeout_s)
+                       startup_timeout_s=cfg.vllm_startup_timeout_s, store_ref=store_ref)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m softprompt.serve.vllm_backend` prints where vLLM is

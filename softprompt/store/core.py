@@ -247,6 +247,11 @@ class Store:
             self.root = self._blobs.root
         self._make_dirs()
 
+    @property
+    def remote(self) -> bool:
+        """Whether the artifact bytes live in an object store (S3 and the like), `root` holding local copies."""
+        return self._blobs.remote
+
     def _make_dirs(self) -> None:
         try:
             for sub in ("objects", "tmp", "files"):

@@ -20,7 +20,8 @@ scheduler accepts any count of external tokens, and a partial last block is simp
 the real tokens computed in the same step.
 
 Configuration (`--kv-transfer-config`, kv_connector_extra_config):
-    store             the store's root directory (a local SQLite store)
+    store             the store's root directory, or a shared store's postgresql:// DSN whose bytes are
+                      in a directory (?objects=DIR, or the store's recorded setting)
     base_fingerprint  the base model's fingerprint (`softprompt info`), the key of compiled prefixes
     dtype             optional: "float32", "bfloat16", ...; default the model's dtype
 """

@@ -13,7 +13,9 @@ ids below `FIRST_ID` are skipped because tokenizers put their special tokens the
                         compiled (sha256, base_fingerprint, dtype, kv_sha256, shape, ...)
     ROOT/compiled/<fp with ':' as '-'>/<sha[:2]>/<sha>.<dtype>.safetensors   tensor "kv" (L, 2, H_kv, P, D)
 
-(the layout written by softprompt/store/compiled.py; read here, never written.)
+(the layout written by softprompt/store/compiled.py; read here, never written.) A shared store's
+PostgreSQL index (`postgresql://...?objects=DIR`) is read too, with psycopg, when its bytes live in
+a directory every vLLM host mounts (objects in S3 are not read here).
 """
 
 from __future__ import annotations
@@ -57,12 +59,16 @@ def compiled_file(root: Path, sha256: str, base_fingerprint: str, dtype: str) ->
 
 
 class TaskIndex:
-    """The tasks of a local store (SQLite index) that have a compiled prefix for one base and dtype,
-    keyed by their placeholder ids. Re-read when the index file changes (checked at most every
-    `refresh_s`), so tasks published while vLLM runs are served without a restart."""
+    """The tasks of a store that have a compiled prefix for one base and dtype, keyed by their
+    placeholder ids. `root`: a store directory (its SQLite index), or a `postgresql://` DSN whose
+    objects are a directory (`?objects=DIR`, or the store's recorded setting). Re-read when the index
+    changes (checked at most every `refresh_s`, or at once by `refresh`), so tasks published while
+    vLLM runs are served without a restart."""
+
+    QUERY = ("SELECT t.name, t.version, t.sha256, t.num_virtual_tokens, c.kv_sha256 FROM tasks t JOIN compiled c "
+             "ON c.sha256 = t.sha256 WHERE c.base_fingerprint = {p} AND c.dtype = {p} AND t.num_virtual_tokens > 0")
 
     def __init__(self, root, base_fingerprint: str, dtype: str, vocab_size: int, refresh_s: float = 1.0):
-        self.root = Path(root)
         self.fp, self.dtype, self.vocab_size, self.refresh_s = base_fingerprint, dtype, vocab_size, refresh_s
         self._by_ids: dict[tuple[int, ...], VllmTask] = {}
         self._by_ref: dict[str, VllmTask] = {}
@@ -70,11 +76,19 @@ class TaskIndex:
         self._stamp = None
         self._checked = 0.0
         self._lock = threading.Lock()
-        if not (self.root / "index.sqlite").is_file():
-            raise FileNotFoundError(f"no softprompt store at {self.root} (index.sqlite is missing)")
+        self.dsn = None
+        if str(root).startswith(("postgresql://", "postgres://")):
+            self.dsn, self.root = _shared(str(root))
+        else:
+            self.root = Path(root)
+            if not (self.root / "index.sqlite").is_file():
+                raise FileNotFoundError(f"no softprompt store at {self.root} (index.sqlite is missing)")
         self._reload()
 
     def _file_stamp(self):
+        if self.dsn is not None:  # what changes when a task or a compiled form is added or removed
+            return _pg(self.dsn, "SELECT (SELECT value FROM meta WHERE key = 'generation'), count(*), max(created) "
+                                 "FROM compiled")[0]
         # WAL mode: a commit may touch only the -wal file until a checkpoint
         out = []
         for suffix in ("", "-wal"):
@@ -85,18 +99,19 @@ class TaskIndex:
                 out.append(None)
         return tuple(out)
 
-    def _reload(self) -> None:
+    def _rows(self) -> list[tuple]:
+        if self.dsn is not None:
+            return _pg(self.dsn, self.QUERY.format(p="%s"), (self.fp, self.dtype))
         db = sqlite3.connect(f"file:{self.root / 'index.sqlite'}?mode=ro", uri=True)
         try:
             has = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'compiled'").fetchone()
-            rows = [] if not has else db.execute(
-                "SELECT t.name, t.version, t.sha256, t.num_virtual_tokens, c.kv_sha256 FROM tasks t JOIN compiled c "
-                "ON c.sha256 = t.sha256 WHERE c.base_fingerprint = ? AND c.dtype = ? AND t.num_virtual_tokens > 0",
-                (self.fp, self.dtype)).fetchall()
+            return [] if not has else db.execute(self.QUERY.format(p="?"), (self.fp, self.dtype)).fetchall()
         finally:
             db.close()
+
+    def _reload(self) -> None:
         by_ids, by_ref = {}, {}
-        for name, version, sha, P, kv_sha in rows:
+        for name, version, sha, P, kv_sha in self._rows():
             ids = tuple(placeholder_ids(sha, P, self.vocab_size))
             task = VllmTask(name, version, sha, P, kv_sha, compiled_file(self.root, sha, self.fp, self.dtype), ids)
             by_ids[ids] = task
@@ -145,6 +160,31 @@ class TaskIndex:
     def tasks(self) -> list[VllmTask]:
         self._maybe_reload()
         return sorted(set(self._by_ids.values()), key=lambda t: (t.name, t.version))
+
+
+def _pg(dsn: str, query: str, args=()) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        return conn.execute(query, args).fetchall()
+
+
+def _shared(url: str) -> tuple[str, Path]:
+    """(the DSN without `objects`, the objects directory) of a shared store; ValueError where its
+    bytes are not in a directory (S3 and the like are not read by the connector)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    dsn = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "objects"])))
+    objects = next((v for k, v in reversed(query) if k == "objects"), None)
+    if objects is None:
+        found = _pg(dsn, "SELECT value FROM settings WHERE key = 'objects'")
+        objects = found[0][0] if found else None
+    if not objects or ("://" in objects and not objects.startswith("file://")):
+        raise ValueError(f"the store's bytes are at {objects or '(not recorded)'}: the connector reads compiled "
+                         "prefixes from a directory (a shared mount; ?objects=DIR), not from an object store")
+    return dsn, Path(objects.removeprefix("file://"))
 
 
 def read_prefix(task: VllmTask):
