@@ -5,7 +5,7 @@ $FAKE_VLLM_LOG (JSONL) so a test can read what the engine sent.
 
 Its output is a fixed function of the prompt: new token i is (sum of the prompt ids + i) % 50 + 3,
 with text " w<id>". A request with seed 400 is refused (400); seed 500 makes the process exit after
-its first token (a crash); FAKE_VLLM_SLOW=1 waits 0.2 s per token."""
+its first token (a crash); seed 300 waits 0.2 s per token."""
 
 import argparse
 import json
@@ -57,7 +57,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             if body.get("seed") == 500:
                 os._exit(3)
-            if os.environ.get("FAKE_VLLM_SLOW"):
+            if body.get("seed") == 300:  # slow: a client can go away mid-stream
                 time.sleep(0.2)
         self.wfile.write(b"data: [DONE]\n\n")
 

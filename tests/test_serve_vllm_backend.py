@@ -231,3 +231,21 @@ def test_the_child_gets_vllms_arguments_and_a_shared_stores_dsn(tmp_path):
     assert kv["kv_connector_extra_config"] == {"store": "postgresql://u@h/db?objects=/mnt/shared",
                                                "base_fingerprint": "sha256:ab", "dtype": "bfloat16"}
     assert "--enable-prefix-caching" in args
+
+
+def test_a_client_that_goes_away_frees_its_row_and_vllms_request(served):
+    from softprompt.serve.handle import Request
+
+    _, engine, *_ = served
+    cancelled = engine.stats["cancelled"]
+    handle = engine.submit(Request(prompt="ka mo", task="alpha", max_new_tokens=40, seed=300))  # 0.2 s a token
+    events = iter(handle)
+    next(events)  # the first token is out: the request runs in vLLM
+    handle.cancel()
+    result = handle.result(timeout=10)
+    assert result.finish_reason == "cancelled" and len(result.token_ids) < 40
+    assert engine.stats["cancelled"] == cancelled + 1
+    deadline = time.monotonic() + 5
+    while engine.status()["running_rows"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
