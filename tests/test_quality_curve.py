@@ -48,6 +48,9 @@ def test_steps_scale_with_the_subset_by_the_printed_rule():
     cfg = CompareConfig(RunConfig.of(steps=10, batch_size=8), epochs=2.0, max_steps=100)
     assert [steps_for(n, cfg) for n in (8, 80, 400, 4000)] == [10, 20, 100, 100]
     assert steps_rule(cfg) == "steps = ceil(2 epochs x training rows / batch 8), at least 10, at most 100"
+    capped = CompareConfig(RunConfig.of(steps=50, batch_size=8), epochs=2.0, max_steps=40)
+    assert [steps_for(n, capped) for n in (8, 4000)] == [40, 40]  # a cap under the floor: the cap decides
+    assert steps_rule(capped) == "steps = ceil(2 epochs x training rows / batch 8), at most 40"
 
 
 def _tokenized(tok):

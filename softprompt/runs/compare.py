@@ -265,9 +265,11 @@ def steps_for(rows: int, cfg: CompareConfig) -> int:
 
 
 def steps_rule(cfg: CompareConfig) -> str:
-    cap = f", at most {cfg.max_steps}" if cfg.max_steps else ""
-    return (f"steps = ceil({cfg.epochs:g} epochs x training rows / batch {cfg.run.train.batch_size}), "
-            f"at least {cfg.run.train.steps}{cap}")
+    rule = f"steps = ceil({cfg.epochs:g} epochs x training rows / batch {cfg.run.train.batch_size})"
+    floor, cap = cfg.run.train.steps, cfg.max_steps
+    if cap and cap <= floor:  # the cap wins over the floor (steps_for): say only what decides
+        return f"{rule}, at most {cap}"
+    return f"{rule}, at least {floor}" + (f", at most {cap}" if cap else "")
 
 
 def _hf_tps(model, tok, prompts: list[str], max_new_tokens: int) -> float:
