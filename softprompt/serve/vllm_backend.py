@@ -48,7 +48,7 @@ from pathlib import Path
 from softprompt.core.geometry import model_fingerprint
 from softprompt.core.placeholders import placeholder_ids
 from softprompt.serve.base import BaseEngine, Row, fault
-from softprompt.serve.handle import Completion, Handle, Request, TokenLogprob
+from softprompt.serve.handle import Handle, Request, TokenLogprob
 from softprompt.serve.tasks import RequestError, Task, TaskRefused, compile_task
 
 log = logging.getLogger("softprompt.serve")
@@ -302,8 +302,9 @@ class VllmEngine(BaseEngine):
         P = prefix.kv().shape[3]
         return _VllmPrefix(placeholder_ids(src.sha256, P, self.vocab_size), src.sha256, f"{src.name}@{src.version}")
 
-    def _body(self, handle: Handle, req: Request) -> tuple[dict, int]:
-        """(vLLM's request body, the prompt's own token count) for a request, or RequestError."""
+    def _body(self, handle: Handle, req: Request) -> tuple[dict, Row]:
+        """(vLLM's request body, the request's row: its sampling and the prompt's own token count), or
+        RequestError."""
         if req.prompt_logprobs:
             raise RequestError("echo with logprobs (the prompt's logprobs) is not served by --backend vllm")
         params, prefix, ids = self._prepare_common(req, add_special_tokens=False)
@@ -321,7 +322,7 @@ class VllmEngine(BaseEngine):
         if prefix is not None:
             body["kv_transfer_params"] = {"softprompt": {"task": prefix.ref, "sha256": prefix.sha256,
                                                          "num_virtual_tokens": len(head)}}
-        return body, len(ids)
+        return body, Row(handle, params, len(ids))
 
     def step(self) -> bool:
         """Hand waiting requests to vLLM while fewer than max_batch_size are in flight."""
@@ -333,7 +334,7 @@ class VllmEngine(BaseEngine):
             taken = self._take_ready(free)
         for handle, req in taken:
             try:
-                body, n_prompt = self._body(handle, req)
+                body, row = self._body(handle, req)
                 if not (self._ready and self.server.alive):
                     raise BackendUnavailable("vLLM is restarting; retry in a moment")
             except RequestError as e:
@@ -343,10 +344,9 @@ class VllmEngine(BaseEngine):
                 log.exception("preparing a request for vLLM failed")
                 self._fail(handle, fault("preparing the request", e))
                 continue
-            row = Row(handle, req.sampling(), n_prompt)
             with self._lock:
                 self._rows.append(row)
-                self.stats["prompt_tokens"] += n_prompt
+                self.stats["prompt_tokens"] += row.prompt_tokens
             self._pool.submit(self._run, row, body)
         return bool(taken)
 
@@ -381,9 +381,7 @@ class VllmEngine(BaseEngine):
             for raw in resp:
                 if handle.cancelled:
                     self.stats["cancelled"] += 1
-                    handle._finish(Completion(request_id=handle.request.request_id, task=handle.request.task,
-                                              text=row.text, token_ids=list(row.ids), finish_reason="cancelled",
-                                              prompt_tokens=row.prompt_tokens))
+                    handle._finish(self._completion(row, "cancelled"))
                     return  # closing the connection aborts the request in vLLM
                 line = raw.decode("utf-8", "replace").strip()
                 if not line.startswith("data:"):
@@ -405,9 +403,7 @@ class VllmEngine(BaseEngine):
                 raise RequestError(f"vLLM ended the request with finish_reason {reason!r}{why}",
                                    code="internal_error")
             self.stats["completed"] += 1
-            handle._finish(Completion(request_id=handle.request.request_id, task=handle.request.task,
-                                      text=row.text, token_ids=list(row.ids), finish_reason=reason,
-                                      prompt_tokens=row.prompt_tokens, logprobs=row.logprobs))
+            handle._finish(self._completion(row, reason))
         finally:
             conn.close()
 
