@@ -60,8 +60,25 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim), so that the resident set at
+    the start of a measurement is what is in use. Without it, memory an earlier method freed stays
+    resident and the next method's growth reads near zero (1 MB for prefix tuning after a full
+    fine-tuning had run). Elsewhere than glibc: nothing is released, and the figure may read low."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
-    """Peak memory above the start: CUDA peak allocated, else sampled resident set size."""
+    """Peak memory above the start: CUDA peak allocated, else sampled resident set size (after the
+    heap's free pages went back to the OS)."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
@@ -71,6 +88,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
+            _release_free_heap()
             self.start = self.peak = _rss()
             self._stop = threading.Event()
             self._t = threading.Thread(target=self._sample, daemon=True)
