@@ -606,6 +606,8 @@ HELP = {
             "see README)",
     "init_text": "the text for init=text (default: a generic task description)",
     "init_tokens": "prompt tuning, init=tokens: the token ids, e.g. [12, 7, 99]",
+    "residual_dim": "prompt tuning's residual reparameterization width (Razdaibiedina et al. 2023; training only; "
+                    "0: none)",
     "encoder": "P-tuning's prompt encoder: mlp or lstm",
     "encoder_hidden_size": "P-tuning's encoder width (default: the model's hidden size)",
     "seed": "seed for initialization and data order",

@@ -24,12 +24,16 @@ P = 5
 K = 16  # projection / encoder hidden size
 CASES = {
     "prompt": ("prompt_tuning", dict(init="random")),
+    "prompt_residual": ("prompt_tuning", dict(init="random", residual_dim=K)),
     "prefix": ("prefix_tuning", dict(projection_dim=0)),
     "prefix_mlp": ("prefix_tuning", dict(projection_dim=K)),
     "ptuning_mlp": ("p_tuning", dict(encoder="mlp", encoder_hidden_size=K)),
     "ptuning_lstm": ("p_tuning", dict(encoder="lstm", encoder_hidden_size=K)),
 }
-SOFT = ["prompt", "ptuning_mlp", "ptuning_lstm"]  # methods that compile a soft prompt
+SOFT = ["prompt", "prompt_residual", "ptuning_mlp", "ptuning_lstm"]  # methods that compile a soft prompt
+# the residual MLP's LayerNorm gain starts at zero, so its Linears get no gradient on the first step
+# (test_residual_prompt_starts_at_its_init_and_then_trains_all_of_it)
+FIRST_STEP = [c for c in CASES if c != "prompt_residual"]
 
 
 def make(model, case, tokenizer=None, scale=None, **extra):
@@ -48,7 +52,7 @@ def lm_loss(logits, ids, mask):
     return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", FIRST_STEP)
 def test_gradients_reach_only_the_prompt(model, case):
     prompt = make(model, case)
     base_before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -126,6 +130,44 @@ def test_export_round_trip(model, case):
         assert torch.equal(reloaded(model, ids, mask).logits, prompt(model, ids, mask).logits)
     if case == "prefix_mlp":
         assert reloaded.config_dict()["projection_dim"] == 0
+    if case == "prompt_residual":
+        assert reloaded.config_dict()["residual_dim"] == 0 and prompt.config_dict()["residual_dim"] == K
+        W = prompt.prompt_embeddings.detach()
+        assert not torch.equal(exported["prompt_embeddings"], W)  # P' = P + LN(MLP(P)) was written, not P
+        r = prompt.residual
+        expected = W + F.layer_norm(r.up(torch.relu(r.down(W))), (W.shape[1],), r.norm.weight, r.norm.bias)
+        assert torch.allclose(exported["prompt_embeddings"], expected.detach(), atol=1e-6)
+
+
+def test_residual_prompt_starts_at_its_init_and_then_trains_all_of_it(model, tokenizer):
+    """Razdaibiedina et al.'s P' = P + LN(W_up ReLU(W_down P)), with the LayerNorm's gain at zero: the
+    first forward is exactly the init's (a text init stays the text), and after two AdamW steps every
+    tensor of it has moved while the base stays bit-identical."""
+    plain = methods.create("prompt", model, tokenizer, num_virtual_tokens=P, init="text", init_text="ba be bi")
+    res = methods.create("prompt", model, tokenizer, num_virtual_tokens=P, init="text", init_text="ba be bi",
+                         residual_dim=K)
+    assert torch.equal(res.virtual_embeddings().detach(), plain.prompt_embeddings.detach())
+    assert torch.equal(res.export_tensors()["prompt_embeddings"], plain.export_tensors()["prompt_embeddings"])
+    ids, mask = left_padded(ROWS)
+    with torch.no_grad():
+        assert torch.equal(res(model, ids, mask).logits, plain(model, ids, mask).logits)
+
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {n: p.detach().clone() for n, p in res.named_parameters()}
+    assert set(before) == {"prompt_embeddings", "residual.down.weight", "residual.down.bias", "residual.up.weight",
+                           "residual.up.bias", "residual.norm.weight", "residual.norm.bias"}
+    opt = torch.optim.AdamW(res.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        lm_loss(res(model, ids, mask).logits, ids, mask).backward()
+        opt.step()
+    for n, p in res.named_parameters():
+        assert not torch.equal(p.detach(), before[n]), f"{n} did not move"
+    assert all(torch.equal(v, base_before[k]) for k, v in model.state_dict().items())
+    # same seed, same MLP: the reparameterization's own init is seeded too
+    a, b = (methods.create("prompt", model, tokenizer, num_virtual_tokens=P, init="text", init_text="ba be bi",
+                           residual_dim=K, seed=3) for _ in range(2))
+    assert torch.equal(a.residual.down.weight, b.residual.down.weight)
 
 
 def test_prefix_shape_uses_kv_heads():
@@ -177,6 +219,7 @@ def test_prompt_init_vocab_rows_are_table_rows(model):
     ("prefix", dict(init="bogus"), "init must be one of"),
     ("prefix", dict(init="text", init_text=""), "init_text must be a non-empty string"),
     ("prefix", dict(projection_dim=-1), "projection_dim must be >= 0"),
+    ("prompt", dict(residual_dim=-1), "residual_dim must be >= 0"),
     ("ptuning", dict(encoder="gru"), "encoder must be one of"),
 ])
 def test_invalid_options_raise_value_error(tokenizer, method, options, message):
@@ -219,6 +262,8 @@ def manual_trainable(case, geo):
     L, d, kv = geo.num_layers, geo.hidden_size, geo.kv_dim
     if case == "prompt":
         return P * d
+    if case == "prompt_residual":
+        return P * d + (d * K + K) + (K * d + d) + 2 * d
     if case == "prefix":
         return L * 2 * kv * P
     if case == "prefix_mlp":

@@ -39,6 +39,7 @@ class PromptTuningConfig:
     init: str | None = None  # None: "text" when create() is given a tokenizer, else "vocab" (default_init)
     init_text: str | None = None  # None: defaults.INIT_TEXT
     init_tokens: tuple[int, ...] | None = None
+    residual_dim: int = 0  # 0: the prompt is the parameter; > 0: residual reparameterization of this width
     seed: int = 0
 
     # PEFT's task type (TASK_TYPES; None: the model's); an InitVar, read back as `config.task_type`
@@ -55,6 +56,8 @@ class PromptTuningConfig:
             raise ValueError("init_text must be a non-empty string")
         if self.init == "tokens" and not self.init_tokens:
             raise ValueError("init='tokens' needs init_tokens (a non-empty list of token ids)")
+        if isinstance(self.residual_dim, bool) or not isinstance(self.residual_dim, int) or self.residual_dim < 0:
+            raise ValueError(f"residual_dim must be >= 0 (0 = no reparameterization), got {self.residual_dim!r}")
 
     def default_init(self, has_tokenizer: bool, encoder: bool = False) -> str:
         """Text when a tokenizer is at hand (the CLI always has one), else the vocabulary; an encoder
