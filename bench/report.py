@@ -40,6 +40,9 @@ BENCHES = {
                     lambda d: {f"bleu_{k}": round(r["bleu"], 1) for k, r in d["best"].items()}),
     "quality_sst2": ("SST-2 dev accuracy per method",
                      lambda d: {f"acc_{r['method']}": round(r["accuracy"], 1) for r in d["results"]}),
+    "quality_curve": ("E2E data-efficiency curves: prefix tuning, prompt tuning, LoRA and full fine-tuning on 50, "
+                      "200 and 500 training MRs over 3 seeds, BLEU with sacrebleu's paired-bootstrap intervals",
+                      lambda d: {}),
     "compare_e2e": ("`softprompt compare` on E2E: prefix, prompt tuning and LoRA side by side",
                     lambda d: {f"bleu_{r['method']}": round(r["bleu"], 1) for r in d["rows"]}),
     "quality_quantized": ("BLEU of one trained prefix served on the float32 and the int8 base, per ISA (native, "
