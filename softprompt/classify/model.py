@@ -26,6 +26,7 @@ from torch import nn
 from softprompt.core.defaults import POOLING
 from softprompt.families.encoder import encode, pool
 from softprompt.methods import InputPromptMethod, PromptMethod
+from softprompt.methods.base import seeded
 
 HEAD_ONLY = "head_only"  # the `method` of an encoder classifier without a prompt
 
@@ -99,8 +100,7 @@ class EncoderClassifier(Classifier):
             raise ValueError(f"pooling must be mean or cls, got {pooling!r}")
         self.pooling = pooling
         self.head_lr: float | None = None  # None: the head trains at the run's lr
-        with torch.random.fork_rng(devices=[]):  # a seeded head without touching the global generator
-            torch.manual_seed(seed)
+        with seeded(seed):  # the head's default init
             self.head = nn.Linear(hidden_size, len(labels))
         if head is not None:
             self.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})

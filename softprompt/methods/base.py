@@ -11,6 +11,7 @@ training-only reparameterization is gone) and `config_dict()`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -19,6 +20,15 @@ from torch import nn
 from softprompt.core.geometry import Geometry
 from softprompt.hf.prefix import positions_after_prefix
 from softprompt.methods.config import check_num_virtual_tokens  # noqa: F401  (the config boundary's check)
+
+
+@contextmanager
+def seeded(seed: int):
+    """Layers built inside take their default init from a generator seeded with `seed` (torch's
+    layer inits draw from the global generator), and the global generator is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def resolved(cfg, method: str, tokenizer):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from softprompt.core.geometry import Geometry, geometry
-from softprompt.methods.base import InputPromptMethod, check_num_virtual_tokens
+from softprompt.methods.base import InputPromptMethod, check_num_virtual_tokens, seeded
 from softprompt.methods.config import P_TUNING_ENCODERS as ENCODERS, PTuningConfig  # noqa: F401
 
 
@@ -56,8 +56,7 @@ class PTuning(InputPromptMethod):
     def create(cls, model, tokenizer=None, config: PTuningConfig | None = None, **options) -> "PTuning":
         cfg = config or PTuningConfig(**options)
         config = {k: v for k, v in asdict(cfg).items() if v is not None}
-        with torch.random.fork_rng(devices=[]):  # layer inits draw from the global generator
-            torch.manual_seed(cfg.seed)
+        with seeded(cfg.seed):  # the encoder's layer inits
             return cls(geometry(model), cfg.num_virtual_tokens, cfg.encoder, cfg.encoder_hidden_size, None, config)
 
     def virtual_embeddings(self) -> torch.Tensor:

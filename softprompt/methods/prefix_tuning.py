@@ -26,7 +26,7 @@ from torch import nn
 
 from softprompt.core.geometry import Geometry, geometry
 from softprompt.hf.prefix import compile_ids, prefixed_forward
-from softprompt.methods.base import KVPrefix, PromptMethod, check_num_virtual_tokens, resolved
+from softprompt.methods.base import KVPrefix, PromptMethod, check_num_virtual_tokens, resolved, seeded
 from softprompt.methods.config import PREFIX_TUNING_INITS as INITS, PrefixTuningConfig  # noqa: F401
 from softprompt.methods.prompt_tuning import repeat_to
 
@@ -78,8 +78,7 @@ class PrefixTuning(PromptMethod):
         else:
             prefix = torch.randn(geo.prefix_shape(P), generator=g)
         config = {k: v for k, v in asdict(cfg).items() if v is not None}
-        with torch.random.fork_rng(devices=[]):  # the MLP's default init draws from the global generator
-            torch.manual_seed(cfg.seed)
+        with seeded(cfg.seed):  # the MLP's default init
             module = cls(geo, P, cfg.projection_dim, prefix, config)
         if cfg.projection_dim and cfg.init == "text":
             nn.init.zeros_(module.transform[2].weight)
@@ -94,8 +93,7 @@ class PrefixTuning(PromptMethod):
         MLP: `kv` is the fixed base and the last Linear starts at zero (as with init='text'), so
         training starts exactly at `kv`. `config`: what the card records beside the shape."""
         P = int(kv.shape[3])
-        with torch.random.fork_rng(devices=[]):  # the MLP's default init draws from the global generator
-            torch.manual_seed(seed)
+        with seeded(seed):  # the MLP's default init
             module = cls(geometry, P, projection_dim, kv.detach().float().cpu(),
                          dict(config or {}, projection_dim=projection_dim, seed=seed))
         if projection_dim:

@@ -27,7 +27,7 @@ from torch import nn
 
 from softprompt.core.geometry import Geometry, geometry
 from softprompt.hf.prefix import token_embeddings
-from softprompt.methods.base import InputPromptMethod, resolved
+from softprompt.methods.base import InputPromptMethod, resolved, seeded
 from softprompt.methods.config import PROMPT_TUNING_INITS as INITS, PromptTuningConfig  # noqa: F401
 
 
@@ -89,8 +89,7 @@ class PromptTuning(InputPromptMethod):
                     raise ValueError(f"token ids {bad} are outside the vocabulary (size {table.shape[0]})")
             init = token_embeddings(model, repeat_to(ids, P))
         config = {k: v for k, v in asdict(cfg).items() if v is not None}
-        with torch.random.fork_rng(devices=[]):  # the MLP's default init draws from the global generator
-            torch.manual_seed(cfg.seed)
+        with seeded(cfg.seed):  # the residual MLP's default init
             return cls(geometry(model), init, config, cfg.residual_dim)
 
     def virtual_embeddings(self) -> torch.Tensor:

@@ -31,7 +31,7 @@ from softprompt.families.seq2seq.core import (
     seq2seq_forward,
     seq2seq_geometry,
 )
-from softprompt.methods.base import PromptMethod, check_num_virtual_tokens
+from softprompt.methods.base import PromptMethod, check_num_virtual_tokens, seeded
 from softprompt.methods.config import PrefixTuningConfig
 from softprompt.methods.prompt_tuning import PromptTuning
 
@@ -90,8 +90,7 @@ class Seq2SeqPrefixTuning(PromptMethod):
         g = torch.Generator().manual_seed(cfg.seed)
         prefixes = None if cfg.projection_dim else {
             p: torch.randn(geo.part_shape(p, P), generator=g) for p in cfg.parts}  # N(0, 1), PEFT's default
-        with torch.random.fork_rng(devices=[]):  # the MLP's default init draws from the global generator
-            torch.manual_seed(cfg.seed)
+        with seeded(cfg.seed):  # the MLP's default init
             return cls(geo, P, cfg.parts, cfg.projection_dim, prefixes, asdict(cfg))
 
     def kv(self) -> dict[str, torch.Tensor]:
